@@ -1,0 +1,108 @@
+"""The contract between the framework-agnostic runtime and one training framework.
+
+The runtime never imports Megatron-core or DeepSpeed. Everything it must know about the
+training state and the framework's communicator groups goes through an ``Integration``:
+what state a rank holds (and which part of it has a replica on data-parallel peers), how to
+drop the framework's groups before the world is torn down, and how to rebuild them on the new
+generation's default group with the same topology, rebinding every cached reference.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+@dataclass
+class RankState:
+    """A rank's training state, split by where a copy of it can be found.
+
+    ``replicated``: tensors that are bit-identical on every rank of ``Integration.replica_ranks()``
+    (parameters under data parallelism, a non-sharded optimizer's moments). A replacement takes
+    them from a live replica.
+
+    ``unique``: tensors that exist only on this rank (distributed-optimizer / ZeRO shards of fp32
+    master weights and moments). They are copied every step to a peer in another failure domain.
+
+    ``meta``: small picklable values (RNG states, LR scheduler, loss scaler, counters, data
+    position). Treated as unique.
+
+    Tensors are the live ones (no copies): the runtime copies them into its own buffers and
+    ``Integration.restore`` copies values back in place, so references held elsewhere stay valid.
+    """
+
+    replicated: dict[str, torch.Tensor] = field(default_factory=dict)
+    unique: dict[str, torch.Tensor] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+class Integration(abc.ABC):
+    """One training framework, as the runtime sees it."""
+
+    name: str = "integration"
+
+    @abc.abstractmethod
+    def replica_ranks(self) -> list[int]:
+        """Global ranks (this one included) whose ``RankState.replicated`` equals this rank's."""
+
+    @abc.abstractmethod
+    def capture(self) -> RankState:
+        """The live state of this rank (tensors not copied)."""
+
+    @abc.abstractmethod
+    def restore(self, state: RankState) -> None:
+        """Copy ``state`` into the live state in place (same names and shapes as ``capture``)."""
+
+    def teardown(self) -> None:
+        """Forget the framework's groups; called before the runtime destroys the old world."""
+
+    def rebuild(self) -> None:
+        """Recreate the framework's groups on the new default group and rebind cached references."""
+
+    def old_group_references(self, old_groups: list[Any]) -> int:
+        """How many references to ``old_groups`` the framework's objects still hold (must be 0)."""
+        return 0
+
+
+class TorchIntegration(Integration):
+    """Plain torch.distributed: a module (DDP or not) and an optimizer, replicated on every rank."""
+
+    name = "torch"
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, extra_state=None):
+        self.model = model
+        self.optimizer = optimizer
+        self.extra_state = extra_state  # object with state_dict()/load_state_dict(), e.g. a scheduler
+
+    def replica_ranks(self) -> list[int]:
+        import torch.distributed as dist
+
+        return list(range(dist.get_world_size()))
+
+    def capture(self) -> RankState:
+        state = RankState()
+        for name, p in self.model.named_parameters():
+            state.replicated[f"param/{name}"] = p.data
+        for i, (p, st) in enumerate(self._opt_states()):
+            for k, v in st.items():
+                if torch.is_tensor(v):
+                    state.replicated[f"optim/{i}/{k}"] = v
+        if self.extra_state is not None:
+            state.meta["extra"] = self.extra_state.state_dict()
+        return state
+
+    def restore(self, state: RankState) -> None:
+        with torch.no_grad():
+            live = self.capture()
+            for k, t in live.replicated.items():
+                t.copy_(state.replicated[k])
+        if self.extra_state is not None and "extra" in state.meta:
+            self.extra_state.load_state_dict(state.meta["extra"])
+
+    def _opt_states(self):
+        # Optimizer state appears lazily on the first step; make it exist so shapes are stable.
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        return [(p, self.optimizer.state[p]) for p in params]
