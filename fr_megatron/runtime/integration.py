@@ -68,25 +68,50 @@ class Integration(abc.ABC):
 
 
 class TorchIntegration(Integration):
-    """Plain torch.distributed: a module (DDP or not) and an optimizer, replicated on every rank."""
+    """Plain torch.distributed: a module and an optimizer, replicated on every rank.
+
+    DistributedDataParallel binds its process group at construction, so the integration owns
+    the wrapper: ``model`` is rebuilt on every new generation and training code must use
+    ``integration.model`` rather than keep its own reference to the wrapper.
+    """
 
     name = "torch"
 
-    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, extra_state=None):
-        self.model = model
+    def __init__(self, module: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                 extra_state=None, ddp: bool = True, **ddp_kwargs):
+        self.module = module
         self.optimizer = optimizer
         self.extra_state = extra_state  # object with state_dict()/load_state_dict(), e.g. a scheduler
+        self.ddp, self.ddp_kwargs = ddp, ddp_kwargs
+        self.model = self._wrap()
+
+    def _wrap(self):
+        if not self.ddp:
+            return self.module
+        from torch.nn.parallel import DistributedDataParallel
+
+        return DistributedDataParallel(self.module, **self.ddp_kwargs)
 
     def replica_ranks(self) -> list[int]:
         import torch.distributed as dist
 
         return list(range(dist.get_world_size()))
 
+    def rebuild(self) -> None:
+        self.model = self._wrap()
+
+    def teardown(self) -> None:
+        self.model = None
+
+    def old_group_references(self, old_groups) -> int:
+        pg = getattr(self.model, "process_group", None)
+        return sum(pg is g for g in old_groups)
+
     def capture(self) -> RankState:
         state = RankState()
-        for name, p in self.model.named_parameters():
+        for name, p in self.module.named_parameters():
             state.replicated[f"param/{name}"] = p.data
-        for i, (p, st) in enumerate(self._opt_states()):
+        for i, st in enumerate(self._opt_states()):
             for k, v in st.items():
                 if torch.is_tensor(v):
                     state.replicated[f"optim/{i}/{k}"] = v
@@ -96,13 +121,22 @@ class TorchIntegration(Integration):
 
     def restore(self, state: RankState) -> None:
         with torch.no_grad():
-            live = self.capture()
-            for k, t in live.replicated.items():
-                t.copy_(state.replicated[k])
+            for name, p in self.module.named_parameters():
+                p.data.copy_(state.replicated[f"param/{name}"])
+            for i, st in enumerate(self._opt_states()):
+                prefix = f"optim/{i}/"
+                saved = {k[len(prefix):]: v for k, v in state.replicated.items()
+                         if k.startswith(prefix)}
+                if not saved:
+                    st.clear()  # the recovery point precedes this parameter's first update
+                for k, v in saved.items():
+                    if torch.is_tensor(st.get(k)) and st[k].shape == v.shape:
+                        st[k].copy_(v)
+                    else:
+                        st[k] = v.clone()
         if self.extra_state is not None and "extra" in state.meta:
             self.extra_state.load_state_dict(state.meta["extra"])
 
     def _opt_states(self):
-        # Optimizer state appears lazily on the first step; make it exist so shapes are stable.
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        return [(p, self.optimizer.state[p]) for p in params]
+        return [self.optimizer.state[p] for p in params]

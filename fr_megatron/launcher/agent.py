@@ -1,0 +1,282 @@
+"""The node agent: starts this node's workers, sees them die at once, replaces only the faulty.
+
+Workers get the environment torchrun would give them, so an existing script runs unchanged.
+A blocking ``waitpid`` thread learns of a death the moment it happens; a light poll finds stopped
+(SIGSTOP) workers. Faults go to the controller; the agent acts only on the controller's signed
+plans: it kills a replaced rank that is still alive (a hung one) and hands its rank to a warm
+spare, or spawns a fresh process when none is left. Healthy workers are never touched.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import psutil
+
+from ..config import FlashRecoveryConfig
+from ..protocol import keys
+from ..protocol.auth import AuthError, Signer
+from ..protocol.store import connect, wait_key
+
+log = logging.getLogger("fr_megatron.agent")
+
+
+@dataclass
+class Worker:
+    rank: int
+    proc: subprocess.Popen
+    generation: int
+    how: str = "initial"
+    expected_exit: bool = False  # killed by a plan: its death is not a new fault
+
+
+def classify_exit(status: int) -> tuple[str, dict]:
+    """waitpid status → (fault kind, detail)."""
+    if os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+        return ("segv" if sig == signal.SIGSEGV else "crash"), {"signal": signal.Signals(sig).name}
+    code = os.WEXITSTATUS(status)
+    return ("exit" if code else "exit0_early"), {"exit_code": code}
+
+
+class NodeAgent:
+    def __init__(self, *, node_rank: int, nnodes: int, nproc: int, controller: tuple[str, int],
+                 token: bytes, token_file: str, cfg: FlashRecoveryConfig, script: str,
+                 script_args: list[str], spares: int, inject: Optional[str] = None,
+                 preload: str = "torch,torch.distributed", python: str = sys.executable,
+                 extra_env: Optional[dict] = None):
+        self.node, self.nnodes, self.nproc = node_rank, nnodes, nproc
+        self.world_size = nnodes * nproc
+        self.host, self.port = controller
+        self.signer = Signer(token, f"agent{node_rank}")
+        self.token_file = token_file
+        self.cfg = cfg
+        self.script, self.script_args = os.path.abspath(script), list(script_args)
+        self.n_spares = spares
+        self.inject = inject
+        self.preload = preload
+        self.python = python
+        self.extra_env = extra_env or {}
+        self.store = connect(self.host, self.port)
+        self.generation = 0
+        self.workers: dict[int, Worker] = {}      # pid -> worker
+        self.spares: list[subprocess.Popen] = []
+        self.finished: set[int] = set()
+        self._lock = threading.RLock()
+        self._done = threading.Event()
+
+    # ---- processes ---------------------------------------------------------------------
+    def _env(self, rank: int, generation: int, replacement: bool) -> dict:
+        env = {
+            "RANK": str(rank), "LOCAL_RANK": str(rank - self.node * self.nproc),
+            "WORLD_SIZE": str(self.world_size), "LOCAL_WORLD_SIZE": str(self.nproc),
+            "GROUP_RANK": str(self.node), "NODE_RANK": str(self.node),
+            "MASTER_ADDR": self.host, "MASTER_PORT": str(self.port),
+            "FR_CONTROLLER": f"{self.host}:{self.port}", "FR_TOKEN_FILE": self.token_file,
+            "FR_NODE_RANK": str(self.node), "FR_NNODES": str(self.nnodes),
+            "FR_GENERATION": str(generation), "FR_REPLACEMENT": "1" if replacement else "0",
+            "FR_CONFIG": self.cfg.to_env(), "TORCH_CPP_LOG_LEVEL": "ERROR",
+            **self.extra_env,
+        }
+        if self.inject:
+            env["FR_INJECT"] = self.inject
+        return env
+
+    def _base_env(self) -> dict:
+        env = dict(os.environ)
+        env.update(self.extra_env)
+        env["FR_SPARE_PRELOAD"] = self.preload
+        env["FR_TOKEN_FILE"] = self.token_file
+        env["TORCH_CPP_LOG_LEVEL"] = "ERROR"
+        return env
+
+    def _spawn_worker(self, rank: int, generation: int, replacement: bool) -> subprocess.Popen:
+        env = {**self._base_env(), **self._env(rank, generation, replacement)}
+        return subprocess.Popen([self.python, "-u", self.script, *self.script_args], env=env)
+
+    def _spawn_spare(self) -> subprocess.Popen:
+        return subprocess.Popen([self.python, "-u", "-m", "fr_megatron.launcher.spare"],
+                                env=self._base_env(), stdin=subprocess.PIPE)
+
+    def _replace(self, rank: int, generation: int) -> tuple[subprocess.Popen, str]:
+        while self.spares:
+            spare = self.spares.pop(0)
+            if spare.poll() is not None:
+                continue
+            try:
+                assignment = {"env": self._env(rank, generation, True),
+                              "argv": [self.script, *self.script_args]}
+                spare.stdin.write((json.dumps(assignment) + "\n").encode())
+                spare.stdin.flush()
+                spare.stdin.close()
+                return spare, "spare"
+            except (BrokenPipeError, OSError):
+                continue
+        return self._spawn_worker(rank, generation, True), "spawn"
+
+    # ---- messages ----------------------------------------------------------------------
+    def _send(self, kind: str, **body):
+        try:
+            self.store.queue_push(keys.EVENTS, self.signer.sign(kind, **body))
+        except Exception as e:
+            log.error("node=%d cannot reach the controller: %s", self.node, e)
+
+    def _last_heartbeat(self, rank: int) -> dict:
+        try:
+            if self.store.check([keys.heartbeat(rank)]):
+                return self.signer.verify(self.store.get(keys.heartbeat(rank)))
+        except (AuthError, Exception):
+            pass
+        return {}
+
+    # ---- threads -----------------------------------------------------------------------
+    def _reaper(self):
+        """Blocking waitpid: a worker's death is known the moment it happens."""
+        while not self._done.is_set():
+            try:
+                pid, status = os.waitpid(-1, 0)
+            except ChildProcessError:
+                time.sleep(0.05)
+                continue
+            t = time.time()
+            with self._lock:
+                w = self.workers.pop(pid, None)
+                if w is None:
+                    self.spares = [s for s in self.spares if s.pid != pid]
+                    continue
+                w.proc.returncode = os.waitstatus_to_exitcode(status)
+                if w.expected_exit:
+                    continue
+                kind, detail = classify_exit(status)
+                if self._finished(w.rank):
+                    self.finished.add(w.rank)
+                    log.info("node=%d rank=%d finished (%s)", self.node, w.rank,
+                             "exit 0" if kind == "exit0_early" else f"then {kind} {detail}")
+                    if len(self.finished) == self.nproc:
+                        self._send("node_done", node=self.node)
+                    continue
+                hb = self._last_heartbeat(w.rank)
+                log.warning("node=%d rank=%d pid=%d fault=%s %s step=%s phase=%s", self.node,
+                            w.rank, pid, kind, detail, hb.get("step"), hb.get("phase"))
+                self._send("fault", rank=w.rank, pid=pid, fault=kind, fault_t=t, node=self.node,
+                           generation=w.generation, step=hb.get("step", -1),
+                           phase=hb.get("phase", "unknown"), **detail)
+
+    def _finished(self, rank: int) -> bool:
+        try:
+            return self.store.check([f"fr/finished/{rank}"])
+        except Exception:
+            return False
+
+    def _stop_watch(self):
+        """Finds stopped (SIGSTOP) workers: a stopped process sends nothing at all."""
+        reported: set[int] = set()
+        while not self._done.wait(0.05):
+            with self._lock:
+                procs = [(pid, w) for pid, w in self.workers.items() if not w.expected_exit]
+            for pid, w in procs:
+                try:
+                    stopped = psutil.Process(pid).status() == psutil.STATUS_STOPPED
+                except psutil.Error:
+                    continue
+                if stopped and pid not in reported:
+                    reported.add(pid)
+                    hb = self._last_heartbeat(w.rank)
+                    self._send("fault", rank=w.rank, pid=pid, fault="stop", fault_t=time.time(),
+                               node=self.node, generation=w.generation,
+                               step=hb.get("step", -1), phase=hb.get("phase", "unknown"))
+
+    def _plan_watch(self):
+        """Acts on each new generation's plan: replace this node's faulty ranks, nothing else."""
+        watcher = connect(self.host, self.port)
+        while not self._done.is_set():
+            g = self.generation + 1
+            if not wait_key(watcher, keys.plan(g), 1.0):
+                if watcher.check([keys.DONE]):
+                    self._done.set()
+                continue
+            try:
+                plan = self.signer.verify(watcher.get(keys.plan(g)))
+            except AuthError as e:
+                log.error("node=%d rejected plan for generation %d: %s", self.node, g, e)
+                time.sleep(0.2)
+                continue
+            self.generation = g
+            mine = [r for r in plan["replaced"] if r // self.nproc == self.node]
+            for rank in mine:
+                self._apply(rank, g)
+
+    def _apply(self, rank: int, g: int):
+        with self._lock:
+            old = [w for w in self.workers.values() if w.rank == rank]
+            for w in old:
+                w.expected_exit = True
+                try:
+                    w.proc.kill()  # a hung or stopped rank becomes a dead one
+                except ProcessLookupError:
+                    pass
+        for w in old:
+            try:
+                psutil.Process(w.proc.pid).wait(10)
+            except (psutil.Error, psutil.TimeoutExpired):
+                pass
+        with self._lock:
+            proc, how = self._replace(rank, g)
+            self.workers[proc.pid] = Worker(rank, proc, g, how)
+        log.info("node=%d generation=%d rank=%d replaced by %s pid=%d", self.node, g, rank, how,
+                 proc.pid)
+        self._send("replaced", rank=rank, generation=g, how=how, pid=proc.pid)
+        if how == "spare" or not self.spares:
+            threading.Thread(target=self._refill, daemon=True).start()
+
+    def _refill(self):
+        with self._lock:
+            while len(self.spares) < self.n_spares:
+                self.spares.append(self._spawn_spare())
+
+    # ---- main --------------------------------------------------------------------------
+    def run(self) -> int:
+        with self._lock:
+            for local in range(self.nproc):
+                rank = self.node * self.nproc + local
+                proc = self._spawn_worker(rank, 0, False)
+                self.workers[proc.pid] = Worker(rank, proc, 0)
+            for _ in range(self.n_spares):
+                self.spares.append(self._spawn_spare())
+        log.info("node=%d started %d workers and %d spares", self.node, self.nproc, self.n_spares)
+        threads = [threading.Thread(target=f, daemon=True, name=f.__name__)
+                   for f in (self._reaper, self._stop_watch, self._plan_watch)]
+        for t in threads:
+            t.start()
+        while not self._done.wait(0.1):
+            pass
+        self.shutdown()
+        return 0
+
+    def shutdown(self):
+        self._done.set()
+        with self._lock:
+            for s in self.spares:
+                try:
+                    s.stdin.close()
+                except OSError:
+                    pass
+            for w in self.workers.values():
+                if w.proc.poll() is None:
+                    w.expected_exit = True
+                    w.proc.kill()
+        deadline = time.time() + 5
+        for s in list(self.spares):
+            try:
+                s.wait(max(0.1, deadline - time.time()))
+            except subprocess.TimeoutExpired:
+                s.kill()

@@ -1,0 +1,372 @@
+"""The job's controller: hosts the store, watches every rank, decides, opens new generations.
+
+One per job. It owns the TCPStore that every rank and agent rendezvous on (so the store
+outlives any rank), reads heartbeats, takes fault reports from agents and workers, and for each
+fault: fixes which ranks are replaced, bumps the generation and publishes the signed plan that
+wakes every survivor and agent. It writes the event journal and, at the end, the JSON report.
+
+If the controller itself dies, agents see the store go away and stop their workers; the
+journal keeps the last good step (see README, "Failure model").
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+from ..config import FlashRecoveryConfig, parse_address
+from ..events import Journal, WandbSink
+from ..protocol import keys
+from ..protocol.auth import AuthError, ReplayGuard, Signer, read_token
+from ..protocol.store import connect, host_store
+from .detector import RankView, find_hang
+
+log = logging.getLogger("fr_megatron.controller")
+
+FAULT_KINDS = ("crash", "segv", "exit", "exit0_early", "exception", "hang", "hang_gil", "stop",
+               "node_lost")
+DEBOUNCE_S = 0.03  # reports arriving this close together are decided as one fault
+
+
+@dataclass
+class Fault:
+    rank: int
+    kind: str
+    step: int
+    phase: str
+    pid: int
+    generation: int
+    fault_t: float
+    reported_t: float
+    detail: dict = field(default_factory=dict)
+    decision_t: Optional[float] = None
+    new_generation: Optional[int] = None
+    replacement: Optional[str] = None
+    replacement_t: Optional[float] = None
+
+
+@dataclass
+class Recovery:
+    """One generation change and what every rank said about it."""
+
+    generation: int
+    faults: list[Fault]
+    decision_t: float
+    survivor_pids: dict[int, int]
+    reports: dict[int, dict] = field(default_factory=dict)
+
+
+class Controller:
+    def __init__(self, world_size: int, nnodes: int, nproc_per_node: int, host: str, port: int,
+                 token: bytes, cfg: FlashRecoveryConfig, report_path: Optional[str] = None,
+                 run_name: str = "fr_megatron"):
+        self.world_size, self.nnodes, self.nproc = world_size, nnodes, nproc_per_node
+        self.cfg = cfg
+        self.signer = Signer(token, "controller")
+        self.replay = ReplayGuard()
+        self.store, self._sock = host_store(host, port)
+        self.host, self.port = host, self._sock.getsockname()[1]
+        self.journal = Journal(cfg.journal)
+        self.report_path = report_path
+        self.generation = 0
+        self.views: dict[int, RankView] = {r: RankView(r) for r in range(world_size)}
+        self.pending: dict[int, Fault] = {}
+        self.recoveries: list[Recovery] = []
+        self.rejected = 0
+        self.done_nodes: set[int] = set()
+        self.finished_ranks: set[int] = set()
+        self.fatal: Optional[str] = None
+        self.exit_code = 0
+        self._lock = threading.RLock()
+        self._stop = threading.Event()
+        self.wandb = WandbSink(cfg.wandb, run_name, {"world_size": world_size, "nnodes": nnodes}) \
+            if cfg.wandb.enabled else None
+        self._publish_generation()
+
+    # ---- the store protocol ------------------------------------------------------------
+    def _publish_generation(self, plan: Optional[dict] = None):
+        g = self.generation
+        plan = plan or {"generation": g, "replaced": [], "faults": []}
+        self.store.set(keys.plan(g), self.signer.sign("plan", **plan))
+        self.store.set(keys.GENERATION, self.signer.sign("generation", generation=g))
+
+    def _receive(self, raw: bytes) -> Optional[dict]:
+        try:
+            body = self.signer.verify(raw)
+            self.replay.check(body)
+            return body
+        except AuthError as e:
+            self.rejected += 1
+            self.journal.write("message_rejected", generation=self.generation, reason=str(e),
+                               size=len(raw))
+            return None
+
+    # ---- threads -----------------------------------------------------------------------
+    def serve(self) -> int:
+        """Run until every node is done or the job is stopped; returns the job's exit code."""
+        self.journal.write("controller_started", generation=0, address=f"{self.host}:{self.port}",
+                           world_size=self.world_size, nnodes=self.nnodes)
+        threads = [threading.Thread(target=self._events_loop, name="fr-events", daemon=True),
+                   threading.Thread(target=self._heartbeat_loop, name="fr-heartbeats", daemon=True)]
+        for t in threads:
+            t.start()
+        while not self._stop.wait(0.05):
+            with self._lock:
+                if self.pending and time.time() - min(f.reported_t for f in self.pending.values()) \
+                        >= DEBOUNCE_S:
+                    self._decide()
+                if len(self.done_nodes) >= self.nnodes or self.fatal:
+                    break
+        self._finish()
+        return self.exit_code
+
+    def _events_loop(self):
+        client = connect(self.host, self.port)
+        client.set_timeout(__import__("datetime").timedelta(days=1))
+        while not self._stop.is_set():
+            try:
+                raw = client.queue_pop(keys.EVENTS)
+            except Exception as e:
+                if self._stop.is_set():
+                    return
+                log.warning("event queue: %s", e)
+                time.sleep(0.05)
+                continue
+            body = self._receive(raw)
+            if body is not None:
+                try:
+                    self._on_event(body)
+                except Exception:
+                    log.exception("bad event %s", body.get("kind"))
+
+    def _heartbeat_loop(self):
+        client = connect(self.host, self.port)
+        hb_keys = [keys.heartbeat(r) for r in range(self.world_size)]
+        interval = max(0.02, self.cfg.heartbeat_interval / 4)
+        while not self._stop.wait(interval):
+            present = [k for k in hb_keys if client.check([k])] if not all(
+                v.seq >= 0 for v in self.views.values()) else hb_keys
+            if not present:
+                continue
+            values = client.multi_get(present)
+            now = time.time()
+            with self._lock:
+                for k, raw in zip(present, values):
+                    try:
+                        hb = self.signer.verify(raw)
+                    except AuthError as e:
+                        self.rejected += 1
+                        self.journal.write("message_rejected", generation=self.generation,
+                                           reason=f"heartbeat {k}: {e}")
+                        continue
+                    rank = int(k.rsplit("/", 1)[1])
+                    if hb.get("rank") != rank:
+                        continue
+                    self.views[rank].update(hb, now)
+                if self.pending:
+                    continue
+                hung = find_hang(self.views, self.generation, now)
+                if hung:
+                    rank, kind = hung
+                    v = self.views[rank]
+                    self._report_fault(Fault(rank, kind, v.step, v.phase, v.pid, v.generation,
+                                             fault_t=v.progress_t, reported_t=now,
+                                             detail={"hang_timeout": v.hang_timeout}))
+
+    # ---- events ------------------------------------------------------------------------
+    def _on_event(self, ev: dict):
+        kind = ev["kind"]
+        with self._lock:
+            if kind == "fault":
+                rank = int(ev["rank"])
+                v = self.views[rank]
+                step = ev.get("step", v.step)
+                phase = ev.get("phase", v.phase)
+                if ev.get("pid") and v.pid and ev["pid"] != v.pid and v.generation == self.generation:
+                    # a report about a process that has already been replaced
+                    self.journal.write("stale_fault_ignored", generation=self.generation, rank=rank,
+                                       pid=ev["pid"])
+                    return
+                self._report_fault(Fault(rank, ev["fault"], step, phase, ev.get("pid", v.pid),
+                                         ev.get("generation", self.generation),
+                                         fault_t=ev.get("fault_t", ev["ts"]),
+                                         reported_t=time.time(),
+                                         detail={k: ev[k] for k in ("traceback", "exit_code",
+                                                                    "signal", "node")
+                                                 if k in ev}))
+            elif kind == "replaced":
+                for rec in self.recoveries[::-1]:
+                    if rec.generation == ev["generation"]:
+                        for f in rec.faults:
+                            if f.rank == ev["rank"]:
+                                f.replacement, f.replacement_t = ev["how"], ev["ts"]
+                self.journal.write("replacement_started", generation=ev["generation"],
+                                   rank=ev["rank"], how=ev["how"], pid=ev.get("pid"))
+            elif kind == "recovered":
+                for rec in self.recoveries:
+                    if rec.generation == ev["generation"]:
+                        rec.reports[int(ev["rank"])] = ev
+                        if len(rec.reports) == self.world_size:
+                            self._recovery_complete(rec)
+            elif kind == "finished":
+                self.finished_ranks.add(int(ev["rank"]))
+            elif kind == "node_done":
+                self.done_nodes.add(int(ev["node"]))
+            elif kind == "fatal":
+                self.fatal = ev.get("reason", "fatal error")
+                self.exit_code = 1
+                self.journal.write("job_stopped", generation=self.generation, rank=ev.get("rank"),
+                                   step=ev.get("step"), reason=self.fatal,
+                                   last_good_step=ev.get("last_good_step"))
+            elif kind == "event":
+                self.journal.write(ev["event"], generation=ev.get("generation", self.generation),
+                                   rank=ev.get("rank"), step=ev.get("step"),
+                                   phase=ev.get("phase"), **ev.get("fields", {}))
+            else:
+                self.journal.write("unknown_message_ignored", generation=self.generation,
+                                   kind=str(kind)[:64])
+
+    def _report_fault(self, f: Fault):
+        if f.kind not in FAULT_KINDS:
+            f.kind = "crash"
+        old = self.pending.get(f.rank)
+        if old is None:
+            self.pending[f.rank] = f
+            self.journal.write("fault_reported", generation=self.generation, rank=f.rank,
+                               step=f.step, phase=f.phase, kind=f.kind, pid=f.pid,
+                               **{k: v for k, v in f.detail.items() if k != "traceback"})
+        elif f.kind == "exception" and old.kind in ("exit", "crash"):
+            # the worker's own traceback report is more precise than its exit code
+            f.fault_t = min(f.fault_t, old.fault_t)
+            self.pending[f.rank] = f
+
+    def _decide(self):
+        """Replace every pending faulty rank in one new generation and publish the plan."""
+        faults = list(self.pending.values())
+        self.pending.clear()
+        now = time.time()
+        self.generation += 1
+        g = self.generation
+        for f in faults:
+            f.decision_t, f.new_generation = now, g
+        replaced = sorted(f.rank for f in faults)
+        survivors = {r: v.pid for r, v in self.views.items() if r not in replaced}
+        plan = {"generation": g, "replaced": replaced,
+                "faults": [{"rank": f.rank, "kind": f.kind, "step": f.step, "phase": f.phase,
+                            "pid": f.pid, "node": f.rank // self.nproc} for f in faults],
+                "decided_t": now}
+        self.recoveries.append(Recovery(g, faults, now, survivors))
+        for f in faults:
+            self.journal.write("fault_decided", generation=g, rank=f.rank, step=f.step,
+                               phase=f.phase, kind=f.kind, detect_s=round(now - f.fault_t, 4))
+        self._publish_generation(plan)
+
+    def _recovery_complete(self, rec: Recovery):
+        reports = rec.reports.values()
+        first_step_t = max(r["first_step_t"] for r in reports)
+        phases: dict[str, float] = {}
+        for r in reports:
+            for k, v in r.get("phases", {}).items():
+                phases[k] = max(phases.get(k, 0.0), v)
+        steps_lost = max(r.get("steps_lost", 0) for r in reports)
+        pids_now = {int(r["rank"]): r["pid"] for r in reports}
+        unchanged = all(pids_now.get(rank) == pid for rank, pid in rec.survivor_pids.items())
+        rec.summary = {"first_step_t": first_step_t, "phases": phases, "steps_lost": steps_lost,
+                       "survivor_pids_unchanged": unchanged,
+                       "recovery_point": max(r.get("recovery_point", -1) for r in reports),
+                       "fallback": any(r.get("fallback") for r in reports)}
+        for f in rec.faults:
+            phases_f = {"detect": round(rec.decision_t - f.fault_t, 4), **phases}
+            self.journal.write("recovered", generation=rec.generation, rank=f.rank, step=f.step,
+                               phase=f.phase, kind=f.kind,
+                               recovery_s=round(first_step_t - f.fault_t, 4),
+                               steps_lost=steps_lost, replacement=f.replacement,
+                               survivor_pids_unchanged=unchanged)
+            if self.wandb:
+                self.wandb.recovery({"rank": f.rank, "kind": f.kind, "step": f.step,
+                                     "phase": f.phase}, phases_f, steps_lost,
+                                    f.replacement or "spawn", rec.generation)
+
+    # ---- the end -----------------------------------------------------------------------
+    def report(self) -> dict:
+        faults = []
+        for rec in self.recoveries:
+            s = getattr(rec, "summary", None)
+            for f in rec.faults:
+                entry = {"rank": f.rank, "kind": f.kind, "step": f.step, "phase": f.phase,
+                         "generation": rec.generation,
+                         "detect_s": round(rec.decision_t - f.fault_t, 4),
+                         "replacement": f.replacement,
+                         "replacement_join_s": round(f.replacement_t - rec.decision_t, 4)
+                         if f.replacement_t else None}
+                if s:
+                    entry.update({"recovery_s": round(s["first_step_t"] - f.fault_t, 4),
+                                  "phases": {"detect": entry["detect_s"],
+                                             **{k: round(v, 4) for k, v in s["phases"].items()}},
+                                  "steps_lost": s["steps_lost"],
+                                  "recovery_point": s["recovery_point"],
+                                  "fallback_to_checkpoint": s["fallback"],
+                                  "survivor_pids_unchanged": s["survivor_pids_unchanged"]})
+                else:
+                    entry.update({"recovery_s": None, "steps_lost": None,
+                                  "survivor_pids_unchanged": None})
+                faults.append(entry)
+        return {"world_size": self.world_size, "nnodes": self.nnodes,
+                "generations": self.generation, "faults": faults,
+                "rejected_messages": self.rejected, "fatal": self.fatal,
+                "finished_ranks": len(self.finished_ranks)}
+
+    def _finish(self):
+        rep = self.report()
+        self.journal.write("job_finished" if not self.fatal else "job_failed",
+                           generation=self.generation, faults=len(rep["faults"]))
+        if self.report_path:
+            tmp = self.report_path + ".tmp"
+            with open(tmp, "w") as f:
+                json.dump(rep, f, indent=2)
+            os.replace(tmp, self.report_path)
+        self.store.set(keys.DONE, self.signer.sign("done", fatal=self.fatal or ""))
+        if self.wandb:
+            self.wandb.close()
+        self._stop.set()
+        self.journal.close()
+
+    def stop(self):
+        self._stop.set()
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="fr-megatron controller",
+                                description="Host a job's store and decide its recoveries.")
+    p.add_argument("--address", default="127.0.0.1:0", help="HOST:PORT to listen on")
+    p.add_argument("--world-size", type=int, required=True)
+    p.add_argument("--nnodes", type=int, default=1)
+    p.add_argument("--nproc-per-node", type=int, required=True)
+    p.add_argument("--report", default=None)
+    p.add_argument("--ready-file", default=None, help="write HOST:PORT here once listening")
+    p.add_argument("--run-name", default="fr_megatron")
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    host, port = parse_address(a.address, "--address") if not a.address.endswith(":0") else \
+        (a.address.rsplit(":", 1)[0], 0)
+    cfg = FlashRecoveryConfig.from_env()
+    ctl = Controller(a.world_size, a.nnodes, a.nproc_per_node, host, port, read_token(), cfg,
+                     a.report, a.run_name)
+    signal.signal(signal.SIGTERM, lambda *_: ctl.stop())
+    if a.ready_file:
+        with open(a.ready_file + ".tmp", "w") as f:
+            f.write(f"{ctl.host}:{ctl.port}")
+        os.replace(a.ready_file + ".tmp", a.ready_file)
+    return ctl.serve()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,32 @@
+"""The store key layout of a job: the one place that names every key.
+
+The controller hosts a TCPStore that outlives every rank. Control traffic uses the ``fr/``
+namespace; each generation's process groups rendezvous under their own prefix ``gen{g}/``,
+because gloo cannot reuse a prefix once a peer of it has died.
+"""
+
+EVENTS = "fr/events"                 # queue: agents and workers -> controller (signed messages)
+GENERATION = "fr/generation"         # the current generation, a signed plan summary
+DONE = "fr/done"                     # set by the controller when the job ends
+
+
+def plan(generation: int) -> str:
+    """Signed plan that opens ``generation``; ranks and agents wait on this key."""
+    return f"fr/plan/{generation}"
+
+
+def heartbeat(rank: int) -> str:
+    return f"fr/hb/{rank}"
+
+
+def agent(node: int) -> str:
+    return f"fr/agent/{node}"
+
+
+def injection_fired(index: int) -> str:
+    return f"fr/inject/fired/{index}"
+
+
+def generation_prefix(generation: int) -> str:
+    """Prefix of the process-group rendezvous of ``generation``."""
+    return f"gen{generation}/"

@@ -1,0 +1,84 @@
+"""Two threads of every training process: the heartbeat and the plan monitor.
+
+The heartbeat publishes (step, phase, state) to the controller every interval; the controller,
+not the rank, judges a hang from it, so a rank frozen with the GIL held is still seen. The monitor
+blocks on the store key of the next generation's plan; when the controller publishes it, the
+monitor aborts this process's communicators, so a rank blocked in a collective (NCCL never wakes by
+itself) fails fast and enters recovery.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from typing import Callable
+
+from ..protocol import keys
+from ..protocol.auth import AuthError, Signer
+from ..protocol.store import wait_key
+
+log = logging.getLogger("fr_megatron.runtime")
+
+
+class Heartbeat(threading.Thread):
+    def __init__(self, store, signer: Signer, rank: int, interval: float, status: Callable[[], dict]):
+        super().__init__(name="fr-heartbeat", daemon=True)
+        self.store, self.signer, self.rank = store, signer, rank
+        self.interval, self.status = interval, status
+        self._halt = threading.Event()
+        self._changed = threading.Event()
+
+    def poke(self) -> None:
+        """Send a beat now (the step or phase changed), from this thread, not the caller's."""
+        self._changed.set()
+
+    def beat(self) -> None:
+        self.store.set(keys.heartbeat(self.rank), self.signer.sign(
+            "heartbeat", rank=self.rank, pid=os.getpid(), hb_interval=self.interval,
+            **self.status()))
+
+    def run(self) -> None:
+        while not self._halt.is_set():
+            self._changed.wait(self.interval)
+            self._changed.clear()
+            try:
+                self.beat()
+            except Exception as e:  # the controller may be restarting; keep beating
+                log.debug("heartbeat failed: %s", e)
+
+    def stop(self) -> None:
+        self._halt.set()
+        self._changed.set()
+
+
+class PlanMonitor(threading.Thread):
+    """Waits for the plan of generation ``current + 1`` and hands it to ``on_plan``."""
+
+    def __init__(self, store, signer: Signer, current: Callable[[], int],
+                 on_plan: Callable[[dict], None]):
+        super().__init__(name="fr-monitor", daemon=True)
+        self.store, self.signer = store, signer
+        self.current, self.on_plan = current, on_plan
+        self._halt = threading.Event()
+        self.latest: dict | None = None
+        self._seen = -1
+
+    def run(self) -> None:
+        while not self._halt.is_set():
+            g = max(self.current(), self._seen) + 1
+            if not wait_key(self.store, keys.plan(g), 1.0):
+                continue
+            try:
+                plan = self.signer.verify(self.store.get(keys.plan(g)))
+            except AuthError as e:
+                log.error("rejected plan for generation %d: %s", g, e)
+                time.sleep(0.5)
+                continue
+            self._seen = g
+            self.latest = plan
+            self.on_plan(plan)
+
+    def stop(self) -> None:
+        self._halt.set()

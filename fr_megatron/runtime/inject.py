@@ -1,0 +1,97 @@
+"""Fault injection for tests, the demo and users: ``FR_INJECT`` / ``--inject``.
+
+A spec is ``kind[:key=value...]``, several joined by ``;``, e.g.
+``kill:rank=3:step=20``, ``exception:rank=1:step=5:phase=backward``, ``exit:code=7:rank=2:step=4``.
+Kinds: kill (SIGKILL), segv (SIGSEGV), exception, hang (no progress, heartbeat alive),
+hang_gil (holds the GIL, heartbeat stops), stop (SIGSTOP), exit (code, default 1), exit0 (exit 0
+before the end). Each spec fires once per job, whatever generation reaches it: the controller's
+store remembers what fired, so a replacement redoing the step does not fire it again.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import signal
+import time
+from dataclasses import dataclass
+
+log = logging.getLogger("fr_megatron.inject")
+
+KINDS = ("kill", "segv", "exception", "hang", "hang_gil", "stop", "exit", "exit0")
+PHASES = ("forward", "backward", "grad_reduce", "optimizer", "after_step")
+
+
+class InjectedFault(RuntimeError):
+    """The exception an ``exception`` injection raises inside the training step."""
+
+
+class InjectSpecError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Injection:
+    index: int
+    kind: str
+    rank: int = 0
+    step: int = 1
+    phase: str = "forward"
+    code: int = 1
+
+    def __str__(self):
+        return f"{self.kind}:rank={self.rank}:step={self.step}:phase={self.phase}"
+
+
+def parse(spec: str | None) -> list[Injection]:
+    """Parse an injection spec; errors name the bad part and list what is allowed."""
+    out = []
+    for i, part in enumerate(p for p in (spec or "").split(";") if p.strip()):
+        kind, *kvs = part.strip().split(":")
+        if kind not in KINDS:
+            raise InjectSpecError(f"--inject: unknown fault kind {kind!r}; use one of {', '.join(KINDS)}")
+        fields: dict = {}
+        for kv in kvs:
+            k, sep, v = kv.partition("=")
+            if not sep or k not in ("rank", "step", "phase", "code"):
+                raise InjectSpecError(f"--inject: bad field {kv!r} in {part!r}; fields are "
+                                      "rank=N, step=N, phase=NAME, code=N")
+            if k == "phase":
+                if v not in PHASES:
+                    raise InjectSpecError(f"--inject: unknown phase {v!r}; use one of {', '.join(PHASES)}")
+                fields[k] = v
+            else:
+                try:
+                    fields[k] = int(v)
+                except ValueError:
+                    raise InjectSpecError(f"--inject: {k} must be an integer in {part!r}") from None
+        out.append(Injection(i, kind, **fields))
+    return out
+
+
+def fire(inj: Injection) -> None:
+    """Make the fault happen in this process, now."""
+    log.warning("injecting %s", inj)
+    for h in logging.getLogger().handlers:
+        h.flush()
+    if inj.kind == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    elif inj.kind == "segv":
+        os.kill(os.getpid(), signal.SIGSEGV)
+    elif inj.kind == "exception":
+        raise InjectedFault(f"injected exception at step {inj.step} phase {inj.phase}")
+    elif inj.kind == "hang":
+        while True:
+            time.sleep(3600)
+    elif inj.kind == "hang_gil":
+        # libc sleep called through PyDLL keeps the GIL: no other thread of ours can run.
+        libc = ctypes.PyDLL(None)
+        while True:
+            libc.sleep(3600)
+    elif inj.kind == "stop":
+        os.kill(os.getpid(), signal.SIGSTOP)
+    elif inj.kind == "exit":
+        os._exit(inj.code)
+    elif inj.kind == "exit0":
+        os._exit(0)
