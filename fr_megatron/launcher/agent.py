@@ -167,7 +167,9 @@ class NodeAgent:
                 hb = self._last_heartbeat(w.rank)
                 log.warning("node=%d rank=%d pid=%d fault=%s %s step=%s phase=%s", self.node,
                             w.rank, pid, kind, detail, hb.get("step"), hb.get("phase"))
-                self._send("fault", rank=w.rank, pid=pid, fault=kind, fault_t=t, node=self.node,
+                inj = hb.get("inject_t")
+                fault_t = inj if inj and t - 60 < inj <= t else t
+                self._send("fault", rank=w.rank, pid=pid, fault=kind, fault_t=fault_t, node=self.node,
                            generation=w.generation, step=hb.get("step", -1),
                            phase=hb.get("phase", "unknown"), **detail)
 
@@ -191,7 +193,10 @@ class NodeAgent:
                 if stopped and pid not in reported:
                     reported.add(pid)
                     hb = self._last_heartbeat(w.rank)
-                    self._send("fault", rank=w.rank, pid=pid, fault="stop", fault_t=time.time(),
+                    now = time.time()
+                    inj = hb.get("inject_t")
+                    self._send("fault", rank=w.rank, pid=pid, fault="stop",
+                               fault_t=inj if inj and now - 60 < inj <= now else now,
                                node=self.node, generation=w.generation,
                                step=hb.get("step", -1), phase=hb.get("phase", "unknown"))
 

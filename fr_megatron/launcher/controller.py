@@ -33,7 +33,16 @@ log = logging.getLogger("fr_megatron.controller")
 
 FAULT_KINDS = ("crash", "segv", "exit", "exit0_early", "exception", "hang", "hang_gil", "stop",
                "node_lost")
-DEBOUNCE_S = 0.03  # reports arriving this close together are decided as one fault
+DEBOUNCE_S = 0.03
+MAX_FAILED_RESTARTS = 3  # reports arriving this close together are decided as one fault
+
+
+def _fault_time(inject_t: Optional[float], observed_t: float, now: float) -> float:
+    """When the fault happened: the injection time when one fired just before (benchmarks and
+    tests measure from the fault itself), else the earliest observation."""
+    if inject_t and observed_t - 5.0 <= inject_t <= now:
+        return inject_t
+    return observed_t
 
 
 @dataclass
@@ -84,6 +93,10 @@ class Controller:
         self.done_nodes: set[int] = set()
         self.finished_ranks: set[int] = set()
         self.fatal: Optional[str] = None
+        self.restarts_without_progress: dict[int, int] = {}
+        self.plan_t = 0.0
+        self.replaced_pids: set[int] = set()  # processes already decided on: later reports of
+        # the same death (the agent's exit after the worker's own traceback) change nothing
         self.exit_code = 0
         self._lock = threading.RLock()
         self._stop = threading.Event()
@@ -173,12 +186,14 @@ class Controller:
                     self.views[rank].update(hb, now)
                 if self.pending:
                     continue
-                hung = find_hang(self.views, self.generation, now)
+                hung = find_hang(self.views, self.generation, now, self.plan_t)
                 if hung:
                     rank, kind = hung
                     v = self.views[rank]
                     self._report_fault(Fault(rank, kind, v.step, v.phase, v.pid, v.generation,
-                                             fault_t=v.progress_t, reported_t=now,
+                                             fault_t=_fault_time(v.extra.get("inject_t"),
+                                                                 v.progress_t, now),
+                                             reported_t=now,
                                              detail={"hang_timeout": v.hang_timeout}))
 
     # ---- events ------------------------------------------------------------------------
@@ -190,7 +205,9 @@ class Controller:
                 v = self.views[rank]
                 step = ev.get("step", v.step)
                 phase = ev.get("phase", v.phase)
-                if ev.get("pid") and v.pid and ev["pid"] != v.pid and v.generation == self.generation:
+                if ev.get("pid") in self.replaced_pids or (
+                        ev.get("pid") and v.pid and ev["pid"] != v.pid
+                        and v.generation == self.generation):
                     # a report about a process that has already been replaced
                     self.journal.write("stale_fault_ignored", generation=self.generation, rank=rank,
                                        pid=ev["pid"])
@@ -215,7 +232,13 @@ class Controller:
                     if rec.generation == ev["generation"]:
                         rec.reports[int(ev["rank"])] = ev
                         if len(rec.reports) == self.world_size:
-                            self._recovery_complete(rec)
+                            # earlier recoveries cut short by a new fault end with this one
+                            for older in self.recoveries:
+                                if older.generation <= rec.generation and \
+                                        not hasattr(older, "summary"):
+                                    older.reports = rec.reports
+                                    self._recovery_complete(older)
+                            self.restarts_without_progress.clear()
             elif kind == "finished":
                 self.finished_ranks.add(int(ev["rank"]))
             elif kind == "node_done":
@@ -242,7 +265,7 @@ class Controller:
             self.pending[f.rank] = f
             self.journal.write("fault_reported", generation=self.generation, rank=f.rank,
                                step=f.step, phase=f.phase, kind=f.kind, pid=f.pid,
-                               **{k: v for k, v in f.detail.items() if k != "traceback"})
+                               **f.detail)
         elif f.kind == "exception" and old.kind in ("exit", "crash"):
             # the worker's own traceback report is more precise than its exit code
             f.fault_t = min(f.fault_t, old.fault_t)
@@ -257,13 +280,29 @@ class Controller:
         g = self.generation
         for f in faults:
             f.decision_t, f.new_generation = now, g
+            self.replaced_pids.add(f.pid)
         replaced = sorted(f.rank for f in faults)
+        open_recoveries = [r for r in self.recoveries if not hasattr(r, "summary")]
+        for f in faults:
+            # a rank whose replacement keeps failing before it recovers is not restarted forever
+            if any(f.rank in (x.rank for x in r.faults) for r in open_recoveries):
+                self.restarts_without_progress[f.rank] = \
+                    self.restarts_without_progress.get(f.rank, 1) + 1
+            if self.restarts_without_progress.get(f.rank, 0) > MAX_FAILED_RESTARTS:
+                self.fatal = (f"rank {f.rank} failed {MAX_FAILED_RESTARTS + 1} times in a row "
+                              f"before recovering (last: {f.kind} at step {f.step}); not "
+                              "restarting it again: see its traceback in the journal")
+                self.exit_code = 1
+                self.journal.write("job_stopped", generation=g, rank=f.rank, step=f.step,
+                                   phase=f.phase, reason=self.fatal)
+                return
         survivors = {r: v.pid for r, v in self.views.items() if r not in replaced}
         plan = {"generation": g, "replaced": replaced,
                 "faults": [{"rank": f.rank, "kind": f.kind, "step": f.step, "phase": f.phase,
                             "pid": f.pid, "node": f.rank // self.nproc} for f in faults],
                 "decided_t": now}
         self.recoveries.append(Recovery(g, faults, now, survivors))
+        self.plan_t = now
         for f in faults:
             self.journal.write("fault_decided", generation=g, rank=f.rank, step=f.step,
                                phase=f.phase, kind=f.kind, detect_s=round(now - f.fault_t, 4))

@@ -29,30 +29,56 @@ class RankView:
     progress_t: float = 0.0      # when (step, phase) last changed
     extra: dict = field(default_factory=dict)
 
+    _PROGRESS = ("step", "phase", "pid", "state", "generation")
+
     def update(self, hb: dict, now: float) -> None:
         if hb.get("seq", 0) == self.seq and hb.get("pid") == self.pid:
             return
-        moved = (hb.get("step"), hb.get("phase"), hb.get("pid")) != (self.step, self.phase, self.pid)
+        # any change of step, phase, process, state or generation is progress: a rank that
+        # comes back from a recovery must not be judged by the clock of its failed step
+        moved = tuple(hb.get(k) for k in self._PROGRESS) != tuple(getattr(self, k)
+                                                                  for k in self._PROGRESS)
         self.seq, self.seen_t = hb.get("seq", 0), now
         if moved or not self.progress_t:
             self.progress_t = now
+        if hb.get("inject_t"):
+            self.extra["inject_t"] = hb["inject_t"]
         for k in ("pid", "generation", "step", "phase", "state", "hang_timeout",
                   "hb_interval"):
             if k in hb:
                 setattr(self, k, hb[k])
 
 
-def find_hang(views: dict[int, RankView], generation: int, now: float) -> tuple[int, str] | None:
+PHASE_ORDER = {"init": 0, "forward": 1, "backward": 2, "grad_reduce": 3, "optimizer": 4,
+               "after_step": 5}
+
+
+def _position(v: RankView) -> tuple:
+    return (v.step, PHASE_ORDER.get(v.phase, 0), v.progress_t, v.rank)
+
+
+def find_hang(views: dict[int, RankView], generation: int, now: float,
+              plan_t: float = 0.0) -> tuple[int, str] | None:
     """The rank to blame for a hang and its kind ('hang' or 'hang_gil'), or None.
 
-    The trigger is progress alone, so the culprit (whose progress stopped first) is always the
-    first rank past its timeout; its kind is 'hang_gil' when its heartbeat has stopped too.
+    A hang shows first as *some* rank without progress past its timeout, often a healthy one
+    waiting in a collective for the culprit. The culprit is the stalled rank that is furthest
+    behind in (step, phase); it is blamed once its own stall passes its timeout, as 'hang_gil'
+    when its heartbeat has stopped too. A rank that never noticed the last plan (still running
+    in an older generation a timeout after it) is hung as well: it blocks the rebuild.
     """
-    suspects = [v for v in views.values()
-                if v.generation == generation and v.state == "running"
-                and now - v.progress_t > v.hang_timeout]
-    if not suspects:
-        return None
-    culprit = min(suspects, key=lambda v: (v.progress_t, v.rank))
+    running = [v for v in views.values() if v.state == "running"]
+    stale_gen = [v for v in running if v.generation < generation
+                 and now - max(plan_t, v.progress_t) > v.hang_timeout]
+    if stale_gen:
+        culprit = min(stale_gen, key=_position)
+    else:
+        current = [v for v in running if v.generation == generation]
+        if not any(now - v.progress_t > v.hang_timeout for v in current):
+            return None
+        stalled = [v for v in current if now - v.progress_t > v.hang_timeout / 2]
+        culprit = min(stalled, key=_position)
+        if now - culprit.progress_t <= culprit.hang_timeout:
+            return None  # the furthest-behind rank has not passed its own timeout yet
     frozen = now - culprit.seen_t > max(3 * culprit.hb_interval, 0.5)
     return culprit.rank, ("hang_gil" if frozen else "hang")

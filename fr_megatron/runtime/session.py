@@ -72,6 +72,9 @@ class Session:
         self.host, self.port = parse_address(controller, "FR_CONTROLLER")
         self.signer = Signer(token, f"rank{rank}")
         self.replacement = replacement
+        self.has_state = True  # False until a replacement has restored its state from peers
+        self.inject_t: Optional[float] = None
+        self.history: dict[int, Any] = {}  # step -> what train_step returned, for every step  # when an injected fault fired (benchmarks)
         self.store = connect(self.host, self.port)            # main thread: pg rendezvous, events
         self._hb_store = connect(self.host, self.port)        # heartbeat thread
         self._mon_store = connect(self.host, self.port)       # plan monitor thread
@@ -93,6 +96,7 @@ class Session:
         self.recoveries: list[dict] = []
         self.heartbeat = Heartbeat(self._hb_store, self.signer, rank, self.cfg.heartbeat_interval,
                                    self._status)
+        self.sm.on_change = self.heartbeat.poke
         self.heartbeat.beat()
         self.heartbeat.start()
         self.monitor = PlanMonitor(self._mon_store, self.signer, lambda: self.generation,
@@ -134,6 +138,7 @@ class Session:
     def _status(self) -> dict:
         return {"generation": self.generation, "step": self.step, "phase": self.phase_name,
                 "state": self.sm.state.value, "committed": self.committed,
+                "inject_t": self.inject_t,
                 "hang_timeout": self.cfg.resolved_hang_timeout(self.step_times[-50:])
                 if self.step_times else 1e9}
 
@@ -192,7 +197,8 @@ class Session:
         for inj in self.injections:
             if inj.rank == self.rank and inj.step == self.step and inj.phase == name \
                     and self._claim(inj):
-                self.heartbeat.beat()  # the report must name this step and phase
+                self.inject_t = time.time()
+                self.heartbeat.beat()  # the report must name this step and phase (and when)
                 inject.fire(inj)
         if self._notice is not None:
             raise RecoveryRequested(f"generation {self._notice['generation']} opened")
@@ -204,14 +210,12 @@ class Session:
     def start(self) -> int:
         """The first step to run: 1 on a fresh job, the recovery point + 1 for a replacement."""
         if self.replacement:
+            self.has_state = False
             self.sm.to(State.SYNCING, self.generation, self.step)
-            plan = self._plan_for(self.generation)
-            t0 = time.time()
-            step = self._sync(plan)
-            self.sm.to(State.RUNNING, self.generation, self.step)
-            self._pending_report = {"phases": {"restore": time.time() - t0}, **self._last_sync}
-            self.sm.take_phases()
-            return step
+            try:
+                return self._sync_and_resume(self._plan_for(self.generation))
+            except Exception as exc:
+                return self.recover(exc)
         self.sm.to(State.RUNNING, self.generation, 0)
         self.step = 0
         self.commit(0)
@@ -235,6 +239,7 @@ class Session:
         self.copies.wait()
         self.committed = step
         if step:
+            self.history[step] = output
             self.step_times.append(time.time() - self._step_t0)
         if self._pending_report is not None:
             rep, self._pending_report = self._pending_report, None
@@ -247,41 +252,54 @@ class Session:
 
     def run(self, train_step: Callable[[int], Any], num_steps: int) -> dict[int, Any]:
         """Train steps 1..num_steps, recovering from faults; returns step -> output."""
-        outputs: dict[int, Any] = {}
         step = self.start()
         while step <= num_steps:
             try:
                 self.begin_step(step)
-                outputs[step] = train_step(step)
-                self.commit(step, outputs[step])
+                out = train_step(step)
+                self.commit(step, out)
                 step += 1
             except Exception as exc:
                 step = self.recover(exc)
-                for s in [s for s in outputs if s >= step]:
-                    del outputs[s]
         self.close()
-        return outputs
+        return dict(self.history)
 
     # ---- recovery ----------------------------------------------------------------------------
     def recover(self, exc: BaseException) -> int:
-        """Survive a fault elsewhere: abort, rebuild on the new generation, restore; next step."""
-        if not _is_comm_error(exc):
-            self._die(exc)
-        with self._lock:
-            self.sm.to(State.ABORTING, self.generation, self.step)
-            if self.comms:
-                self.comms.abort()
-        log.warning("rank=%d generation=%d step=%d phase=%s communication failed: %s", self.rank,
-                    self.generation, self.step, self.phase_name, str(exc).splitlines()[0][:160])
-        try:
-            self.copies.wait()
-        except Exception:
-            pass  # the exchange of a failed step is void; the rollback makes it moot
-        plan = self._wait_plan()
-        if self.rank in plan["replaced"]:
-            log.error("rank=%d was declared faulty in generation %d; exiting", self.rank,
-                      plan["generation"])
-            os._exit(EXIT_FAULTY)
+        """Survive a fault elsewhere: abort, rebuild on the new generation, restore; next step.
+
+        A fault during the recovery itself (a peer or the replacement dying while groups are
+        rebuilt or state is restored) sends this rank back to waiting for the next plan.
+        """
+        while True:
+            if not _is_comm_error(exc):
+                self._die(exc)
+            with self._lock:
+                if self.sm.state != State.ABORTING:
+                    self.sm.to(State.ABORTING, self.generation, self.step)
+                if self.comms:
+                    self.comms.abort()
+            log.warning("rank=%d generation=%d step=%d phase=%s communication failed: %s",
+                        self.rank, self.generation, self.step, self.phase_name,
+                        str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__)
+            try:
+                self.copies.wait()
+            except Exception:
+                pass  # the exchange of a failed step is void; the rollback makes it moot
+            plan = self._wait_plan()
+            if self.rank in plan["replaced"]:
+                log.error("rank=%d was declared faulty in generation %d; exiting", self.rank,
+                          plan["generation"])
+                os._exit(EXIT_FAULTY)
+            try:
+                self._rebuild(plan)
+                return self._sync_and_resume(plan)
+            except (transfer.ChecksumError, RecoveryImpossible):
+                raise
+            except Exception as e:
+                exc = e
+
+    def _rebuild(self, plan: dict) -> None:
         self.sm.to(State.REBUILDING, self.generation, self.step)
         old_groups = self.comms.destroy_world() if self.comms else []
         if self.integration:
@@ -297,6 +315,8 @@ class Session:
                 raise RecoveryImpossible(f"{stale} references to old groups survived the rebuild")
         self._build_runtime_groups()
         self.sm.to(State.SYNCING, self.generation, self.step)
+
+    def _sync_and_resume(self, plan: dict) -> int:
         step = self._sync(plan)
         self.sm.to(State.RUNNING, self.generation, self.step)
         self._pending_report = {"phases": self.sm.take_phases(), **self._last_sync}
@@ -328,13 +348,14 @@ class Session:
 
     def _sync(self, plan: dict) -> int:
         """Agree on the recovery point, restore every rank to it, return the step to redo."""
-        lost = set(plan["replaced"])
-        me_lost = self.rank in lost
-        info = {"ring": [] if me_lost else self.ring.steps(),
+        self.phase_name = "restore"
+        me_lost = self.rank in plan["replaced"] or not self.has_state
+        info = {"has_state": not me_lost, "ring": [] if me_lost else self.ring.steps(),
                 "held": {} if me_lost else {str(w): s for w, s in self.copies.held().items()},
                 "committed": -1 if me_lost else self.committed}
         infos: list = [None] * self.world_size
         dist.all_gather_object(infos, info, group=self.group)
+        lost = {r for r, i in enumerate(infos) if not i["has_state"]}
         point, sources = self._recovery_point(infos, lost)
         if point is not None:
             # the last step every rank finished: a lost rank finished what its copies hold
@@ -351,7 +372,9 @@ class Session:
         for dst, (src_rep, src_unique) in sorted(sources.items()):
             if self.rank == src_rep:
                 st = self.ring.get(point)
-                works += transfer.send(transfer.pack(st.replicated, {}, point), dst, self.group)
+                history = {s: v for s, v in self.history.items() if s <= point}
+                works += transfer.send(transfer.pack(st.replicated, {"history": history}, point),
+                                       dst, self.group)
             if self.rank == src_unique:
                 works += transfer.send(self._held_copy(dst, point), dst, self.group)
             if self.rank == dst:
@@ -360,7 +383,8 @@ class Session:
         transfer.wait_all(works)
         if me_lost:
             try:
-                rep, _ = transfer.unpack(received["replicated"], self.cfg.verify_checksums)
+                rep, rep_meta = transfer.unpack(received["replicated"], self.cfg.verify_checksums)
+                self.history = rep_meta["history"]
                 uniq, meta = transfer.unpack(received["unique"], self.cfg.verify_checksums)
             except transfer.ChecksumError as e:
                 self.send("fatal", reason=str(e), step=point, last_good_step=point)
@@ -372,10 +396,12 @@ class Session:
             state = self.ring.get(point)
         self._restore(state)
         self.ring.drop_after(point)
+        self.history = {s: v for s, v in self.history.items() if s <= point}
         if me_lost:
             self.ring.commit(point, self._live_with_rng())
         self.committed = point
         self.step = point
+        self.has_state = True
         self._refresh_copies(point)
         self._last_sync = {"recovery_point": point, "steps_lost": steps_lost,
                            "lost": sorted(lost), "restored_t": time.time()}

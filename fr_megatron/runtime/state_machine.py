@@ -36,8 +36,9 @@ PHASE_OF = {State.ABORTING: "abort", State.REBUILDING: "rebuild", State.SYNCING:
 
 
 class RecoveryStateMachine:
-    def __init__(self, rank: int):
+    def __init__(self, rank: int, on_change=None):
         self.rank = rank
+        self.on_change = on_change  # e.g. send a heartbeat now
         self.state = State.STARTING
         self.since = time.time()
         self.phases: dict[str, float] = {}
@@ -52,6 +53,8 @@ class RecoveryStateMachine:
         log.info("rank=%d generation=%d step=%d phase=%s state %s -> %s", self.rank, generation,
                  step, phase or "-", self.state.value, new.value)
         self.state, self.since = new, now
+        if self.on_change:
+            self.on_change()
 
     def take_phases(self) -> dict[str, float]:
         p, self.phases = self.phases, {}

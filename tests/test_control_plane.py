@@ -1,0 +1,135 @@
+"""Units of the control plane that need no training job: signing, injection specs, hang blame,
+failure domains, and the launcher's input checks (real CLI processes, exit code 2)."""
+
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+
+from fr_megatron.launcher.detector import RankView, find_hang
+from fr_megatron.protocol.auth import AuthError, ReplayGuard, Signer
+from fr_megatron.runtime import failure_domains, inject
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def test_signed_message_round_trip_and_rejections():
+    a, b = Signer(b"k" * 32, "a"), Signer(b"k" * 32, "b")
+    raw = a.sign("fault", rank=3, step=7)
+    body = b.verify(raw)
+    assert (body["kind"], body["rank"], body["step"], body["from"]) == ("fault", 3, 7, "a")
+    with pytest.raises(AuthError, match="HMAC"):
+        Signer(b"x" * 32, "evil").verify(raw)  # wrong token
+    tampered = json.loads(raw)
+    tampered["body"] = tampered["body"].replace('"rank":3', '"rank":4')
+    with pytest.raises(AuthError, match="HMAC"):
+        b.verify(json.dumps(tampered).encode())
+    with pytest.raises(AuthError, match="malformed"):
+        b.verify(b"not json")
+    with pytest.raises(AuthError, match="oversized"):
+        b.verify(b"x" * (65 * 1024))
+    guard = ReplayGuard()
+    guard.check(body)
+    with pytest.raises(AuthError, match="replayed"):
+        guard.check(b.verify(raw))
+
+
+def test_inject_spec_parsing_and_errors():
+    (i,) = inject.parse("exit:code=7:rank=2:step=4:phase=optimizer")
+    assert (i.kind, i.code, i.rank, i.step, i.phase) == ("exit", 7, 2, 4, "optimizer")
+    assert len(inject.parse("kill:rank=1:step=2;hang:rank=0:step=3")) == 2
+    for bad, msg in [("explode:rank=1", "unknown fault kind"), ("kill:rank=x", "integer"),
+                     ("kill:when=3", "bad field"), ("kill:phase=lunch", "unknown phase")]:
+        with pytest.raises(inject.InjectSpecError, match=msg):
+            inject.parse(bad)
+
+
+def _view(rank, progress_t, seen_t, state="running", gen=0):
+    v = RankView(rank, pid=100 + rank, generation=gen, step=5, phase="forward", state=state,
+                 hang_timeout=2.0, hb_interval=0.2)
+    v.progress_t, v.seen_t = progress_t, seen_t
+    return v
+
+
+def test_hang_blames_the_rank_whose_progress_stopped_first():
+    now = 100.0
+    views = {0: _view(0, 97.5, 99.9), 1: _view(1, 97.0, 99.9), 2: _view(2, 97.8, 99.9)}
+    assert find_hang(views, 0, now) == (1, "hang")
+    views[1].seen_t = 97.0  # its heartbeat stopped too: frozen with the GIL held
+    assert find_hang(views, 0, now) == (1, "hang_gil")
+    views = {0: _view(0, 99.0, 99.9), 1: _view(1, 97.0, 99.9, state="rebuilding")}
+    assert find_hang(views, 0, now) is None  # a recovering rank is not hung
+    # a rank of the old generation gets a timeout from the plan to notice it
+    assert find_hang({0: _view(0, 90.0, 99.9, gen=0)}, 1, now, plan_t=99.5) is None
+
+
+def test_hang_blames_the_rank_behind_not_the_one_waiting_longest():
+    # rank 0 reached the gradient all-reduce first and waits there; rank 2 hung in forward
+    now = 100.0
+    views = {0: _view(0, 97.9, 99.9), 2: _view(2, 97.95, 99.9)}
+    views[0].phase = "grad_reduce"
+    assert find_hang(views, 0, now) == (2, "hang")
+    views[2].progress_t = 98.5  # its own stall is not past its timeout yet: wait
+    assert find_hang(views, 0, now) is None
+
+
+def test_rank_that_ignores_a_new_generation_is_hung():
+    views = {0: _view(0, 95.0, 99.9, gen=1), 1: _view(1, 90.0, 99.9, gen=0)}
+    views[0].progress_t = 99.0
+    assert find_hang(views, 1, 100.0, plan_t=97.0) == (1, "hang")
+    assert find_hang(views, 1, 100.0, plan_t=99.0) is None
+
+
+def test_heartbeat_after_recovery_counts_as_progress():
+    v = _view(0, 10.0, 10.0)
+    v.update({"seq": 5, "pid": 100, "step": 5, "phase": "forward", "state": "running",
+              "generation": 1}, now=20.0)
+    assert v.progress_t == 20.0
+
+
+def test_copies_live_in_another_failure_domain():
+    # two nodes of four: every holder is on the other node, so any one node can be lost
+    world, nproc = 8, 4
+    dp = [[r % 2, r % 2 + 2, r % 2 + 4, r % 2 + 6] for r in range(world)]
+    placement = failure_domains.placement(world, nproc, dp, replicas=2)
+    for r, hs in placement.items():
+        assert len(hs) == 2 and all(h // nproc != r // nproc for h in hs)
+    # one node: the next data-parallel rank
+    one = failure_domains.placement(4, 4, [[0, 2], [1, 3], [0, 2], [1, 3]], replicas=1)
+    assert one == {0: [2], 1: [3], 2: [0], 3: [1]}
+    assert failure_domains.wards(one, 2) == [0]
+    with pytest.raises(ValueError, match="lower replicas"):
+        failure_domains.placement(2, 2, [[0, 1], [0, 1]], replicas=2)
+
+
+def _run_cli(*args, timeout=60):
+    return subprocess.run([sys.executable, "-m", "fr_megatron.cli", "run", *args],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--inject", "explode:rank=1", "recipes/torch_ddp/train.py"], "--inject: unknown fault kind"),
+    (["--controller", "nohostport", "recipes/torch_ddp/train.py"], "--controller"),
+    (["--nproc-per-node", "0", "recipes/torch_ddp/train.py"], "--nproc-per-node must be at least 1"),
+    (["missing_script.py"], "not found"),
+    (["--nnodes", "2", "recipes/torch_ddp/train.py"], "--controller HOST:PORT is required"),
+    (["--heartbeat-interval", "-1", "recipes/torch_ddp/train.py"], "heartbeat"),
+])
+def test_bad_launcher_input_is_one_line_and_exit_2(args, needle):
+    p = _run_cli(*args)
+    assert p.returncode == 2, p.stderr
+    lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and needle in lines[0], p.stderr
+
+
+def test_unreachable_controller_is_exit_2(tmp_path):
+    token = tmp_path / "token"
+    token.write_text("t" * 64)
+    t0 = time.time()
+    p = _run_cli("--nnodes", "2", "--node-rank", "1", "--controller", "127.0.0.1:9",
+                 "--token-file", str(token), "recipes/torch_ddp/train.py", timeout=120)
+    assert p.returncode == 2, p.stderr
+    assert "cannot reach the controller" in p.stderr and "--controller" in p.stderr
+    assert time.time() - t0 < 110
