@@ -1,0 +1,62 @@
+"""Shared by the benchmarks: running jobs, percentiles, tables, where results go."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results"
+
+
+def machine() -> dict:
+    return {"cpus": os.cpu_count(), "python": platform.python_version(),
+            "platform": platform.platform(), "date": time.strftime("%Y-%m-%d")}
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    v = sorted(values)
+    k = (len(v) - 1) * q
+    lo, hi = int(k), min(int(k) + 1, len(v) - 1)
+    return v[lo] + (v[hi] - v[lo]) * (k - lo)
+
+
+def summary(values: list[float]) -> dict:
+    return {"n": len(values), "p50": percentile(values, 0.5), "p95": percentile(values, 0.95),
+            "mean": statistics.fmean(values) if values else None}
+
+
+def run_fr_job(script: Path, args: list[str], *, nproc: int, inject: str | None, spares: int,
+               report: Path, extra: list[str] = (), timeout: float = 900) -> dict:
+    cmd = [sys.executable, "-m", "fr_megatron.cli", "run", "--nproc-per-node", str(nproc),
+           "--spares", str(spares), "--no-wandb", "--report", str(report), *extra]
+    if inject:
+        cmd += ["--inject", inject]
+    cmd += [str(script), *args]
+    p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    if p.returncode != 0 or not report.exists():
+        raise RuntimeError(f"job failed ({p.returncode}): {p.stderr[-2000:]}")
+    return json.loads(report.read_text())
+
+
+def table(rows: list[dict], cols: list[str]) -> str:
+    def fmt(v):
+        return f"{v:.3f}" if isinstance(v, float) else ("-" if v is None else str(v))
+    out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    out += ["| " + " | ".join(fmt(r.get(c)) for c in cols) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def write(name: str, data: dict) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps({"machine": machine(), **data}, indent=2))
+    return path
