@@ -1,0 +1,389 @@
+"""DeepSpeed (ZeRO stage 0, 1, 2) as the runtime sees it: state to copy, groups to rebuild.
+
+State. Under ZeRO-1/2 the module parameters are the same on every rank of the data-parallel
+group (ZeRO all-gathers them after each step), so they are ``replicated``; the fp32 master
+partition ``optimizer.single_partition_of_fp32_groups[i]`` and the inner optimizer's moments for it
+exist on this rank only, so they are ``unique``. Restoring copies both in place, which also makes
+the low-precision parameters (views into ZeRO's flat buffers) match without a collective, so a
+single rank can restore while its peers wait.
+
+Groups. DeepSpeed caches groups in many places (engine attributes, the ZeRO optimizer, an attribute
+on every parameter, ``deepspeed.utils.groups``). After the runtime has made a new default group,
+``rebuild`` recreates DeepSpeed's own groups in the order a fresh ``deepspeed.initialize`` creates
+them (so a replacement process that initialises from scratch pairs with the survivors), maps each
+old group to the new one with the same role or the same ranks, and rewrites every reference found
+by walking the object graph. A replacement that runs ``deepspeed.initialize`` from scratch also
+broadcasts the model from data-parallel rank 0; survivors meet it with ``mirror_fresh_init``.
+
+Order on a new generation: runtime destroys the world and joins ``gen{g}/``; survivors call
+``rebuild`` (which first calls ``rebuild_mpu`` when an mpu is used) and, if a replacement joins,
+``mirror_fresh_init``; the replacement builds its engine and receives its state via ``restore``.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import sys
+import types
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import torch
+import torch.distributed as dist
+
+from fr_megatron.config import FlashRecoveryConfig
+from fr_megatron.deepspeed import group_refs
+from fr_megatron.runtime.integration import Integration, RankState
+
+log = logging.getLogger(__name__)
+
+ProcessGroup = group_refs.ProcessGroup
+
+COUNTERS = ("global_steps", "global_samples", "micro_steps", "skipped_steps")
+
+# Zero-argument mpu getters whose groups the engine may cache (Megatron-style mpu objects).
+MPU_GETTERS = ("get_data_parallel_group", "get_model_parallel_group", "get_tensor_model_parallel_group",
+               "get_pipeline_model_parallel_group", "get_sequence_parallel_group",
+               "get_sequence_data_parallel_group")
+
+# deepspeed.utils.groups globals that hold one group each.
+DS_GROUP_GLOBALS = ("_WORLD_GROUP", "_DATA_PARALLEL_GROUP", "_MODEL_PARALLEL_GROUP",
+                    "_TENSOR_MODEL_PARALLEL_GROUP", "_ZERO_PARAM_INTRA_PARALLEL_GROUP")
+
+
+class UnsupportedEngine(NotImplementedError):
+    """The engine uses a DeepSpeed feature whose state or groups this integration cannot rebuild."""
+
+
+@dataclass
+class _Catalog:
+    """The groups in use, recorded while they are alive (their ranks cannot be read once destroyed)."""
+
+    ranks: dict[int, tuple[int, ...]] = field(default_factory=dict)     # id(pg) → global ranks
+    objects: dict[int, ProcessGroup] = field(default_factory=dict)      # id(pg) → pg
+    named: dict[str, ProcessGroup] = field(default_factory=dict)        # role → pg
+
+    def groups(self) -> list[ProcessGroup]:
+        return list(self.objects.values())
+
+
+def _ranks(pg: ProcessGroup) -> Optional[tuple[int, ...]]:
+    try:
+        return tuple(dist.get_process_group_ranks(pg))
+    except Exception:  # destroyed, or not registered in this world
+        return None
+
+
+class DeepSpeedIntegration(Integration):
+    """A DeepSpeed engine with ZeRO stage 0, 1 or 2.
+
+    ``mpu``: the model-parallel unit the engine was built with (Megatron-style); its data-parallel
+    group is the replica group. ``rebuild_mpu``: called first by ``rebuild`` to recreate the mpu's
+    groups on the new world (e.g. Megatron's parallel_state); without it the mpu is assumed to have
+    been rebuilt already by its own integration.
+    """
+
+    name = "deepspeed"
+
+    def __init__(self, engine, cfg: Optional[FlashRecoveryConfig] = None, mpu: Any = None,
+                 rebuild_mpu: Optional[Callable[[], None]] = None):
+        self.engine = engine
+        self.cfg = cfg if cfg is not None else FlashRecoveryConfig()
+        self.mpu = mpu if mpu is not None else getattr(engine, "mpu", None)
+        self.rebuild_mpu = rebuild_mpu
+        self.zero_stage = int(engine.zero_optimization_stage())
+        self._check_supported()
+        self._catalog = self._record()
+
+    # ---- what is supported ---------------------------------------------------------------
+    def _check_supported(self) -> None:
+        from deepspeed.runtime.pipe.engine import PipelineEngine
+        from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+        e = self.engine
+        problems = []
+        if self.zero_stage not in (0, 1, 2):
+            problems.append(f"ZeRO stage {self.zero_stage} (ZeRO-1 and ZeRO-2 are supported)")
+        if isinstance(e, PipelineEngine):
+            problems.append("DeepSpeed's PipelineEngine")
+        if getattr(e, "has_moe_layers", False):
+            problems.append("MoE layers (expert groups)")
+        if getattr(e, "sequence_parallel_size", 1) != 1:
+            problems.append("DeepSpeed sequence parallelism")
+        if callable(getattr(e, "autotp_size", None)) and (e.autotp_size() or 1) > 1:
+            problems.append("DeepSpeed AutoTP")
+        opt = e.optimizer
+        if self.zero_stage in (1, 2) and not isinstance(opt, DeepSpeedZeroOptimizer):
+            problems.append(f"optimizer wrapper {type(opt).__name__}")
+        if self.zero_stage == 0 and not isinstance(opt, torch.optim.Optimizer):
+            problems.append(f"stage-0 optimizer {type(opt).__name__} (stage 0 is supported with a plain "
+                            f"torch optimizer in fp32; use ZeRO-1 for fp16/bf16)")
+        if problems:
+            raise UnsupportedEngine("flash recovery cannot handle this DeepSpeed engine: "
+                                    + "; ".join(problems))
+
+    @property
+    def _zero(self) -> bool:
+        return self.zero_stage in (1, 2)
+
+    # ---- state ---------------------------------------------------------------------------
+    def replica_ranks(self) -> list[int]:
+        e = self.engine
+        group = getattr(e, "seq_data_parallel_group", None) or e.data_parallel_group
+        return list(dist.get_process_group_ranks(group))
+
+    def _inner_optimizer(self) -> torch.optim.Optimizer:
+        return self.engine.optimizer.optimizer if self._zero else self.engine.optimizer
+
+    def _optim_slots(self) -> list[tuple[str, torch.Tensor]]:
+        """(name prefix, optimizer parameter) pairs, stable across ranks and restarts."""
+        if self._zero:
+            partitions = self.engine.optimizer.single_partition_of_fp32_groups
+            return [(f"zero/{i}", p) for i, p in enumerate(partitions)]
+        params = [p for g in self.engine.optimizer.param_groups for p in g["params"]]
+        return [(f"optim/{j}", p) for j, p in enumerate(params)]
+
+    def capture(self) -> RankState:
+        e = self.engine
+        state = RankState()
+        for name, p in e.module.named_parameters():
+            state.replicated[f"param/{name}"] = p.data
+        opt_tensors = state.unique if self._zero else state.replicated
+        opt_scalars: dict[str, Any] = {}
+        inner = self._inner_optimizer()
+        for prefix, p in self._optim_slots():
+            if self._zero:
+                state.unique[f"{prefix}/fp32"] = p.data
+            for k, v in inner.state.get(p, {}).items():
+                if torch.is_tensor(v):
+                    opt_tensors[f"{prefix}/state/{k}"] = v
+                else:
+                    opt_scalars[f"{prefix}/state/{k}"] = v
+        meta: dict[str, Any] = {"counters": {k: getattr(e, k) for k in COUNTERS},
+                                "param_groups": [{k: v for k, v in g.items() if k != "params"}
+                                                 for g in inner.param_groups],
+                                "optim_scalars": opt_scalars}
+        if e.lr_scheduler is not None and hasattr(e.lr_scheduler, "state_dict"):
+            meta["lr_scheduler"] = e.lr_scheduler.state_dict()
+        scaler = getattr(e.optimizer, "loss_scaler", None)
+        if scaler is not None:
+            meta["loss_scaler"] = {k: v for k, v in vars(scaler).items()
+                                   if isinstance(v, (int, float, bool, str, type(None)))}
+        state.meta = copy.deepcopy(meta)
+        return state
+
+    def _check_compatible(self, live: RankState, state: RankState) -> None:
+        """Refuse a state that does not fit this engine before changing anything."""
+        errors = []
+        for part in ("replicated", "unique"):
+            have, want = getattr(live, part), getattr(state, part)
+            missing = [k for k in have if k not in want]
+            extra = [k for k in want if k not in have and "/state/" not in k]
+            if missing:
+                errors.append(f"{part}: missing {missing[:5]}{'...' if len(missing) > 5 else ''}")
+            if extra:
+                errors.append(f"{part}: unknown {extra[:5]}{'...' if len(extra) > 5 else ''}")
+            for k, t in have.items():
+                s = want.get(k)
+                if s is not None and (s.shape != t.shape or s.dtype != t.dtype):
+                    errors.append(f"{part}[{k}]: {tuple(s.shape)} {s.dtype} does not fit "
+                                  f"{tuple(t.shape)} {t.dtype}")
+        if errors:
+            raise ValueError("DeepSpeed state does not fit this engine: " + "; ".join(errors))
+
+    def restore(self, state: RankState) -> None:
+        e = self.engine
+        live = self.capture()
+        self._check_compatible(live, state)
+        inner = self._inner_optimizer()
+        slots = dict(self._optim_slots())
+        with torch.no_grad():
+            for part in ("replicated", "unique"):
+                have, want = getattr(live, part), getattr(state, part)
+                for k, src in want.items():
+                    if k in have:
+                        have[k].copy_(src)
+                    else:  # optimizer state not created yet here (e.g. a fresh replacement)
+                        prefix, _, key = k.rpartition("/state/")
+                        inner.state[slots[prefix]][key] = src.detach().clone()
+        meta = copy.deepcopy(state.meta)
+        for k, v in meta.get("optim_scalars", {}).items():
+            prefix, _, key = k.rpartition("/state/")
+            inner.state[slots[prefix]][key] = v
+        for k, v in meta.get("counters", {}).items():
+            setattr(e, k, v)
+        for group, saved in zip(inner.param_groups, meta.get("param_groups", [])):
+            group.update(saved)
+        if "lr_scheduler" in meta and e.lr_scheduler is not None:
+            e.lr_scheduler.load_state_dict(meta["lr_scheduler"])
+        scaler = getattr(e.optimizer, "loss_scaler", None)
+        if scaler is not None:
+            for k, v in meta.get("loss_scaler", {}).items():
+                setattr(scaler, k, v)
+
+    # ---- groups --------------------------------------------------------------------------
+    def _roots(self) -> dict[str, Any]:
+        from deepspeed.comm import comm as ds_comm
+        from deepspeed.utils import groups as ds_groups
+
+        roots: dict[str, Any] = {"engine": self.engine, "deepspeed.utils.groups": ds_groups,
+                                 "deepspeed.comm": ds_comm}
+        sp = sys.modules.get("deepspeed.runtime.sequence_parallel.parallel_state_sp")
+        if sp is not None:
+            roots[sp.__name__] = sp
+        if self.mpu is not None and not isinstance(self.mpu, types.ModuleType):
+            roots["mpu"] = self.mpu
+        return roots
+
+    @staticmethod
+    def _walk_skip() -> tuple:
+        """Not walked: integrations (they keep the old groups on purpose) and data loaders (large,
+        and they hold no groups)."""
+        from deepspeed.runtime.dataloader import DeepSpeedDataLoader, RepeatingLoader
+
+        return (Integration, DeepSpeedDataLoader, RepeatingLoader)
+
+    def _named_groups(self) -> dict[str, ProcessGroup]:
+        """Groups by role: the default group, DeepSpeed's module-level groups, the mpu's groups."""
+        from deepspeed.utils import groups as ds_groups
+
+        named: dict[str, ProcessGroup] = {}
+        if dist.is_initialized() and isinstance(dist.group.WORLD, ProcessGroup):
+            named["WORLD"] = dist.group.WORLD
+        for k in DS_GROUP_GLOBALS:
+            v = getattr(ds_groups, k, None)
+            if isinstance(v, ProcessGroup):
+                named[f"ds.{k}"] = v
+        for k, v in getattr(ds_groups, "_ALL_TO_ALL_GROUP", {}).items():
+            named[f"ds._ALL_TO_ALL_GROUP[{k}]"] = v
+        if self.mpu is not None:
+            for getter in MPU_GETTERS:
+                fn = getattr(self.mpu, getter, None)
+                if not callable(fn):
+                    continue
+                try:
+                    v = fn()
+                except Exception:  # not initialised / not applicable for this mpu
+                    continue
+                if isinstance(v, ProcessGroup):
+                    named[f"mpu.{getter}"] = v
+        return named
+
+    def _record(self) -> _Catalog:
+        prev = getattr(self, "_catalog", None)
+        cat = _Catalog(named=self._named_groups())
+        refs = group_refs.find(self._roots(), self._walk_skip())
+        for pg in list(cat.named.values()) + [pg for _, pg in refs]:
+            r = _ranks(pg)
+            if r is None and prev is not None:
+                r = prev.ranks.get(id(pg))
+            if r is not None:
+                cat.ranks[id(pg)] = r
+                cat.objects[id(pg)] = pg
+        return cat
+
+    def group_references(self) -> list[tuple[str, tuple[int, ...]]]:
+        """(where, global ranks) of every group reference the engine and DeepSpeed hold."""
+        return [(path, _ranks(pg) or self._catalog.ranks.get(id(pg), ()))
+                for path, pg in group_refs.find(self._roots(), self._walk_skip())]
+
+    def teardown(self) -> None:
+        """Record the groups in use (ranks are unreadable once destroyed) and drop DeepSpeed's
+        module-level caches so nothing creates work on the old world."""
+        self._catalog = self._record()
+        self._clear_ds_caches()
+
+    @staticmethod
+    def _clear_ds_caches() -> None:
+        from deepspeed.utils import groups as ds_groups
+
+        ds_groups._WORLD_GROUP = None
+        getattr(ds_groups, "_ALL_TO_ALL_GROUP", {}).clear()
+
+    def _recreate_ds_groups(self, old: _Catalog) -> None:
+        """Create DeepSpeed's own groups the way ``DeepSpeedEngine._configure_distributed_model``
+        does, in the same order, so the group-name counter matches a freshly started rank."""
+        from deepspeed.utils import groups as ds_groups
+
+        had_a2a = any(k.startswith("ds._ALL_TO_ALL_GROUP") for k in old.named)
+        had_world_clone = "ds._WORLD_GROUP" in old.named
+        self._clear_ds_caches()
+        if self.mpu is not None:
+            ds_groups.mpu = self.mpu
+        if had_a2a:
+            ds_groups._get_local_all_to_all_group()
+        if had_world_clone:
+            ds_groups._clone_world_group()
+
+    def _new_groups(self, old: _Catalog) -> dict[str, ProcessGroup]:
+        """The groups of the new world by role; refuses an mpu that still hands out old groups."""
+        named = self._named_groups()
+        stale = [name for name, pg in named.items() if _ranks(pg) is None or id(pg) in old.objects]
+        if stale:
+            raise RuntimeError(
+                f"flash recovery: {', '.join(stale)} still return groups of the old world; rebuild the "
+                f"mpu first (pass rebuild_mpu, or rebuild Megatron's parallel_state before DeepSpeed)")
+        return named
+
+    def _old_to_new(self, old: _Catalog, new_named: dict[str, ProcessGroup]) -> dict[int, ProcessGroup]:
+        """id(old group) → new group: same role if the old one had a role, else same ranks."""
+        by_ranks: dict[tuple[int, ...], ProcessGroup] = {}
+        for name, pg in sorted(new_named.items(), key=lambda kv: kv[0] == "WORLD"):  # WORLD last
+            by_ranks.setdefault(_ranks(pg), pg)
+        mapping: dict[int, ProcessGroup] = {}
+        for name, pg in old.named.items():
+            new = new_named.get(name)
+            if new is not None and _ranks(new) == old.ranks.get(id(pg)):
+                mapping[id(pg)] = new
+        for key, ranks in old.ranks.items():
+            if key not in mapping and ranks in by_ranks:
+                mapping[key] = by_ranks[ranks]
+        return mapping
+
+    def rebuild(self) -> None:
+        old = self._catalog
+        if self.mpu is not None and self.rebuild_mpu is not None:
+            self.rebuild_mpu()
+        self._recreate_ds_groups(old)
+        new_named = self._new_groups(old)
+        mapping = self._old_to_new(old, new_named)
+        unmapped: list[str] = []
+
+        def fix(pg: ProcessGroup, path: str) -> Optional[ProcessGroup]:
+            if id(pg) in mapping:
+                return mapping[id(pg)]
+            if _ranks(pg) is None:  # neither new nor alive: a group we never recorded
+                unmapped.append(f"{path} (ranks {old.ranks.get(id(pg), 'unknown')})")
+            return None
+
+        changed = group_refs.rebind(self._roots(), fix, self._walk_skip())
+        if unmapped:
+            raise RuntimeError("flash recovery: no new group for these cached DeepSpeed groups: "
+                               + "; ".join(unmapped))
+        self._catalog = self._record()
+        left = self.old_group_references(old.groups())
+        if left:
+            raise RuntimeError(f"flash recovery: {left} references to old process groups remain after "
+                               f"rebuild")
+        log.info("deepspeed: rebuilt groups, rebound %d references", len(changed))
+        log.debug("deepspeed: rebound %s", changed)
+
+    def mirror_fresh_init(self) -> None:
+        """On a survivor, after ``rebuild``: issue the collectives that ``deepspeed.initialize``
+        issues in a freshly started replacement once its groups exist, so the two meet.
+
+        In DeepSpeed 0.19.8 (ZeRO 0-2) that is ``DeepSpeedEngine._broadcast_model``: one broadcast
+        per parameter from data-parallel rank 0. When the replacement is data-parallel rank 0 it
+        broadcasts its initial parameters, so this rank's values are put back afterwards; the
+        replacement then receives its state through ``restore``.
+        """
+        params = [p for _, p in self.engine.module.named_parameters()]
+        keep = [p.data.clone() for p in params]
+        self.engine._broadcast_model()
+        with torch.no_grad():
+            for p, k in zip(params, keep):
+                p.data.copy_(k)
+
+    def old_group_references(self, old_groups: list[Any]) -> int:
+        return group_refs.count(self._roots(), old_groups, self._walk_skip())
