@@ -203,16 +203,20 @@ class NodeAgent:
     def _plan_watch(self):
         """Acts on each new generation's plan: replace this node's faulty ranks, nothing else."""
         watcher = connect(self.host, self.port)
+        rejected: set[bytes] = set()
         while not self._done.is_set():
             g = self.generation + 1
-            if not wait_key(watcher, keys.plan(g), 1.0):
+            if not wait_key(watcher, keys.plan(g), 1.0) or watcher.check([keys.DONE]):
                 if watcher.check([keys.DONE]):
                     self._done.set()
                 continue
+            raw = watcher.get(keys.plan(g))
             try:
-                plan = self.signer.verify(watcher.get(keys.plan(g)))
+                plan = self.signer.verify(raw)
             except AuthError as e:
-                log.error("node=%d rejected plan for generation %d: %s", self.node, g, e)
+                if raw not in rejected:  # a forged plan is logged once, then waited out
+                    rejected.add(raw)
+                    log.error("node=%d rejected plan for generation %d: %s", self.node, g, e)
                 time.sleep(0.2)
                 continue
             self.generation = g

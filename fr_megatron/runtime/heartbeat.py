@@ -64,17 +64,21 @@ class PlanMonitor(threading.Thread):
         self._halt = threading.Event()
         self.latest: dict | None = None
         self._seen = -1
+        self._rejected: bytes | None = None
 
     def run(self) -> None:
         while not self._halt.is_set():
             g = max(self.current(), self._seen) + 1
             if not wait_key(self.store, keys.plan(g), 1.0):
                 continue
+            raw = self.store.get(keys.plan(g))
             try:
-                plan = self.signer.verify(self.store.get(keys.plan(g)))
+                plan = self.signer.verify(raw)
             except AuthError as e:
-                log.error("rejected plan for generation %d: %s", g, e)
-                time.sleep(0.5)
+                if raw != self._rejected:  # a forged plan is logged once, then waited out
+                    self._rejected = raw
+                    log.error("rejected plan for generation %d: %s", g, e)
+                time.sleep(0.2)
                 continue
             self._seen = g
             self.latest = plan
