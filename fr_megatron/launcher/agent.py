@@ -26,6 +26,7 @@ from ..config import FlashRecoveryConfig
 from ..protocol import keys
 from ..protocol.auth import AuthError, Signer
 from ..protocol.store import connect, wait_key
+from .spare import DEFAULT_PRELOAD
 
 log = logging.getLogger("fr_megatron.agent")
 
@@ -52,7 +53,7 @@ class NodeAgent:
     def __init__(self, *, node_rank: int, nnodes: int, nproc: int, controller: tuple[str, int],
                  token: bytes, token_file: str, cfg: FlashRecoveryConfig, script: str,
                  script_args: list[str], spares: int, inject: Optional[str] = None,
-                 preload: str = "torch,torch.distributed", python: str = sys.executable,
+                 preload: str = DEFAULT_PRELOAD, python: str = sys.executable,
                  extra_env: Optional[dict] = None):
         self.node, self.nnodes, self.nproc = node_rank, nnodes, nproc
         self.world_size = nnodes * nproc

@@ -59,7 +59,8 @@ class Fault:
     decision_t: Optional[float] = None
     new_generation: Optional[int] = None
     replacement: Optional[str] = None
-    replacement_t: Optional[float] = None
+    replacement_t: Optional[float] = None   # the agent handed the rank to a process
+    joined_t: Optional[float] = None        # that process joined the new generation's world
 
 
 @dataclass
@@ -227,6 +228,11 @@ class Controller:
                                 f.replacement, f.replacement_t = ev["how"], ev["ts"]
                 self.journal.write("replacement_started", generation=ev["generation"],
                                    rank=ev["rank"], how=ev["how"], pid=ev.get("pid"))
+            elif kind == "joined":
+                for rec in self.recoveries:
+                    for f in rec.faults:
+                        if rec.generation == ev["generation"] and f.rank == ev["rank"]:
+                            f.joined_t = ev["ts"]
             elif kind == "recovered":
                 for rec in self.recoveries:
                     if rec.generation == ev["generation"]:
@@ -344,8 +350,10 @@ class Controller:
                          "generation": rec.generation,
                          "detect_s": round(rec.decision_t - f.fault_t, 4),
                          "replacement": f.replacement,
-                         "replacement_join_s": round(f.replacement_t - rec.decision_t, 4)
-                         if f.replacement_t else None}
+                         "replacement_start_s": round(f.replacement_t - rec.decision_t, 4)
+                         if f.replacement_t else None,
+                         "replacement_join_s": round(f.joined_t - rec.decision_t, 4)
+                         if f.joined_t else None}
                 if s:
                     entry.update({"recovery_s": round(s["first_step_t"] - f.fault_t, 4),
                                   "phases": {"detect": entry["detect_s"],

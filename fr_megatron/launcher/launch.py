@@ -12,6 +12,7 @@ import threading
 from ..config import ConfigError, FlashRecoveryConfig, parse_address
 from ..protocol.auth import TOKEN_ENV, new_token, read_token, write_token_file
 from ..runtime.inject import InjectSpecError, parse as parse_inject
+from .spare import DEFAULT_PRELOAD
 
 log = logging.getLogger("fr_megatron.launch")
 
@@ -38,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"job token file shared by all nodes (default: generated; also ${TOKEN_ENV})")
     p.add_argument("--heartbeat-interval", type=float, default=None)
     p.add_argument("--hang-timeout", default=None, help="seconds, or 'auto'")
-    p.add_argument("--preload", default="torch,torch.distributed",
+    p.add_argument("--preload", default=DEFAULT_PRELOAD,
                    help="modules a warm spare imports before it is needed")
     p.add_argument("--no-wandb", action="store_true", help="do not log recovery events to wandb")
     p.add_argument("script")

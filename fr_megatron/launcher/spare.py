@@ -15,6 +15,9 @@ import runpy
 import sys
 
 
+DEFAULT_PRELOAD = "torch,torch.distributed,fr_megatron.runtime"
+
+
 def preload(modules: str) -> None:
     for name in filter(None, (m.strip() for m in modules.split(","))):
         try:
@@ -24,7 +27,7 @@ def preload(modules: str) -> None:
 
 
 def main() -> None:
-    preload(os.environ.get("FR_SPARE_PRELOAD", "torch,torch.distributed"))
+    preload(os.environ.get("FR_SPARE_PRELOAD", DEFAULT_PRELOAD))
     line = sys.stdin.readline()
     if not line.strip():
         return  # the agent closed our stdin: the job is over

@@ -169,6 +169,8 @@ class Session:
         self.comms.init_world(self.generation)
         log.info("rank=%d generation=%d joined world of %d (%s)%s", self.rank, self.generation,
                  self.world_size, backend, " as replacement" if self.replacement else "")
+        if self.replacement:
+            self.send("joined", generation=self.generation, pid=os.getpid())
 
     def attach(self, integration: Integration) -> None:
         """Hand the runtime the framework's state; builds the runtime's own groups."""
