@@ -1,0 +1,356 @@
+"""The runtime's view of a megatron-core job (see ``fr_megatron.runtime.integration``).
+
+State split, for megatron-core 0.16.1 with the DistributedOptimizer:
+
+* ``replicated``: every model parameter and buffer of every model chunk (``param.data``). They are
+  views into DDP's param buffer and bit-identical across the data-parallel group *with* context
+  parallelism (the group the DistributedOptimizer shards over and all-gathers params in). With fp32
+  params the optimizer's "main params" are views into these same tensors
+  (``DistributedOptimizer.shard_fp32_groups``), so they are covered here.
+* ``unique``: what the DistributedOptimizer holds for its shard only: the inner torch optimizer's
+  ``state[shard_param]`` (``exp_avg``, ``exp_avg_sq``, ``step``) for every shard param of
+  ``optimizer.optimizer.param_groups``, and with 16-bit params the fp32 master shards
+  ``optimizer.shard_fp32_from_float16_groups``.
+* ``meta``: CPU RNG state and the RNG tracker's named states, the LR scheduler, the inner
+  optimizer's param-group hyper-parameters (lr, wd, ...), the grad scaler, and the progress
+  counters (``iteration``, ``consumed_samples``) of the object passed as ``progress``.
+
+Groups: ``teardown``/``rebuild`` replay ``initialize_model_parallel`` through
+``parallel_state_hook`` (install it before that call, in every process, survivors and replacements
+alike), rebind every cached group (``rebind``) and retire the old ones. A replacement process
+builds its model and optimizer inside ``construction_without_peers()``, because megatron-core
+communicates while it builds and the survivors are not there to answer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import pickle
+import time
+from typing import Any, Iterable
+
+import torch
+import torch.distributed as dist
+from torch.distributed import distributed_c10d as c10d
+
+from fr_megatron.megatron import parallel_state_hook, rebind
+from fr_megatron.runtime.integration import Integration, RankState
+
+logger = logging.getLogger(__name__)
+
+
+class _DoneWork:
+    def wait(self, *args, **kwargs):
+        return True
+
+    def is_completed(self):
+        return True
+
+
+def _as_work(async_op):
+    return _DoneWork() if async_op else None
+
+
+@contextlib.contextmanager
+def construction_without_peers():
+    """Build a replacement's model and optimizer while its peers are not in the same code.
+
+    megatron-core 0.16.1 communicates while it builds: ``get_megatron_optimizer`` all-gathers the
+    param-group keys over the whole world, GPTModel all-reduces the tied embedding over the
+    embedding group when PP > 1, ``DDP.broadcast_params`` broadcasts over DP. A replacement process
+    builds its job while the survivors (which keep theirs) wait for it in the runtime, so those
+    collectives would never be matched and the recovery would hang. Inside this context they are
+    answered locally, as if every peer held this rank's values: gathers return copies of the local
+    object, reductions and broadcasts leave tensors as they are. The values they would have
+    produced are overwritten by ``MegatronIntegration.restore``; the structure they decide (e.g.
+    the optimizer's param groups) must not depend on the peers, which holds when every rank has
+    the same kinds of params (a dense GPT). Process-wide while active: build on one thread.
+    """
+    import torch.distributed as tdist
+
+    def all_gather_object(object_list, obj, group=None):
+        blob = pickle.dumps(obj)
+        for i in range(len(object_list)):
+            object_list[i] = pickle.loads(blob)
+
+    def all_gather(tensor_list, tensor, group=None, async_op=False):
+        for t in tensor_list:
+            t.copy_(tensor)
+        return _as_work(async_op)
+
+    def all_gather_into_tensor(output_tensor, input_tensor, group=None, async_op=False):
+        output_tensor.view(-1, input_tensor.numel()).copy_(input_tensor.reshape(1, -1))
+        return _as_work(async_op)
+
+    def unchanged(*args, async_op=False, **kwargs):
+        return _as_work(async_op)
+
+    fakes = {
+        "all_gather_object": all_gather_object,
+        "all_gather": all_gather,
+        "all_gather_into_tensor": all_gather_into_tensor,
+        "all_reduce": unchanged,
+        "broadcast": unchanged,
+        "broadcast_object_list": unchanged,
+        "barrier": unchanged,
+    }
+    saved = {name: getattr(tdist, name) for name in fakes}
+    try:
+        for name, fake in fakes.items():
+            setattr(tdist, name, fake)
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(tdist, name, fn)
+
+
+def _sub_optimizers(optimizer) -> list:
+    """The MegatronOptimizers inside ``optimizer`` (itself, or a ChainedOptimizer's members)."""
+    return list(getattr(optimizer, "chained_optimizers", None) or [optimizer])
+
+
+def _ensure_adam_state(inner: torch.optim.Optimizer) -> None:
+    """Create torch Adam/AdamW state as its first ``step`` would, so names and shapes exist early.
+
+    A DistributedOptimizer's state is empty until its first step (megatron's ``init_state_fn``
+    creates moments but no ``step``, which torch's Adam then trips over).
+    """
+    if not isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)):
+        return
+    for group in inner.param_groups:
+        for p in group["params"]:
+            state = inner.state[p]
+            if "step" in state and "exp_avg" in state:
+                continue
+            if group.get("capturable") or group.get("fused"):
+                step = torch.zeros((), dtype=torch.float32, device=p.device)
+            else:
+                step = torch.tensor(0.0, dtype=torch.get_default_dtype())
+            state.setdefault("step", step)
+            state.setdefault("exp_avg", torch.zeros_like(p, memory_format=torch.preserve_format))
+            state.setdefault("exp_avg_sq", torch.zeros_like(p, memory_format=torch.preserve_format))
+            if group.get("amsgrad"):
+                state.setdefault(
+                    "max_exp_avg_sq", torch.zeros_like(p, memory_format=torch.preserve_format)
+                )
+
+
+class MegatronIntegration(Integration):
+    """A megatron-core job: DDP-wrapped model chunks, a Chained/DistributedOptimizer, scheduler."""
+
+    name = "megatron"
+
+    def __init__(
+        self,
+        model: list[torch.nn.Module] | torch.nn.Module,
+        optimizer,
+        scheduler=None,
+        progress: Any = None,
+        progress_attrs: Iterable[str] = ("iteration", "consumed_samples"),
+        extra_roots: Iterable[Any] = (),
+    ):
+        self.model = list(model) if isinstance(model, (list, tuple)) else [model]
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.progress = progress
+        self.progress_attrs = tuple(progress_attrs)
+        self.extra_roots = list(extra_roots)
+        self._old_roles: dict[str, dist.ProcessGroup] = {}
+        self._old_groups: list[dist.ProcessGroup] = []
+        self._retire: list[dist.ProcessGroup] = []
+        self._world = c10d._get_default_group() if dist.is_initialized() else None
+        self.last_rebuild: dict[str, float] = {}
+        parallel_state_hook.install()
+        if parallel_state_hook.recorded_call() is None:
+            raise RuntimeError(
+                "parallel_state.initialize_model_parallel was called before "
+                "parallel_state_hook.install(); call install() first or record_call(...)"
+            )
+
+    @classmethod
+    def from_job(cls, job) -> "MegatronIntegration":
+        """For ``fr_megatron.megatron.model.TinyGPTJob``-like objects."""
+        return cls(job.model, job.optimizer, job.scheduler, progress=job)
+
+    # ------------------------------------------------------------------ state
+
+    def replica_ranks(self) -> list[int]:
+        from megatron.core import parallel_state
+
+        group = parallel_state.get_data_parallel_group(with_context_parallel=True)
+        return dist.get_process_group_ranks(group)
+
+    def capture(self) -> RankState:
+        state = RankState()
+        for i, chunk in enumerate(self.model):
+            for name, p in chunk.named_parameters():
+                state.replicated[f"model{i}/param/{name}"] = p.data
+            for name, b in chunk.named_buffers():
+                state.replicated[f"model{i}/buffer/{name}"] = b
+        for k, opt in enumerate(_sub_optimizers(self.optimizer)):
+            inner = getattr(opt, "optimizer", None)
+            if inner is None:  # a rank with no trainable params in this sub-optimizer
+                continue
+            _ensure_adam_state(inner)
+            for g, group in enumerate(inner.param_groups):
+                for j, p in enumerate(group["params"]):
+                    for key, value in inner.state[p].items():
+                        if torch.is_tensor(value):
+                            state.unique[f"optim{k}/group{g}/param{j}/{key}"] = value
+            for g, shards in enumerate(getattr(opt, "shard_fp32_from_float16_groups", []) or []):
+                for j, shard in enumerate(shards):
+                    if shard is not None:
+                        state.unique[f"optim{k}/main{g}/param{j}"] = shard
+        state.meta = self._capture_meta()
+        return state
+
+    def _capture_meta(self) -> dict[str, Any]:
+        from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+        meta: dict[str, Any] = {
+            "rng_cpu": torch.get_rng_state(),
+            "rng_tracker": {k: v.clone() for k, v in get_cuda_rng_tracker().get_states().items()},
+        }
+        if torch.cuda.is_available():
+            meta["rng_cuda"] = torch.cuda.get_rng_state()
+        groups = []
+        for opt in _sub_optimizers(self.optimizer):
+            inner = getattr(opt, "optimizer", None)
+            groups.append(
+                [{k: v for k, v in g.items() if k != "params"} for g in inner.param_groups]
+                if inner is not None
+                else []
+            )
+            scaler = getattr(opt, "grad_scaler", None)
+            if scaler is not None:
+                meta.setdefault("grad_scalers", []).append(scaler.state_dict())
+        meta["param_groups"] = groups
+        if self.scheduler is not None:
+            meta["scheduler"] = self.scheduler.state_dict()
+        if self.progress is not None:
+            meta["progress"] = {
+                a: getattr(self.progress, a)
+                for a in self.progress_attrs
+                if hasattr(self.progress, a)
+            }
+        return meta
+
+    def restore(self, state: RankState) -> None:
+        live = self.capture()
+        missing = (set(live.replicated) - set(state.replicated)) | (
+            set(live.unique) - set(state.unique)
+        )
+        if missing:
+            raise KeyError(f"restore: state lacks {sorted(missing)[:5]} ({len(missing)} keys)")
+        with torch.no_grad():
+            for part, src in ((live.replicated, state.replicated), (live.unique, state.unique)):
+                for key, dst in part.items():
+                    if dst.shape != src[key].shape or dst.dtype != src[key].dtype:
+                        raise ValueError(
+                            f"restore: {key} is {src[key].dtype}{tuple(src[key].shape)}, "
+                            f"live is {dst.dtype}{tuple(dst.shape)}"
+                        )
+                    dst.copy_(src[key])
+        self._restore_meta(state.meta)
+
+    def _restore_meta(self, meta: dict[str, Any]) -> None:
+        from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+        if "rng_cpu" in meta:
+            torch.set_rng_state(meta["rng_cpu"])
+        if "rng_tracker" in meta:
+            states = {k: v.clone() for k, v in meta["rng_tracker"].items()}
+            get_cuda_rng_tracker().set_states(states)
+        if "rng_cuda" in meta and torch.cuda.is_available():
+            torch.cuda.set_rng_state(meta["rng_cuda"])
+        if self.scheduler is not None and "scheduler" in meta:
+            # load_state_dict() *adds* the saved step count to the current one.
+            self.scheduler.num_steps = 0
+            self.scheduler.load_state_dict(meta["scheduler"])
+        scalers = iter(meta.get("grad_scalers", []))
+        for opt, groups in zip(_sub_optimizers(self.optimizer), meta.get("param_groups", [])):
+            inner = getattr(opt, "optimizer", None)
+            if inner is not None:
+                for live, saved in zip(inner.param_groups, groups):
+                    live.update(saved)
+            if getattr(opt, "grad_scaler", None) is not None:
+                opt.grad_scaler.load_state_dict(next(scalers))
+        for attr, value in meta.get("progress", {}).items():
+            setattr(self.progress, attr, value)
+
+    # ------------------------------------------------------------------ groups
+
+    def roots(self) -> list[Any]:
+        """Everything that may cache a group: the model chunks, optimizer, scheduler, extra roots
+        and megatron-core's module namespaces (module-level caches)."""
+        roots: list[Any] = [self.model, self.optimizer]
+        if self.scheduler is not None:
+            roots.append(self.scheduler)
+        return roots + self.extra_roots + rebind.megatron_module_roots()
+
+    def teardown(self) -> None:
+        """Remember the old groups by role, then drop megatron's parallel state.
+
+        Works before or after the runtime destroyed the old world: megatron's groups are read
+        from parallel_state, the old default group from the world if it still exists, else from
+        the last build.
+        """
+        t0 = time.perf_counter()
+        roles = parallel_state_hook.group_roles()
+        if dist.is_initialized():
+            self._world = c10d._get_default_group()
+        if self._world is not None:
+            roles["WORLD"] = self._world
+        self._old_roles = roles
+        # Retire what megatron held; count references to every group of the old world.
+        self._retire = _unique(roles.values())
+        world_groups = list(c10d._world.pg_map) if dist.is_initialized() else []
+        self._old_groups = _unique([*roles.values(), *world_groups])
+        parallel_state_hook.teardown()
+        self.last_rebuild = {"teardown_s": time.perf_counter() - t0}
+
+    def rebuild(self) -> None:
+        """Rebuild parallel_state on the new world, rebind, retire the old groups, check."""
+        if not self._old_roles:
+            raise RuntimeError("rebuild() without a preceding teardown()")
+        t0 = time.perf_counter()
+        parallel_state_hook.rebuild_model_parallel()
+        self._world = c10d._get_default_group()
+        t1 = time.perf_counter()
+        mapping = rebind.build_group_map(self._old_roles, parallel_state_hook.group_roles())
+        roots = self.roots()
+        replaced = rebind.rebind(roots, mapping)
+        t2 = time.perf_counter()
+        retired = rebind.retire_groups(self._retire, "fr_megatron: group of a previous generation")
+        stale = rebind.count_old_group_references(roots, self._old_groups)
+        t3 = time.perf_counter()
+        self.last_rebuild.update(
+            initialize_model_parallel_s=t1 - t0,
+            rebind_s=t2 - t1,
+            retire_and_check_s=t3 - t2,
+            references_replaced=replaced,
+            groups_retired=retired,
+        )
+        logger.info("megatron rebuild: %s", self.last_rebuild)
+        if stale:
+            raise RuntimeError(f"{stale} references to old process groups survived the rebind")
+
+    @property
+    def old_groups(self) -> list[dist.ProcessGroup]:
+        """The groups of the world before the last teardown (megatron's are retired by rebuild)."""
+        return list(self._old_groups)
+
+    def old_group_references(self, old_groups: list[Any] | None = None) -> int:
+        """References from the job's objects to ``old_groups`` and the groups seen at teardown."""
+        return rebind.count_old_group_references(
+            self.roots(), _unique([*self._old_groups, *(old_groups or [])])
+        )
+
+
+def _unique(groups: Iterable[Any]) -> list[dist.ProcessGroup]:
+    seen: dict[int, dist.ProcessGroup] = {}
+    for g in groups:
+        if isinstance(g, dist.ProcessGroup):
+            seen.setdefault(id(g), g)
+    return list(seen.values())

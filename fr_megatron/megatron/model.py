@@ -1,0 +1,269 @@
+"""A tiny, deterministic megatron-core GPT training job (TP x PP x DP, DistributedOptimizer).
+
+It is the workload the recovery machinery is tested and demonstrated on: megatron-core's own
+GPTModel (local layer spec, CPU initialisation), megatron DDP, the DistributedOptimizer (Adam;
+fp32, or bf16 with fp32 main params) and the pipeline schedules, driven by synthetic data that is
+a pure function of (step, micro-batch, data-parallel rank), so that a step redone after a
+recovery sees exactly the same micro-batches and two runs with the same seed are bit-identical.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from fr_megatron.megatron import parallel_state_hook
+from fr_megatron.megatron.cpu import enable_cpu_mode
+
+@dataclass
+class TinyGPTConfig:
+    """Sizes and hyper-parameters of the tiny job; ``num_layers`` must divide by ``pp``."""
+
+    tp: int = 1
+    pp: int = 1
+    num_layers: int = 2
+    hidden_size: int = 32
+    num_attention_heads: int = 4
+    ffn_hidden_size: int = 64
+    vocab_size: int = 64
+    seq_length: int = 16
+    micro_batch_size: int = 2
+    num_microbatches: int = 2
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    lr_warmup_steps: int = 2
+    lr_decay_steps: int = 50
+    weight_decay: float = 0.01
+    clip_grad: float = 1.0
+    dropout: float = 0.1
+    seed: int = 1234
+    bf16: bool = False  # bf16 params with fp32 main params in the DistributedOptimizer
+    extra_init_kwargs: dict = field(default_factory=dict)  # more initialize_model_parallel kwargs
+
+
+def initialize_parallel(cfg: TinyGPTConfig) -> None:
+    """CPU mode (if no CUDA), the parallel_state hook, megatron groups and the RNG seeds."""
+    from megatron.core import parallel_state
+
+    enable_cpu_mode()
+    parallel_state_hook.install()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=cfg.tp,
+        pipeline_model_parallel_size=cfg.pp,
+        **cfg.extra_init_kwargs,
+    )
+    seed_rngs(cfg)
+
+
+def seed_rngs(cfg: TinyGPTConfig) -> None:
+    """Seed the CPU generator and megatron's RNG tracker as Megatron-LM does.
+
+    One seed per pipeline stage, the same across TP and DP ranks (so CPU-initialised TP weights
+    agree before they are split). Calling it again before building a new job replays the run.
+    """
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    seed = cfg.seed + 100 * parallel_state.get_pipeline_model_parallel_rank()
+    torch.manual_seed(seed)
+    model_parallel_cuda_manual_seed(seed)
+
+
+def _transformer_config(cfg: TinyGPTConfig):
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    dtype = torch.bfloat16 if cfg.bf16 else torch.float32
+    return TransformerConfig(
+        num_layers=cfg.num_layers,
+        hidden_size=cfg.hidden_size,
+        num_attention_heads=cfg.num_attention_heads,
+        ffn_hidden_size=cfg.ffn_hidden_size,
+        tensor_model_parallel_size=cfg.tp,
+        pipeline_model_parallel_size=cfg.pp,
+        pipeline_dtype=dtype,
+        params_dtype=dtype,
+        bf16=cfg.bf16,
+        use_cpu_initialization=True,
+        hidden_dropout=cfg.dropout,
+        attention_dropout=cfg.dropout,
+        bias_dropout_fusion=False,
+        gradient_accumulation_fusion=False,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        apply_rope_fusion=False,
+        deallocate_pipeline_outputs=False,
+    )
+
+
+class TinyGPTJob:
+    """Model chunks (DDP-wrapped), DistributedOptimizer, LR scheduler and ``train_step``.
+
+    Call ``initialize_parallel`` first. ``iteration`` counts finished steps. A replacement
+    process passes ``replacement=True``: it builds without its peers (see
+    ``integration.construction_without_peers``) and then gets its state restored.
+    """
+
+    def __init__(self, cfg: TinyGPTConfig, replacement: bool = False):
+        from fr_megatron.megatron.integration import construction_without_peers
+
+        with construction_without_peers() if replacement else contextlib.nullcontext():
+            self._build(cfg)
+        self.iteration = 0
+        self.consumed_samples = 0
+
+    def _build(self, cfg: TinyGPTConfig) -> None:
+        from megatron.core import parallel_state
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+        from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+        from megatron.core.models.gpt import GPTModel
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+        from megatron.core.transformer.module import Float16Module
+
+        if cfg.num_layers % cfg.pp:
+            raise ValueError("num_layers must be divisible by pp")
+        self.cfg = cfg
+        self.config = _transformer_config(cfg)
+        gpt = GPTModel(
+            config=self.config,
+            transformer_layer_spec=get_gpt_layer_local_spec(),
+            vocab_size=cfg.vocab_size,
+            max_sequence_length=cfg.seq_length,
+            pre_process=parallel_state.is_pipeline_first_stage(),
+            post_process=parallel_state.is_pipeline_last_stage(),
+            share_embeddings_and_output_weights=True,
+            position_embedding_type="learned_absolute",
+        )
+        if cfg.bf16:
+            gpt = Float16Module(self.config, gpt)
+        ddp_config = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True,
+            overlap_grad_reduce=False,
+            use_distributed_optimizer=True,
+        )
+        # No broadcast_params(): the init is deterministic, and a replacement process must not
+        # enter collectives its survivors never join.
+        self.model = [DistributedDataParallel(self.config, ddp_config, gpt)]
+        self.config.no_sync_func = self.model[0].no_sync
+        self.config.finalize_model_grads_func = finalize_model_grads
+
+        opt_config = OptimizerConfig(
+            optimizer="adam",
+            lr=cfg.lr,
+            min_lr=cfg.min_lr,
+            weight_decay=cfg.weight_decay,
+            clip_grad=cfg.clip_grad,
+            use_distributed_optimizer=True,
+            bf16=cfg.bf16,
+            params_dtype=self.config.params_dtype,
+        )
+        self.optimizer = get_megatron_optimizer(opt_config, self.model)
+        gbs = self.global_batch_size
+        self.scheduler = OptimizerParamScheduler(
+            self.optimizer,
+            init_lr=0.0,
+            max_lr=cfg.lr,
+            min_lr=cfg.min_lr,
+            lr_warmup_steps=cfg.lr_warmup_steps * gbs,
+            lr_decay_steps=cfg.lr_decay_steps * gbs,
+            lr_decay_style="cosine",
+            start_wd=cfg.weight_decay,
+            end_wd=cfg.weight_decay,
+            wd_incr_steps=cfg.lr_decay_steps * gbs,
+            wd_incr_style="constant",
+        )
+
+    @property
+    def global_batch_size(self) -> int:
+        from megatron.core import parallel_state
+
+        dp = parallel_state.get_data_parallel_world_size()
+        return self.cfg.micro_batch_size * self.cfg.num_microbatches * dp
+
+    # ------------------------------------------------------------------ data
+
+    def batch(self, step: int, microbatch: int) -> dict[str, torch.Tensor]:
+        """The micro-batch ``microbatch`` of step ``step`` for this rank's data-parallel slice."""
+        from megatron.core import parallel_state
+
+        cfg = self.cfg
+        dp_rank = parallel_state.get_data_parallel_rank()
+        gen = torch.Generator().manual_seed(
+            ((cfg.seed * 1_000_003 + step) * 1009 + microbatch) * 1013 + dp_rank
+        )
+        b, s = cfg.micro_batch_size, cfg.seq_length
+        tokens = torch.randint(0, cfg.vocab_size, (b, s), generator=gen)
+        labels = (tokens * 3 + 1) % cfg.vocab_size  # a learnable rule, so the loss goes down
+        return {
+            "tokens": tokens,
+            "labels": labels,
+            "loss_mask": torch.ones(b, s, dtype=torch.float32),
+            "position_ids": torch.arange(s).unsqueeze(0).expand(b, s).contiguous(),
+            "attention_mask": torch.triu(torch.ones(1, 1, s, s, dtype=torch.bool), diagonal=1),
+        }
+
+    def _forward_step(self, data_iterator, model):
+        batch = next(data_iterator)
+        output = model(
+            batch["tokens"],
+            batch["position_ids"],
+            batch["attention_mask"],
+            labels=batch["labels"],
+        )
+        loss_mask = batch["loss_mask"]
+
+        def loss_func(output_tensor):
+            losses = output_tensor.float().view(-1)
+            loss = torch.sum(losses * loss_mask.view(-1))
+            num_tokens = loss_mask.sum().to(torch.int)
+            return loss, num_tokens, {"lm loss": torch.stack([loss.detach(), num_tokens.float()])}
+
+        return output, loss_func
+
+    # ------------------------------------------------------------------ training
+
+    def train_step(self, step: int) -> float:
+        """One optimizer step on the micro-batches of ``step``; the global mean token loss.
+
+        The value is reduced over data-parallel ranks and broadcast from the last pipeline stage,
+        so every rank returns the same float.
+        """
+        from megatron.core import parallel_state
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        cfg = self.cfg
+        for chunk in self.model:
+            chunk.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        microbatches = iter([self.batch(step, m) for m in range(cfg.num_microbatches)])
+        losses = get_forward_backward_func()(
+            forward_step_func=self._forward_step,
+            data_iterator=microbatches,
+            model=self.model,
+            num_microbatches=cfg.num_microbatches,
+            seq_length=cfg.seq_length,
+            micro_batch_size=cfg.micro_batch_size,
+            forward_only=False,
+        )
+        ok, _grad_norm, _ = self.optimizer.step()
+        if not ok:
+            raise RuntimeError(f"optimizer step {step} was skipped")
+        self.scheduler.step(increment=self.global_batch_size)
+        self.iteration = step + 1
+        self.consumed_samples += self.global_batch_size
+
+        summed = torch.zeros(2, dtype=torch.float64)
+        if parallel_state.is_pipeline_last_stage():
+            for item in losses:
+                summed += item["lm loss"].double()
+            dist.all_reduce(summed, group=parallel_state.get_data_parallel_group())
+        dist.broadcast(
+            summed,
+            src=parallel_state.get_pipeline_model_parallel_last_rank(),
+            group=parallel_state.get_pipeline_model_parallel_group(),
+        )
+        return float(summed[0] / summed[1])

@@ -1,0 +1,251 @@
+"""Record how megatron-core's parallel state was built, tear it down, build it again.
+
+After a failure the runtime destroys the whole world and creates a new default group on the
+next generation's store prefix. Megatron's groups must then be rebuilt with the same topology.
+``install()`` wraps ``parallel_state.initialize_model_parallel`` so that whichever code calls it
+(Megatron-LM's ``initialize.py``, a recipe, a test) has its arguments recorded;
+``rebuild_model_parallel()`` replays the call on the new world and ``teardown()`` drops every
+group reference ``destroy_model_parallel`` leaves behind.
+
+Group creation with local synchronisation (``use_local_synchronization``)
+--------------------------------------------------------------------------
+megatron-core 0.16.1 calls ``torch.distributed.new_group`` for every group on every rank, members or
+not. Without local synchronisation each call names the group from a per-process counter, so all
+ranks must make every call in the same order, and with ``TORCH_DIST_INIT_BARRIER=1`` each call is a
+store barrier over the whole world; on a device-bound NCCL world every non-member also joins a
+``ncclCommSplit``. Passing ``use_local_synchronization=True`` as is, however, is NOT safe: torch
+then names the group ``sha1(ranks + len(_world.pg_names))``, the number of groups *this* rank has
+joined so far. Members of one group can have joined different numbers of earlier groups (e.g. with
+PP=2 only first-stage ranks are in the position-embedding group, and the later
+expert-tensor-model-pipeline and distributed-optimizer-instance groups span both stages), so they
+compute different names, rendezvous under different store prefixes and hang.
+
+``install(local_sync=True)`` therefore wraps ``parallel_state.create_group``: a non-member returns
+at once (no torch call, no counter), a member creates the group with
+``use_local_synchronization=True`` under a name derived only from (description, backend, ranks,
+how many such groups already exist in this world), identical on every member. Deadlock freedom:
+every rank walks megatron's single global creation order and only waits in groups it belongs
+to; the earliest group in that order with a waiting member has all its members waiting in it.
+It is switched off (plain megatron behaviour) where it cannot hold: TorchComms, MPI, a
+device-bound default group (NCCL split needs every parent rank) or a torch without
+``distributed_c10d._process_group_name``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+from typing import Any
+
+import torch.distributed as dist
+from torch.distributed import distributed_c10d as c10d
+
+logger = logging.getLogger(__name__)
+
+_STATE: dict[str, Any] = {
+    "installed": False,
+    "local_sync": False,
+    "orig_initialize": None,
+    "orig_create_group": None,
+    "call": None,  # (args, kwargs) of the last initialize_model_parallel call
+}
+
+# Module globals of parallel_state that destroy_model_parallel() (0.16.1) leaves set.
+_LEFTOVER_GLOBALS = (
+    "_EMBEDDING_GLOBAL_RANKS",
+    "_PIPELINE_GLOBAL_RANKS",
+    "_DATA_PARALLEL_GLOBAL_RANKS",
+    "_DATA_PARALLEL_GLOBAL_RANKS_WITH_CP",
+    "_TENSOR_MODEL_PARALLEL_GLOBAL_RANKS",
+    "_MODEL_PARALLEL_GLOBAL_RANKS",
+    "_EXPERT_MODEL_PARALLEL_RANKS",
+    "_INTRA_PARTIAL_DATA_PARALLEL_GROUP_WITH_CP",
+    "_INTRA_PARTIAL_DATA_PARALLEL_GROUP_WITH_CP_GLOO",
+    "_HIERARCHICAL_CONTEXT_PARALLEL_GROUPS",
+    "_INTER_DISTRIBUTED_OPTIMIZER_INSTANCE_GROUP",
+)
+
+
+def _ps():
+    from megatron.core import parallel_state
+
+    return parallel_state
+
+
+def install(local_sync: bool | None = None) -> None:
+    """Wrap ``initialize_model_parallel`` (and, with ``local_sync``, ``create_group``). Idempotent.
+
+    ``local_sync``: member-only group creation (see the module docstring); None keeps the current
+    choice (on by default). Install before the first ``initialize_model_parallel`` call, and before
+    any module binds the function by name
+    (``from megatron.core.parallel_state import initialize_model_parallel``).
+    """
+    if local_sync is None:
+        local_sync = _STATE["local_sync"] if _STATE["installed"] else True
+    ps = _ps()
+    if not _STATE["installed"]:
+        orig = ps.initialize_model_parallel
+        _STATE["orig_initialize"] = orig
+
+        def initialize_model_parallel(*args, **kwargs):
+            _STATE["call"] = (args, dict(kwargs))
+            return orig(*args, **kwargs)
+
+        initialize_model_parallel.__wrapped__ = orig
+        initialize_model_parallel.__doc__ = orig.__doc__
+        ps.initialize_model_parallel = initialize_model_parallel
+        _STATE["orig_create_group"] = ps.create_group
+        _STATE["installed"] = True
+    if local_sync and not _STATE["local_sync"]:
+        ps.create_group = _local_sync_create_group
+        _STATE["local_sync"] = True
+    elif not local_sync and _STATE["local_sync"]:
+        ps.create_group = _STATE["orig_create_group"]
+        _STATE["local_sync"] = False
+
+
+def recorded_call() -> tuple[tuple, dict] | None:
+    """The (args, kwargs) of the last ``initialize_model_parallel`` call, or None."""
+    return _STATE["call"]
+
+
+def record_call(*args, **kwargs) -> None:
+    """Record an ``initialize_model_parallel`` call made before ``install()``."""
+    _STATE["call"] = (args, dict(kwargs))
+
+
+def rebuild_model_parallel() -> None:
+    """Re-run ``initialize_model_parallel`` with the recorded arguments on the current world."""
+    if _STATE["call"] is None:
+        raise RuntimeError("initialize_model_parallel was never called through the hook")
+    args, kwargs = _STATE["call"]
+    _ps().initialize_model_parallel(*args, **kwargs)
+
+
+def teardown() -> None:
+    """``destroy_model_parallel()`` plus the globals it leaves behind (rank lists, group dicts)."""
+    ps = _ps()
+    ps.destroy_model_parallel()
+    for name in _LEFTOVER_GLOBALS:
+        if hasattr(ps, name):
+            setattr(ps, name, None)
+    ps._HYBRID_DP_CP_GROUPS = {}
+    # Anything else still holding a group (a newer megatron-core may add globals).
+    for name, value in list(vars(ps).items()):
+        if name.startswith("_") and _holds_group(value):
+            logger.debug("teardown: clearing parallel_state.%s", name)
+            setattr(ps, name, {} if isinstance(value, dict) else None)
+
+
+def _holds_group(value) -> bool:
+    if isinstance(value, dist.ProcessGroup):
+        return True
+    if isinstance(value, (list, tuple)):
+        return any(_holds_group(v) for v in value)
+    if isinstance(value, dict):
+        return any(_holds_group(v) for v in value.values())
+    return False
+
+
+def group_roles() -> dict[str, dist.ProcessGroup]:
+    """Every group parallel_state holds now, keyed by role (global name, list index, dict key).
+
+    The same key names the same role before teardown and after rebuild, which is what lets
+    ``rebind`` map an old group to its replacement.
+    """
+    ps = _ps()
+    roles: dict[str, dist.ProcessGroup] = {}
+
+    def add(key, value):
+        if isinstance(value, dist.ProcessGroup):
+            roles[key] = value
+        elif isinstance(value, (list, tuple)):
+            for i, v in enumerate(value):
+                add(f"{key}[{i}]", v)
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                add(f"{key}[{k!r}]", v)
+
+    for name, value in vars(ps).items():
+        if name.startswith("__") or not name.startswith("_"):
+            continue
+        if name != "_global_process_group_list":  # every group again, by creation order
+            add(name, value)
+    if dist.is_initialized():
+        roles["WORLD"] = c10d._get_default_group()
+    return roles
+
+
+# ---------------------------------------------------------------- local synchronisation
+
+
+def local_sync_supported() -> bool:
+    """Whether member-only group creation is safe on the current world (see module docstring).
+
+    Cached per default group: megatron asks once per group, tens of thousands of times at scale.
+    """
+    default = c10d._get_default_group()
+    cached = _STATE.get("supported_for")
+    if cached is not None and cached[0] is default:
+        return cached[1]
+    supported = (
+        hasattr(c10d, "_process_group_name")
+        and not getattr(c10d, "_use_torchcomms_enabled", lambda: False)()
+        and default.bound_device_id is None
+        and "mpi" not in str(dist.get_backend(default)).lower()
+    )
+    _STATE["supported_for"] = (default, supported)
+    return supported
+
+
+@contextlib.contextmanager
+def _group_name(name: str):
+    """Make the next ``new_group`` use ``name`` instead of torch's counter/hash name."""
+    orig = c10d._process_group_name
+    c10d._process_group_name = lambda ranks, use_hashed_name: c10d.GroupName(name)
+    try:
+        yield
+    finally:
+        c10d._process_group_name = orig
+
+
+def _member_name(ranks, backend, group_desc) -> str:
+    digest = hashlib.sha1(
+        f"{group_desc}|{backend}|{','.join(map(str, sorted(ranks)))}".encode()
+    ).hexdigest()[:20]
+    base = f"mcore_{group_desc or 'group'}_{digest}"
+    taken = set(c10d._world.pg_names.values())
+    k = 0
+    while f"{base}_{k}" in taken:
+        k += 1
+    return f"{base}_{k}"
+
+
+def _local_sync_create_group(
+    ranks=None,
+    timeout=None,
+    backend=None,
+    pg_options=None,
+    use_local_synchronization=False,
+    group_desc=None,
+):
+    """``parallel_state.create_group`` that only members call into torch (see module docstring)."""
+    orig = _STATE["orig_create_group"]
+    if ranks is None or not local_sync_supported():
+        return orig(ranks, timeout, backend, pg_options, use_local_synchronization, group_desc)
+    if c10d._get_default_group().rank() not in ranks:
+        return c10d.GroupMember.NON_GROUP_MEMBER
+    with _group_name(_member_name(ranks, backend, group_desc)):
+        return orig(ranks, timeout, backend, pg_options, True, group_desc)
+
+
+__all__ = [
+    "install",
+    "recorded_call",
+    "record_call",
+    "rebuild_model_parallel",
+    "teardown",
+    "group_roles",
+    "local_sync_supported",
+]
