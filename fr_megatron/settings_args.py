@@ -140,12 +140,14 @@ def _reason(msg: str, path: tuple) -> str:
     return msg
 
 
-def config_from_args(args: argparse.Namespace) -> FlashRecoveryConfig:
+def config_from_args(args: argparse.Namespace,
+                     base: Optional[FlashRecoveryConfig] = None) -> FlashRecoveryConfig:
     """Validate the parsed flags through FlashRecoveryConfig; a ConfigError names the bad flag.
 
-    ``enabled`` is ``--flash-recovery``; flags that were not given keep the schema's defaults.
+    ``enabled`` is ``--flash-recovery``; flags that were not given keep the values of ``base``
+    (e.g. what the launcher handed the worker) or else the schema's defaults.
     """
-    data: dict = {}
+    data: dict = base.model_dump() if base is not None else {}
     given: dict[tuple, Any] = {}
     for s in SPECS:
         value = getattr(args, s.dest, None)

@@ -35,7 +35,9 @@ def run_job(tmp: Path, script: Path, script_args: list[str], nproc: int = 4, spa
            str(journal), *extra]
     if inject:
         cmd += ["--inject", inject]
-    cmd += [str(script), *script_args, "--out", str(out)]
+    cmd += [str(script), *script_args]
+    if "--out" not in script_args:
+        cmd += ["--out", str(out)]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, **(env or {})})
     from fr_megatron.events import Journal

@@ -105,7 +105,7 @@ def construction_without_peers():
             setattr(tdist, name, fn)
 
 
-def _sub_optimizers(optimizer) -> list:
+def sub_optimizers(optimizer) -> list:
     """The MegatronOptimizers inside ``optimizer`` (itself, or a ChainedOptimizer's members)."""
     return list(getattr(optimizer, "chained_optimizers", None) or [optimizer])
 
@@ -188,7 +188,7 @@ class MegatronIntegration(Integration):
                 state.replicated[f"model{i}/param/{name}"] = p.data
             for name, b in chunk.named_buffers():
                 state.replicated[f"model{i}/buffer/{name}"] = b
-        for k, opt in enumerate(_sub_optimizers(self.optimizer)):
+        for k, opt in enumerate(sub_optimizers(self.optimizer)):
             inner = getattr(opt, "optimizer", None)
             if inner is None:  # a rank with no trainable params in this sub-optimizer
                 continue
@@ -215,7 +215,7 @@ class MegatronIntegration(Integration):
         if torch.cuda.is_available():
             meta["rng_cuda"] = torch.cuda.get_rng_state()
         groups = []
-        for opt in _sub_optimizers(self.optimizer):
+        for opt in sub_optimizers(self.optimizer):
             inner = getattr(opt, "optimizer", None)
             groups.append(
                 [{k: v for k, v in g.items() if k != "params"} for g in inner.param_groups]
@@ -269,7 +269,7 @@ class MegatronIntegration(Integration):
             self.scheduler.num_steps = 0
             self.scheduler.load_state_dict(meta["scheduler"])
         scalers = iter(meta.get("grad_scalers", []))
-        for opt, groups in zip(_sub_optimizers(self.optimizer), meta.get("param_groups", [])):
+        for opt, groups in zip(sub_optimizers(self.optimizer), meta.get("param_groups", [])):
             inner = getattr(opt, "optimizer", None)
             if inner is not None:
                 for live, saved in zip(inner.param_groups, groups):

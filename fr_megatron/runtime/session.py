@@ -303,9 +303,9 @@ class Session:
 
     def _rebuild(self, plan: dict) -> None:
         self.sm.to(State.REBUILDING, self.generation, self.step)
-        old_groups = self.comms.destroy_world() if self.comms else []
         if self.integration:
-            self.integration.teardown()
+            self.integration.teardown()  # the framework lets go of its groups first
+        old_groups = self.comms.destroy_world() if self.comms else []
         self.generation = plan["generation"]
         with self._lock:
             self._notice = None

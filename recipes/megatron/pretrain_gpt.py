@@ -1,0 +1,159 @@
+"""GPT pretraining on megatron-core with Megatron-LM's flags, and ``--flash-recovery``.
+
+    fr-megatron run --nproc-per-node 8 --spares 1 recipes/megatron/pretrain_gpt.py \
+        --tensor-model-parallel-size 2 --pipeline-model-parallel-size 2 \
+        --num-layers 4 --hidden-size 64 --num-attention-heads 4 --seq-length 32 \
+        --micro-batch-size 2 --global-batch-size 16 --train-iters 20 --lr 1e-3 \
+        --use-distributed-optimizer --flash-recovery
+
+Runs on CPU (gloo, megatron-core's CPU mode switched on explicitly) and on GPUs (NCCL). The data
+is synthetic and a pure function of (step, micro-batch, data-parallel rank), so a step redone
+after a recovery sees the same micro-batches. ``--out PREFIX`` writes, per rank, the losses, the
+parameters and the optimizer's state, to compare runs bit for bit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+from fr_megatron.config import ConfigError, FlashRecoveryConfig
+from fr_megatron.megatron import training_hooks as flash_recovery
+from fr_megatron.settings_args import add_flash_recovery_args, config_from_args
+
+log = logging.getLogger("pretrain_gpt")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="megatron-core GPT pretraining with flash recovery",
+                                allow_abbrev=False)
+    g = p.add_argument_group("model and parallelism (Megatron-LM names)")
+    g.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    g.add_argument("--num-layers", type=int, default=2)
+    g.add_argument("--hidden-size", type=int, default=32)
+    g.add_argument("--ffn-hidden-size", type=int, default=None)
+    g.add_argument("--num-attention-heads", type=int, default=4)
+    g.add_argument("--seq-length", type=int, default=16)
+    g.add_argument("--max-position-embeddings", type=int, default=None)
+    g.add_argument("--vocab-size", type=int, default=64)
+    g.add_argument("--micro-batch-size", type=int, default=2)
+    g.add_argument("--global-batch-size", type=int, default=None)
+    g.add_argument("--train-iters", type=int, default=10)
+    g.add_argument("--lr", type=float, default=1e-3)
+    g.add_argument("--min-lr", type=float, default=1e-4)
+    g.add_argument("--lr-warmup-iters", type=int, default=2)
+    g.add_argument("--weight-decay", type=float, default=0.01)
+    g.add_argument("--clip-grad", type=float, default=1.0)
+    g.add_argument("--hidden-dropout", type=float, default=0.1)
+    g.add_argument("--seed", type=int, default=1234)
+    g.add_argument("--bf16", action="store_true")
+    g.add_argument("--use-distributed-optimizer", action="store_true",
+                   help="accepted for Megatron-LM compatibility; the distributed optimizer is "
+                        "always on here")
+    g.add_argument("--distributed-backend", choices=("gloo", "nccl"), default=None)
+    g.add_argument("--log-interval", type=int, default=1)
+    p.add_argument("--out", default=None, help="write PREFIX.rank<R>.pt with losses and state")
+    add_flash_recovery_args(p)
+    return p
+
+
+def tiny_config(args, world_size: int):
+    from fr_megatron.megatron.model import TinyGPTConfig
+
+    tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
+    if world_size % (tp * pp):
+        raise SystemExit(f"--tensor-model-parallel-size x --pipeline-model-parallel-size "
+                         f"({tp}x{pp}) must divide the world size {world_size}")
+    dp = world_size // (tp * pp)
+    gbs = args.global_batch_size or args.micro_batch_size * dp
+    if gbs % (args.micro_batch_size * dp):
+        raise SystemExit(f"--global-batch-size {gbs} must be a multiple of micro-batch-size x "
+                         f"data-parallel size ({args.micro_batch_size}x{dp})")
+    return TinyGPTConfig(
+        tp=tp, pp=pp, num_layers=args.num_layers, hidden_size=args.hidden_size,
+        num_attention_heads=args.num_attention_heads,
+        ffn_hidden_size=args.ffn_hidden_size or 4 * args.hidden_size,
+        vocab_size=args.vocab_size, seq_length=args.seq_length,
+        micro_batch_size=args.micro_batch_size,
+        num_microbatches=gbs // (args.micro_batch_size * dp), lr=args.lr, min_lr=args.min_lr,
+        lr_warmup_steps=args.lr_warmup_iters, lr_decay_steps=max(args.train_iters, 1),
+        weight_decay=args.weight_decay, clip_grad=args.clip_grad, dropout=args.hidden_dropout,
+        seed=args.seed, bf16=args.bf16)
+
+
+def save(prefix: str, rank: int, losses: dict, job) -> None:
+    state = {"losses": losses,
+             "params": {f"{i}/{n}": p.detach().clone() for i, c in enumerate(job.model)
+                        for n, p in c.named_parameters()},
+             "optim": {k: v.clone() for k, v in _optimizer_tensors(job).items()},
+             "consumed_samples": job.consumed_samples, "pid": os.getpid()}
+    torch.save(state, f"{prefix}.rank{rank}.pt")
+
+
+def _optimizer_tensors(job) -> dict:
+    from fr_megatron.megatron.integration import MegatronIntegration
+
+    st = MegatronIntegration(job.model, job.optimizer, job.scheduler, progress=job).capture()
+    return st.unique
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    try:
+        fr_cfg = config_from_args(args, base=FlashRecoveryConfig.from_env())
+    except ConfigError as e:
+        print(f"pretrain_gpt.py: error: {e}", file=sys.stderr)
+        return 2
+    backend = args.distributed_backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    if args.flash_recovery:
+        session = flash_recovery.init_process_group(backend, args)
+    else:
+        session = None
+        dist.init_process_group(backend)
+    rank, world = dist.get_rank(), dist.get_world_size()
+
+    from fr_megatron.megatron.model import TinyGPTJob, initialize_parallel
+
+    cfg = tiny_config(args, world)
+    initialize_parallel(cfg)
+    job = TinyGPTJob(cfg, replacement=bool(session and session.replacement))
+    job._forward_step = flash_recovery.wrap_forward_step(job._forward_step)
+
+    # the same hook calls as Megatron-LM's train() with patches/megatron-lm applied
+    iteration = flash_recovery.on_train_start(job.model, job.optimizer, job.scheduler, args, 0,
+                                              progress=job)
+    losses: dict[int, float] = {}
+    t_last = time.time()
+    while iteration < args.train_iters:
+        flash_recovery.on_step_begin(iteration)
+        try:
+            loss = job.train_step(iteration + 1)
+        except Exception as exc:
+            iteration = flash_recovery.on_step_failure(exc, iteration)
+            continue
+        flash_recovery.on_step_end(iteration, loss)
+        iteration += 1
+        losses[iteration] = loss
+        if rank == 0 and iteration % args.log_interval == 0:
+            now = time.time()
+            log.info("iteration %d/%d | lm loss %.6f | %.3f s", iteration, args.train_iters,
+                     loss, now - t_last)
+            t_last = now
+    losses = flash_recovery.history() or losses
+    flash_recovery.on_train_end()
+    if args.out:
+        save(args.out, rank, losses, job)
+    if session is None:
+        dist.destroy_process_group()
+    return 0
+
+if __name__ == "__main__":
+    sys.exit(main())
