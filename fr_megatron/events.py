@@ -115,6 +115,7 @@ class WandbSink:
                 self._counts[kind_key] = self._counts.get(kind_key, 0) + 1
                 row = {"recovery/index": n, "recovery/generation": item["generation"],
                        "recovery/rank": f.get("rank"), "recovery/fault_step": f.get("step"),
+                       "recovery/kind": f.get("kind"), "recovery/fault_phase": f.get("phase"),
                        "recovery/steps_lost": item["steps_lost"],
                        "recovery/replacement_spare": int(item["replacement"] == "spare")}
                 row.update({f"recovery/phase_{k}_s": v for k, v in item["phases"].items()})

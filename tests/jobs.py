@@ -26,20 +26,25 @@ class Job:
 
 def run_job(tmp: Path, script: Path, script_args: list[str], nproc: int = 4, spares: int = 1,
             inject: str | None = None, extra: list[str] = (), timeout: float = 240,
-            env: dict | None = None, name: str = "job") -> Job:
+            env: dict | None = None, name: str = "job", wandb_dir: Path | None = None) -> Job:
     out = tmp / f"{name}.pt"
     report = tmp / f"{name}.report.json"
     journal = tmp / f"{name}.journal.jsonl"
     cmd = [sys.executable, "-m", "fr_megatron.cli", "run", "--nproc-per-node", str(nproc),
-           "--spares", str(spares), "--no-wandb", "--report", str(report), "--journal",
-           str(journal), *extra]
+           "--spares", str(spares), "--report", str(report), "--journal", str(journal), *extra]
+    env = dict(env or {})
+    if wandb_dir is None:
+        cmd.append("--no-wandb")
+    else:  # the controller logs recoveries to an offline wandb run in wandb_dir
+        env["FR_CONFIG"] = json.dumps({"wandb": {"enabled": True, "mode": "offline",
+                                                 "dir": str(wandb_dir), "project": "fr-tests"}})
     if inject:
         cmd += ["--inject", inject]
     cmd += [str(script), *script_args]
     if "--out" not in script_args:
         cmd += ["--out", str(out)]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, **(env or {})})
+                          env={**os.environ, **env})
     from fr_megatron.events import Journal
 
     return Job(proc.returncode, proc.stdout + proc.stderr,

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from fr_megatron.wandb_reader import read_run
 from jobs import REPO, run_job
 
 RECIPE = REPO / "recipes" / "megatron" / "pretrain_gpt.py"
@@ -39,9 +40,10 @@ PRELOAD = ["--preload", "torch,torch.distributed,fr_megatron.runtime,megatron.co
                         "megatron.core.models.gpt,megatron.core.optimizer"]
 
 
-def megatron_job(tmp: Path, name: str, args=ARGS, inject=None, nproc=WORLD, spares=1):
+def megatron_job(tmp: Path, name: str, args=ARGS, inject=None, nproc=WORLD, spares=1,
+                 wandb_dir=None):
     job = run_job(tmp, RECIPE, [*args, "--out", str(tmp / name)], nproc=nproc, spares=spares,
-                  inject=inject, name=name, timeout=600, extra=PRELOAD)
+                  inject=inject, name=name, timeout=600, extra=PRELOAD, wandb_dir=wandb_dir)
     assert job.rc == 0, job.output[-5000:]
     return job
 
@@ -71,7 +73,7 @@ PHASE_JOBS = {
 @pytest.mark.parametrize("name", list(PHASE_JOBS))
 def test_fault_in_every_phase_is_recovered_bit_exact(tmp_path, baseline, name):
     spec = PHASE_JOBS[name]
-    job = megatron_job(tmp_path, "f", inject=spec)
+    job = megatron_job(tmp_path, "f", inject=spec, wandb_dir=tmp_path)
     faults = job.report["faults"]
     expected = [s.split(":") for s in spec.split(";")]
     assert len(faults) == len(expected)
@@ -85,3 +87,11 @@ def test_fault_in_every_phase_is_recovered_bit_exact(tmp_path, baseline, name):
         assert f["fallback_to_checkpoint"] is False
         assert set(f["phases"]) >= {"detect", "abort", "rebuild", "restore", "resume"}
     assert_ranks_equal(baseline, load_ranks(tmp_path, "f"))
+    # every recovery is an event in the offline wandb run, read back from the file wandb wrote
+    run = read_run(str(tmp_path / "wandb"))
+    logged = [h for h in run["history"] if "recovery/rank" in h]
+    assert [(h["recovery/rank"], h["recovery/fault_step"], h["recovery/kind"],
+             h["recovery/fault_phase"], h["recovery/steps_lost"]) for h in logged] == \
+        [(f["rank"], f["step"], f["kind"], f["phase"], 0) for f in faults]
+    assert all(h["recovery/phase_rebuild_s"] > 0 for h in logged)
+    assert run["summary"]["recoveries"] == len(faults) and "flash-recovery" in run["tags"]
