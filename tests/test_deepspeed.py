@@ -456,35 +456,13 @@ def _scenario(stage: int, tp: int, mpu, rebuild_mpu, new_generation, bf16: bool 
             "param_digest": digest}
 
 
+from fr_megatron.deepspeed.mpu import MegatronCoreMPU  # noqa: E402
+
+
 def _group_objects(fr):
     from fr_megatron.deepspeed import group_refs
 
     return group_refs.find(fr._roots(), fr._walk_skip())
-
-
-class MegatronCoreMPU:
-    """megatron.core.parallel_state with the two calls DeepSpeed's engine expects of an mpu."""
-
-    def __getattr__(self, name):
-        from megatron.core import parallel_state as ps
-
-        return getattr(ps, name)
-
-    def get_model_parallel_world_size(self):
-        from megatron.core import parallel_state as ps
-
-        return ps.get_tensor_model_parallel_world_size() * ps.get_pipeline_model_parallel_world_size()
-
-    def get_model_parallel_rank(self):
-        from megatron.core import parallel_state as ps
-
-        return ps.get_pipeline_model_parallel_rank() * ps.get_tensor_model_parallel_world_size() + \
-            ps.get_tensor_model_parallel_rank()
-
-    def get_data_parallel_group_ranks(self):
-        import torch.distributed as dist
-
-        return dist.get_process_group_ranks(self.get_data_parallel_group())
 
 
 def _tp_group():

@@ -14,9 +14,10 @@ from fr_megatron.config import ConfigError, FlashRecoveryConfig
 from fr_megatron.deepspeed.config import (check_replicas, ds_config_dict, read_section, validate,
                                           zero_stage)
 from fr_megatron.deepspeed.integration import DeepSpeedIntegration, UnsupportedEngine
+from fr_megatron.deepspeed.mpu import MegatronCoreMPU, parallel_state_rebuilder
 
 __all__ = ["initialize", "DeepSpeedIntegration", "UnsupportedEngine", "validate", "read_section",
-           "ConfigError", "FlashRecoveryConfig"]
+           "ConfigError", "FlashRecoveryConfig", "MegatronCoreMPU", "parallel_state_rebuilder"]
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +36,11 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, con
     """``deepspeed.initialize`` with the ``"flash_recovery"`` section validated first.
 
     Same arguments and return value as ``deepspeed.initialize`` (the config is passed through as
-    given; DeepSpeed ignores the extra top-level key). ``rebuild_mpu``: when ``mpu`` is given, the
-    callback that recreates its groups on a new world (see ``DeepSpeedIntegration``). ``dp_size``:
+    given; DeepSpeed ignores the extra top-level key). Under ``fr-megatron run`` the Session has made
+    the default group already: pass ``dist_init_required=False`` so that DeepSpeed uses it.
+    ``rebuild_mpu``: when ``mpu`` is given, the callback that recreates its groups on a new world
+    (see ``DeepSpeedIntegration``; for Megatron-core's parallel_state, ``MegatronCoreMPU`` and
+    ``parallel_state_rebuilder`` in ``fr_megatron.deepspeed.mpu``). ``dp_size``:
     the data-parallel size, when it cannot be inferred from the mpu, the batch sizes or WORLD_SIZE.
     Raises ConfigError before any process group is touched.
     """

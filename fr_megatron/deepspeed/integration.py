@@ -16,8 +16,10 @@ by walking the object graph. A replacement that runs ``deepspeed.initialize`` fr
 broadcasts the model from data-parallel rank 0; survivors meet it with ``mirror_fresh_init``.
 
 Order on a new generation: runtime destroys the world and joins ``gen{g}/``; survivors call
-``rebuild`` (which first calls ``rebuild_mpu`` when an mpu is used) and, if a replacement joins,
-``mirror_fresh_init``; the replacement builds its engine and receives its state via ``restore``.
+``rebuild`` (which first calls ``rebuild_mpu`` when an mpu is used, and ends with the collectives of
+a fresh ``deepspeed.initialize``, ``mirror_fresh_init``); the replacement builds its engine from the
+top and receives its state via ``restore``. ``restore`` also clears what an interrupted step left in
+ZeRO's gradient bookkeeping (``reset_step_state``), so the redone step starts clean.
 """
 
 from __future__ import annotations
@@ -93,6 +95,7 @@ class DeepSpeedIntegration(Integration):
         self.mpu = mpu if mpu is not None else getattr(engine, "mpu", None)
         self.rebuild_mpu = rebuild_mpu
         self.zero_stage = int(engine.zero_optimization_stage())
+        self._init_mirrored = False  # rebuild() has issued a fresh process's init collectives
         self._check_supported()
         self._catalog = self._record()
 
@@ -196,6 +199,7 @@ class DeepSpeedIntegration(Integration):
         e = self.engine
         live = self.capture()
         self._check_compatible(live, state)
+        self.reset_step_state()
         inner = self._inner_optimizer()
         slots = dict(self._optim_slots())
         with torch.no_grad():
@@ -222,6 +226,59 @@ class DeepSpeedIntegration(Integration):
             for k, v in meta.get("loss_scaler", {}).items():
                 setattr(scaler, k, v)
 
+    def reset_step_state(self) -> None:
+        """Forget everything a step that did not finish left in the engine and the ZeRO optimizer.
+
+        A step interrupted by a fault (a collective raising in the backward epilogue, an exception
+        inside ``engine.step``) leaves gradients and ZeRO's reduction bookkeeping half-filled: the
+        ipg bucket still lists its parameters and elements, ``params_already_reduced`` is partly set,
+        ``averaged_gradients`` / ``grads_in_partition`` hold partial sums, the backward-hook counters
+        think a backward is still active. Redoing the step on top of that would reduce gradients twice
+        (or trip DeepSpeed's asserts). This puts every one of them back to what it is between two
+        completed steps; no collective is issued, values (parameters, shards, moments) are untouched.
+        """
+        e = self.engine
+        for name, value in (("_running_engine_step", False), ("_running_engine_backward", False),
+                            ("_running_engine_backward_count", 0), ("_unmanaged_backward_count", 0),
+                            ("inside_no_sync_ctxt", False), ("losses", None)):
+            if hasattr(e, name):
+                setattr(e, name, value)
+        for p in e.module.parameters():
+            p.grad = None
+        if not self._zero:
+            self.engine.optimizer.zero_grad(set_to_none=True)
+            return
+        opt = e.optimizer
+        opt.zero_grad(set_to_none=True)            # bit16 params: grad and grad_accum
+        for bucket in getattr(opt, "ipg_buckets", {}).values():
+            bucket.clear()
+            bucket.reuse_events.clear()
+        getattr(opt, "extra_large_param_to_reduce", {}).clear()
+        for grads in getattr(opt, "previous_reduced_grads", {}).values():
+            grads.clear()
+        reduced = getattr(opt, "params_already_reduced", [])
+        for i in range(len(reduced)):
+            reduced[i] = False
+        for d in (getattr(opt, "averaged_gradients", {}), getattr(opt, "all_grad_tensors", {})):
+            for k in list(d):
+                d[k] = None
+        if hasattr(opt, "_release_preflattened_grad_buffers"):
+            opt._release_preflattened_grad_buffers()
+        opt._release_ipg_buffers()                 # buffers, grads_in_partition, ready_for_gradients
+        for fp32 in opt.single_partition_of_fp32_groups:
+            fp32.grad = None
+        if hasattr(opt, "reset_partition_gradient_structures") and getattr(opt, "is_partition_reduced", None):
+            opt.reset_partition_gradient_structures()
+        from deepspeed.runtime.zero.stage_1_and_2 import INITIAL_MICRO_STEP_ID
+
+        opt.micro_step_id = INITIAL_MICRO_STEP_ID
+        opt.overflow = False
+        hooks = getattr(opt, "_backward_hook_state", None)
+        if hooks is not None:
+            hooks.reset_for_new_step()
+            hooks.backward_active_depth = 0
+            hooks.remaining_grad_acc_hooks = 0
+
     # ---- groups --------------------------------------------------------------------------
     def _roots(self) -> dict[str, Any]:
         from deepspeed.comm import comm as ds_comm
@@ -238,11 +295,16 @@ class DeepSpeedIntegration(Integration):
 
     @staticmethod
     def _walk_skip() -> tuple:
-        """Not walked: integrations (they keep the old groups on purpose) and data loaders (large,
-        and they hold no groups)."""
+        """Not walked: integrations (they keep the old groups on purpose), the runtime's Session and
+        its copy exchange (they own their groups and rebuild them after the framework's; a training
+        script's hook on the engine or its optimizer, e.g. one that marks ``session.phase``, makes them
+        reachable from the engine) and data loaders (large, and they hold no groups)."""
         from deepspeed.runtime.dataloader import DeepSpeedDataLoader, RepeatingLoader
 
-        return (Integration, DeepSpeedDataLoader, RepeatingLoader)
+        from fr_megatron.runtime.redundancy import CopyExchange
+        from fr_megatron.runtime.session import Session
+
+        return (Integration, Session, CopyExchange, DeepSpeedDataLoader, RepeatingLoader)
 
     def _named_groups(self) -> dict[str, ProcessGroup]:
         """Groups by role: the default group, DeepSpeed's module-level groups, the mpu's groups."""
@@ -293,6 +355,7 @@ class DeepSpeedIntegration(Integration):
         module-level caches so nothing creates work on the old world."""
         self._catalog = self._record()
         self._clear_ds_caches()
+        self._init_mirrored = False
 
     @staticmethod
     def _clear_ds_caches() -> None:
@@ -368,16 +431,28 @@ class DeepSpeedIntegration(Integration):
                                f"rebuild")
         log.info("deepspeed: rebuilt groups, rebound %d references", len(changed))
         log.debug("deepspeed: rebound %s", changed)
+        self._mirror_init()
+        self._init_mirrored = True
 
     def mirror_fresh_init(self) -> None:
-        """On a survivor, after ``rebuild``: issue the collectives that ``deepspeed.initialize``
-        issues in a freshly started replacement once its groups exist, so the two meet.
+        """The collectives that ``deepspeed.initialize`` issues in a freshly started replacement once
+        its groups exist, so that a survivor meets them.
 
-        In DeepSpeed 0.19.8 (ZeRO 0-2) that is ``DeepSpeedEngine._broadcast_model``: one broadcast
+        ``rebuild`` already issues them (the runtime contract: a survivor's rebuild issues exactly the
+        collectives a fresh process issues in its set-up, in the same order), so right after
+        ``rebuild`` this is a no-op; it is kept for callers that drive the steps themselves.
+        """
+        if getattr(self, "_init_mirrored", False):
+            self._init_mirrored = False
+            return
+        self._mirror_init()
+
+    def _mirror_init(self) -> None:
+        """In DeepSpeed 0.19.8 (ZeRO 0-2) that is ``DeepSpeedEngine._broadcast_model``: one broadcast
         per parameter from data-parallel rank 0. When the replacement is data-parallel rank 0 it
         broadcasts its initial parameters, so this rank's values are put back afterwards; the
-        replacement then receives its state through ``restore``.
-        """
+        replacement then receives its state through ``restore``. When every rank rebuilds in place,
+        every rank broadcasts and nothing changes."""
         params = [p for _, p in self.engine.module.named_parameters()]
         keep = [p.data.clone() for p in params]
         self.engine._broadcast_model()

@@ -1,13 +1,41 @@
-"""A tiny DeepSpeed ZeRO job with a ``"flash_recovery"`` section, runnable on CPU.
+"""A tiny DeepSpeed ZeRO job that survives faults under ``fr-megatron run``, runnable on CPU.
 
-Run (any torchrun-like launcher that sets RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT, LOCAL_RANK):
+Run with flash recovery (a fault injected into rank 2 at step 3, a warm spare takes its place):
 
-    DS_ACCELERATOR=cpu torchrun --nproc-per-node 4 recipes/deepspeed/train_tiny.py --zero-stage 2 --steps 20
+    DS_ACCELERATOR=cpu fr-megatron run --nproc-per-node 4 --spares 1 \\
+        --preload torch,torch.distributed,deepspeed,deepspeed.runtime.zero.muon.muon_optimizer \\
+        --inject kill:rank=2:step=3:phase=backward \\
+        recipes/deepspeed/train_tiny.py --zero-stage 2 --steps 8
 
-The model is a small MLP; its data is a pure function of (step, micro-batch, data-parallel rank), so a
-redone step sees the same micro-batches. ``fr_megatron.deepspeed.initialize`` validates the section
-before any process group exists and leaves ``engine.flash_recovery`` (a DeepSpeedIntegration) for
-the recovery runtime. ``--out`` writes the losses and a digest of the final parameters as JSON.
+(``--preload``: the warm spare imports DeepSpeed, and the Muon module that the first
+``deepspeed.initialize`` imports, which pulls in torch.compile/inductor: about 5 s of a replacement's
+set-up on a 2-core CPU, paid before the fault instead of during recovery.)
+
+Tensor parallelism from Megatron-core's ``parallel_state`` given to DeepSpeed as its mpu
+(TP=2 x DP=2 on 4 ranks):
+
+    DS_ACCELERATOR=cpu fr-megatron run --nproc-per-node 4 recipes/deepspeed/train_tiny.py \\
+        --mpu megatron --tp 2 --zero-stage 1
+
+Under a plain launcher (``torchrun``, no ``FR_CONTROLLER``) it trains without recovery.
+
+Set-up follows the order a replacement process repeats from the top: the Session joins the
+current generation's default group; Megatron's parallel_state is initialised (``--mpu megatron``);
+``fr_megatron.deepspeed.initialize`` builds the engine on that group (``dist_init_required=False``:
+DeepSpeed must not create its own) and returns it with its integration, which the Session takes.
+On a new generation the survivors' ``rebuild`` repeats exactly that: ``rebuild_mpu`` (destroy and
+re-initialise parallel_state), DeepSpeed's groups, and the model broadcast of a fresh engine.
+
+Data is a pure function of (step, micro-batch, data-parallel rank), so a redone step sees the same
+micro-batches. ``--out PATH`` writes (torch.save) on rank 0: ``losses`` {step: loss averaged over
+the data-parallel ranks}, ``params`` (rank 0's module parameters), ``optim`` (rank 0's ZeRO fp32
+shard and its Adam moments, ``{"state": {slot: {key: tensor}}}``) and ``engine`` counters; every
+other rank r writes the same for itself to ``PATH.rank{r}``.
+
+``--optimizer-phase inside-step`` marks the ``optimizer`` phase (where ``--inject ...:phase=optimizer``
+fires) from a post-hook of the inner torch optimizer, i.e. inside ``DeepSpeedZeroOptimizer.step``:
+this rank has updated its fp32 shard and moments, its peers are about to all-gather the parameters.
+The default marks it just before ``engine.step()``.
 """
 
 import argparse
@@ -17,6 +45,7 @@ import os
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 import fr_megatron.deepspeed as frds
 
@@ -30,6 +59,113 @@ def batch(step: int, micro: int, dp_rank: int, n: int):
     return x, torch.sin(x[:, :4] * 2.0).sum(dim=1, keepdim=True)
 
 
+# ---- tensor parallelism over Megatron's TP group (looked up at call time: it is rebuilt) ------------
+def _tp_group():
+    from megatron.core import parallel_state as ps
+
+    return ps.get_tensor_model_parallel_group()
+
+
+class _CopyToTP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x
+
+    @staticmethod
+    def backward(ctx, g):
+        g = g.clone()
+        dist.all_reduce(g, group=_tp_group())
+        return g
+
+
+class _ReduceFromTP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        x = x.clone()
+        dist.all_reduce(x, group=_tp_group())
+        return x
+
+    @staticmethod
+    def backward(ctx, g):
+        return g
+
+
+class TPMLP(torch.nn.Module):
+    """Megatron's MLP layout: column-parallel fc1, row-parallel fc2, then a replicated head. The
+    shards are cut from full-size weights made with the same seed on every rank (a "master weight")."""
+
+    def __init__(self, tp: int, tp_rank: int):
+        super().__init__()
+        full = torch.nn.Sequential(torch.nn.Linear(DIM, HIDDEN), torch.nn.Linear(HIDDEN, HIDDEN),
+                                   torch.nn.Linear(HIDDEN, 1))
+        part = HIDDEN // tp
+        rows = slice(tp_rank * part, (tp_rank + 1) * part)
+        self.fc1 = torch.nn.Linear(DIM, part)
+        self.fc2 = torch.nn.Linear(part, HIDDEN, bias=False)
+        self.fc2_bias = torch.nn.Parameter(full[1].bias.detach().clone())
+        self.head = torch.nn.Linear(HIDDEN, 1)
+        with torch.no_grad():
+            self.fc1.weight.copy_(full[0].weight[rows])
+            self.fc1.bias.copy_(full[0].bias[rows])
+            self.fc2.weight.copy_(full[1].weight[:, rows])
+            self.head.load_state_dict(full[2].state_dict())
+        for p in (self.fc1.weight, self.fc1.bias, self.fc2.weight):
+            p.tensor_model_parallel = True  # DeepSpeed counts these in the grad norm on every TP rank
+
+    def forward(self, x):
+        h = torch.nn.functional.gelu(self.fc1(_CopyToTP.apply(x)))
+        h = torch.nn.functional.gelu(_ReduceFromTP.apply(self.fc2(h)) + self.fc2_bias)
+        return self.head(h)
+
+
+def mlp() -> torch.nn.Module:
+    return torch.nn.Sequential(torch.nn.Linear(DIM, HIDDEN), torch.nn.GELU(),
+                               torch.nn.Linear(HIDDEN, HIDDEN), torch.nn.GELU(), torch.nn.Linear(HIDDEN, 1))
+
+
+# ---- without fr-megatron run ---------------------------------------------------------------------
+class NoRecovery:
+    """The few Session calls this script makes, for a plain launcher: no recovery."""
+
+    def __init__(self):
+        self.rank, self.world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+    def init_process_group(self, backend: str) -> None:
+        dist.init_process_group(backend)
+
+    def phase(self, name: str) -> None:
+        pass
+
+    def attach(self, integration) -> None:
+        pass
+
+    def run(self, train_step, num_steps: int) -> dict:
+        out = {step: train_step(step) for step in range(1, num_steps + 1)}
+        dist.destroy_process_group()
+        return out
+
+
+def _results(engine, fr, losses, rank: int) -> dict:
+    """This rank's final state: module parameters, ZeRO shard + optimizer state, counters."""
+    def t(v):
+        return v.detach().clone() if torch.is_tensor(v) else torch.tensor(v)
+
+    state = fr.capture()
+    optim: dict = {}
+    for key, v in list(state.unique.items()) + [(k, v) for k, v in state.replicated.items()
+                                                if not k.startswith("param/")]:
+        slot, _, name = key.rpartition("/state/") if "/state/" in key else key.rpartition("/")
+        optim.setdefault(slot, {})[name] = t(v)
+    for key, v in state.meta.get("optim_scalars", {}).items():
+        slot, _, name = key.rpartition("/state/")
+        optim.setdefault(slot, {})[name] = t(v)
+    return {"losses": losses,
+            "params": {k: v.detach().clone() for k, v in engine.module.named_parameters()},
+            "optim": {"state": optim, "param_groups": state.meta["param_groups"]},
+            "engine": {**state.meta["counters"], "lr": engine.get_lr()},
+            "rank": rank, "pid": os.getpid()}
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", default=str(HERE / "ds_config.json"), help="DeepSpeed config (JSON)")
@@ -37,16 +173,24 @@ def main():
                    help="override zero_optimization.stage (3 is refused by flash recovery)")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--lr", type=float, default=1e-2)
-    p.add_argument("--out", default=None, help="write losses and a parameter digest (JSON) here")
+    p.add_argument("--mpu", choices=["none", "megatron"], default="none",
+                   help="give DeepSpeed megatron.core.parallel_state as its mpu")
+    p.add_argument("--tp", type=int, default=2, help="tensor-parallel size with --mpu megatron")
+    p.add_argument("--optimizer-phase", choices=["before-step", "inside-step"], default="before-step",
+                   help="where the 'optimizer' phase is marked: before engine.step(), or inside "
+                        "DeepSpeed's step (after this rank's inner optimizer step, before the all-gather)")
+    p.add_argument("--out", default=None, help="write losses, parameters and optimizer state here")
     a = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    log = logging.getLogger("train_tiny")
 
-    cfg = json.loads(Path(a.config).read_text())
-    if a.zero_stage is not None:
-        cfg.setdefault("zero_optimization", {})["stage"] = a.zero_stage
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    cfg.setdefault("train_batch_size", cfg["train_micro_batch_size_per_gpu"]
-                   * cfg.get("gradient_accumulation_steps", 1) * world)
+    if "FR_CONTROLLER" in os.environ:
+        from fr_megatron.runtime import Session
+
+        session = Session.from_env()
+    else:
+        session = NoRecovery()
+    session.init_process_group("gloo")  # the current generation's default group
 
     from deepspeed.accelerator import get_accelerator
 
@@ -56,41 +200,72 @@ def main():
 
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
+    mpu = rebuild_mpu = None
+    tp, tp_rank = 1, 0
+    if a.mpu == "megatron":
+        from megatron.core import parallel_state as ps
+
+        from fr_megatron.deepspeed.mpu import MegatronCoreMPU, parallel_state_rebuilder
+
+        init_args = {"tensor_model_parallel_size": a.tp}
+        ps.initialize_model_parallel(**init_args)
+        mpu, rebuild_mpu = MegatronCoreMPU(), parallel_state_rebuilder(**init_args)
+        tp, tp_rank = a.tp, ps.get_tensor_model_parallel_rank()
+        dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+    else:
+        dp_rank, dp_size = dist.get_rank(), dist.get_world_size()
+
+    cfg = json.loads(Path(a.config).read_text())
+    if a.zero_stage is not None:
+        cfg.setdefault("zero_optimization", {})["stage"] = a.zero_stage
+    cfg["train_batch_size"] = (cfg["train_micro_batch_size_per_gpu"]
+                               * cfg.get("gradient_accumulation_steps", 1) * dp_size)
+
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(DIM, HIDDEN), torch.nn.GELU(),
-                                torch.nn.Linear(HIDDEN, HIDDEN), torch.nn.GELU(), torch.nn.Linear(HIDDEN, 1))
+    model = TPMLP(tp, tp_rank) if tp > 1 else mlp()
     # A torch optimizer (instead of a config "optimizer") avoids compiling DeepSpeed's CPU Adam.
     optimizer = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=0.01)
-    engine, _, _, _ = frds.initialize(model=model, optimizer=optimizer, config=cfg)
+    engine, _, _, _ = frds.initialize(model=model, optimizer=optimizer, config=cfg, mpu=mpu,
+                                      rebuild_mpu=rebuild_mpu, dist_init_required=False)
     fr = engine.flash_recovery
-    dp_rank = torch.distributed.get_rank(group=engine.data_parallel_group)
-    log = logging.getLogger("train_tiny")
-    if fr is not None:
-        log.info("flash recovery: replicas %d, replica group %s", fr.cfg.replicas, fr.replica_ranks())
+    if fr is None:
+        raise SystemExit(f"{a.config}: the \"flash_recovery\" section is missing or disabled")
+    session.attach(fr)
+    log.info("rank %d: ZeRO-%d, tp %d, dp rank %d of %d, replica group %s", dist.get_rank(),
+             engine.zero_optimization_stage(), tp, dp_rank, dp_size, fr.replica_ranks())
+
+    inner = engine.optimizer.optimizer if fr.zero_stage in (1, 2) else engine.optimizer
+    if a.optimizer_phase == "inside-step":
+        # Fires after this rank's inner optimizer step, inside DeepSpeed's step (fp32 shard and
+        # moments already updated, the parameter all-gather still to come).
+        inner.register_step_post_hook(lambda *_: session.phase("optimizer"))
 
     dtype = next(engine.module.parameters()).dtype  # bf16/fp16 when the config enables them
 
     def train_step(step: int) -> float:
-        total = 0.0
+        total = torch.zeros(())
         for micro in range(engine.gradient_accumulation_steps()):
             x, y = batch(step, micro, dp_rank, engine.train_micro_batch_size_per_gpu())
+            session.phase("forward")
             out = engine(x.to(engine.device, dtype))
             loss = torch.nn.functional.mse_loss(out.float(), y.to(engine.device))
+            session.phase("backward")
             engine.backward(loss)
+            total += loss.detach().float()
+            if a.optimizer_phase == "before-step":
+                session.phase("optimizer")
             engine.step()
-            total += loss.item()
-        return total / engine.gradient_accumulation_steps()
+        # the same value on every rank (a replacement's history comes from a data-parallel peer)
+        dist.all_reduce(total)
+        return total.item() / (dist.get_world_size() * engine.gradient_accumulation_steps())
 
-    losses = []
-    for step in range(engine.global_steps, a.steps):
-        losses.append(train_step(step))
-        if engine.global_rank == 0:
-            log.info("step %d loss %.6f lr %.5f", step, losses[-1], engine.get_lr()[0])
-
-    if a.out and engine.global_rank == 0:
-        digest = float(sum(p.detach().double().sum() for p in engine.module.parameters()))
-        Path(a.out).write_text(json.dumps({"losses": losses, "param_digest": digest,
-                                           "zero_stage": engine.zero_optimization_stage()}))
+    losses = session.run(train_step, a.steps)
+    if session.rank == 0:
+        for step in sorted(losses):
+            log.info("step %d loss %.6f", step, losses[step])
+    if a.out:
+        path = a.out if session.rank == 0 else f"{a.out}.rank{session.rank}"
+        torch.save(_results(engine, fr, losses, session.rank), path)
 
 
 if __name__ == "__main__":
