@@ -1,0 +1,22 @@
+"""State that cannot be trusted is never trained on: a corrupted transfer is detected by its
+checksum, reported, and the job stops cleanly instead of continuing from wrong state."""
+
+import pytest
+
+from jobs import TORCH_RECIPE, run_job
+
+
+@pytest.mark.timeout(300)
+def test_corrupted_state_transfer_stops_the_job(tmp_path):
+    # every sender flips one byte after checksumming, as a bad link or bad memory would
+    job = run_job(tmp_path, TORCH_RECIPE, ["--steps", "6"], inject="kill:rank=2:step=3",
+                  env={"FR_CORRUPT_TRANSFER": "1"})
+    assert job.rc == 1, job.output[-3000:]
+    assert "checksum mismatch" in (job.report["fatal"] or ""), job.report
+    (fault,) = job.report["faults"]
+    assert (fault["rank"], fault["step"]) == (2, 3)
+    assert fault["recovery_s"] is None  # never resumed
+    stopped = [e for e in job.journal if e["event"] == "job_stopped"]
+    assert stopped and "checksum mismatch" in stopped[0]["reason"]
+    assert not any(e["event"] == "recovered" for e in job.journal)
+    assert job.result is None  # rank 0 never finished training on the corrupted state
