@@ -20,3 +20,16 @@ def test_corrupted_state_transfer_stops_the_job(tmp_path):
     assert stopped and "checksum mismatch" in stopped[0]["reason"]
     assert not any(e["event"] == "recovered" for e in job.journal)
     assert job.result is None  # rank 0 never finished training on the corrupted state
+
+
+@pytest.mark.timeout(300)
+def test_rank_and_holder_of_its_copy_lost_together_stops_cleanly(tmp_path):
+    # on one node, rank 1's copy lives on rank 2 (the next data-parallel rank): lose both
+    job = run_job(tmp_path, TORCH_RECIPE, ["--steps", "6"],
+                  inject="kill:rank=1:step=3:phase=forward;kill:rank=2:step=3:phase=forward")
+    assert job.rc == 1, job.output[-3000:]
+    assert "every holder of their copies are lost" in (job.report["fatal"] or ""), job.report
+    stopped = [e for e in job.journal if e["event"] == "job_stopped"]
+    assert stopped and stopped[0]["last_good_step"] == 2
+    assert not any(e["event"] == "recovered" for e in job.journal)
+    assert job.result is None
