@@ -465,37 +465,8 @@ def _group_objects(fr):
     return group_refs.find(fr._roots(), fr._walk_skip())
 
 
-def _tp_group():
-    from megatron.core import parallel_state as ps
-
-    return ps.get_tensor_model_parallel_group()
-
-
 def _make_tp_functions():
-    import torch
-    import torch.distributed as dist
-
-    class CopyToTP(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, x):
-            return x
-
-        @staticmethod
-        def backward(ctx, g):
-            g = g.clone()
-            dist.all_reduce(g, group=_tp_group())
-            return g
-
-    class ReduceFromTP(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, x):
-            x = x.clone()
-            dist.all_reduce(x, group=_tp_group())
-            return x
-
-        @staticmethod
-        def backward(ctx, g):
-            return g
+    from fr_megatron.deepspeed.mpu import CopyToTP, ReduceFromTP
 
     return CopyToTP, ReduceFromTP
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-__all__ = ["MegatronCoreMPU", "parallel_state_rebuilder"]
+__all__ = ["MegatronCoreMPU", "parallel_state_rebuilder", "CopyToTP", "ReduceFromTP"]
 
 
 def _ps():
@@ -71,3 +71,44 @@ def parallel_state_rebuilder(**initialize_kwargs) -> Callable[[], None]:
         ps.initialize_model_parallel(**initialize_kwargs)
 
     return rebuild
+
+
+def _tp_group():
+    # looked up at call time: the group is rebuilt on every new generation
+    return _ps().get_tensor_model_parallel_group()
+
+
+def _autograd_functions():
+    import torch
+    import torch.distributed as dist
+
+    class CopyToTP(torch.autograd.Function):
+        """Identity forward, all-reduce of the gradient over the TP group (a column-parallel input)."""
+
+        @staticmethod
+        def forward(ctx, x):
+            return x
+
+        @staticmethod
+        def backward(ctx, g):
+            g = g.clone()
+            dist.all_reduce(g, group=_tp_group())
+            return g
+
+    class ReduceFromTP(torch.autograd.Function):
+        """All-reduce forward over the TP group, identity backward (a row-parallel output)."""
+
+        @staticmethod
+        def forward(ctx, x):
+            x = x.clone()
+            dist.all_reduce(x, group=_tp_group())
+            return x
+
+        @staticmethod
+        def backward(ctx, g):
+            return g
+
+    return CopyToTP, ReduceFromTP
+
+
+CopyToTP, ReduceFromTP = _autograd_functions()

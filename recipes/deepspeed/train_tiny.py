@@ -60,34 +60,7 @@ def batch(step: int, micro: int, dp_rank: int, n: int):
 
 
 # ---- tensor parallelism over Megatron's TP group (looked up at call time: it is rebuilt) ------------
-def _tp_group():
-    from megatron.core import parallel_state as ps
-
-    return ps.get_tensor_model_parallel_group()
-
-
-class _CopyToTP(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        return x
-
-    @staticmethod
-    def backward(ctx, g):
-        g = g.clone()
-        dist.all_reduce(g, group=_tp_group())
-        return g
-
-
-class _ReduceFromTP(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        x = x.clone()
-        dist.all_reduce(x, group=_tp_group())
-        return x
-
-    @staticmethod
-    def backward(ctx, g):
-        return g
+from fr_megatron.deepspeed.mpu import CopyToTP as _CopyToTP, ReduceFromTP as _ReduceFromTP  # noqa: E402
 
 
 class TPMLP(torch.nn.Module):
