@@ -42,15 +42,18 @@ def test_faults_recovered_bit_exact(tmp_path, baseline, name):
     spec, kinds, spares, extra = JOBS[name]
     job = run_job(tmp_path, TORCH_RECIPE, STEPS, inject=spec, spares=spares, extra=extra)
     assert job.rc == 0, job.output[-4000:]
-    faults = job.report["faults"]
-    assert len(faults) == len(kinds), faults
-    for fault, part, kind in zip(faults, spec.split(";"), kinds):
+    faults = {(f["rank"], f["step"]): f for f in job.report["faults"]}
+    assert len(faults) == len(kinds), job.report["faults"]
+    for part, kind in zip(spec.split(";"), kinds):
         fields = dict(kv.split("=") for kv in part.split(":")[1:])
-        assert (fault["rank"], fault["kind"], fault["step"], fault["phase"]) == \
-            (int(fields["rank"]), kind, int(fields["step"]), fields["phase"])
+        fault = faults[(int(fields["rank"]), int(fields["step"]))]
+        assert (fault["kind"], fault["phase"]) == (kind, fields["phase"])
         assert fault["replacement"] == ("spare" if spares else "spawn")
         assert fault["survivor_pids_unchanged"] is True
-        assert fault["steps_lost"] == 0 and fault["recovery_point"] == fault["step"] - 1
+        # faults close together can share a generation (a rank may reach the next step's
+        # fault before the previous one is decided): all roll back to the first one's step
+        same_gen = [f["step"] for f in faults.values() if f["generation"] == fault["generation"]]
+        assert fault["steps_lost"] == 0 and fault["recovery_point"] == min(same_gen) - 1
         assert 0 <= fault["detect_s"] <= fault["recovery_s"]
         assert set(fault["phases"]) >= {"detect", "abort", "rebuild", "restore", "resume"}
         if kind.startswith("hang"):  # blamed after the hang timeout, not before
@@ -59,5 +62,6 @@ def test_faults_recovered_bit_exact(tmp_path, baseline, name):
         (reported,) = [e for e in job.journal
                        if e["event"] == "fault_reported" and e["kind"] == "exception"]
         assert "InjectedFault: injected exception at step 4" in reported["traceback"]
-    assert job.report["finished_ranks"] == 4 and job.report["generations"] == len(kinds)
+    assert job.report["finished_ranks"] == 4
+    assert job.report["generations"] == len({f["generation"] for f in faults.values()})
     assert_same_training(baseline, job.result)

@@ -1,34 +1,57 @@
 """The hooks a Megatron-LM-style training loop calls around each step.
 
 Megatron-LM's ``train()`` (through ``patches/megatron-lm``) and ``recipes/megatron/pretrain_gpt.py``
-call the same five functions, so the recipe's tests exercise the code path the patch uses::
+call the same functions, so the recipe's tests exercise the code path the patch uses::
 
     iteration = on_train_start(model, optimizer, opt_param_scheduler, args, iteration)
+    forward_step_func = wrap_forward_step(forward_step_func)
     while iteration < args.train_iters:
-        on_step_begin(iteration)
         try:
+            on_step_begin(iteration)
             loss_dict = train_step(...)
         except Exception as exc:
             iteration = on_step_failure(exc, iteration)   # the iteration to redo
             continue
-        on_step_end(iteration, loss_dict)
+        try:
+            on_step_end(iteration, loss_dict)
+        except Exception as exc:
+            iteration = on_step_failure(exc, iteration)
+            continue
         iteration += 1
     on_train_end()
 
-Megatron's ``iteration`` counts finished iterations; the runtime's step ``iteration + 1`` is the one
-being run, so the recovery point R (last step every rank committed) means "redo iteration R".
-Without ``--flash-recovery`` every hook is a no-op and ``iteration`` passes through unchanged.
+``on_step_begin`` and ``on_step_end`` can raise as well: both are phase markers (a rank that
+notices a fault plan there raises ``RecoveryRequested``), and ``on_step_end``'s commit exchanges
+copies with peers, one of which may be gone. The Megatron-LM patch routes both through
+``on_step_failure`` as above.
+
+Megatron's ``iteration`` counts finished iterations; the runtime's step ``iteration - first + 1``
+is the one being run, where ``first`` is the iteration the job started at (0, or the iteration of
+the checkpoint Megatron-LM loaded). The recovery point R (last step every rank committed) thus
+means "redo iteration first + R". Without ``--flash-recovery`` every hook is a no-op and
+``iteration`` passes through unchanged.
+
+Megatron-LM's ``train()`` passes ``train_data_iterator`` to ``on_train_start`` (the recipe does
+not). That switches on what a real Megatron-LM loop needs besides the runtime's rollback
+(``_MegatronLM``): ``args.consumed_train_samples``/``skipped_train_samples`` kept equal to the
+restored iteration, the rerun state machine reset, the data iterator rewound to the first
+micro-batch of the redone step, timers a failed step left running stopped.
 """
 
 from __future__ import annotations
 
+import collections
+import datetime
 import logging
 from typing import Any, Callable, Optional
 
 log = logging.getLogger("fr_megatron.megatron.hooks")
 
 _session = None
+_first_iteration = 0  # Megatron iteration of runtime step 1, minus 1 (see module docstring)
+_lm: Optional["_MegatronLM"] = None  # set when Megatron-LM's train() is the caller
 _progress_names = ("consumed_train_samples", "skipped_train_samples")
+_NOT_GIVEN = object()
 
 
 def enabled(args) -> bool:
@@ -37,11 +60,21 @@ def enabled(args) -> bool:
 
 def init_process_group(backend: str, args=None, **_ignored):
     """Create the default group for the current generation (replaces Megatron-LM's env:// init,
-    whose un-prefixed rendezvous keys a replacement process would collide with)."""
+    whose un-prefixed rendezvous keys a replacement process would collide with).
+
+    With Megatron-LM's ``args``: ``--inprocess-restart`` and ``--fake-process-group`` (which bring
+    their own store or backend) are refused, and ``--distributed-timeout-minutes`` becomes the
+    timeout of the default group of this and every later generation (the runtime's default is
+    300 s; megatron-core's own groups get the flag's value from ``initialize_model_parallel``).
+    """
     global _session
     from fr_megatron.config import FlashRecoveryConfig
     from fr_megatron.runtime import Session
 
+    for flag in ("inprocess_restart", "fake_process_group"):
+        if getattr(args, flag, False):
+            raise RuntimeError(f"--flash-recovery cannot be combined with "
+                               f"--{flag.replace('_', '-')}")
     cfg = FlashRecoveryConfig.from_env()
     if args is not None:
         from fr_megatron.settings_args import config_from_args
@@ -49,7 +82,22 @@ def init_process_group(backend: str, args=None, **_ignored):
         cfg = config_from_args(args, base=cfg)
     _session = Session.from_env(config=cfg)
     _session.init_process_group(backend)
+    minutes = getattr(args, "distributed_timeout_minutes", None)
+    if minutes:
+        _set_world_timeout(datetime.timedelta(minutes=minutes))
     return _session
+
+
+def _set_world_timeout(timeout: datetime.timedelta) -> None:
+    import torch.distributed as dist
+
+    comms = getattr(_session, "comms", None)
+    if comms is not None and hasattr(comms, "timeout"):
+        comms.timeout = timeout  # the default group of every later generation
+    try:
+        dist.distributed_c10d._set_pg_timeout(timeout, dist.distributed_c10d._get_default_group())
+    except Exception as e:  # noqa: BLE001 - an older torch or a backend without it
+        log.warning("could not set the default group's timeout to %s: %s", timeout, e)
 
 
 def session():
@@ -64,9 +112,16 @@ def _mark(phase: str) -> None:
 
 
 def on_train_start(model, optimizer, opt_param_scheduler, args, iteration: int = 0,
-                   progress: Any = None, forward_step_wrapper: Optional[Callable] = None) -> int:
+                   progress: Any = None, forward_step_wrapper: Optional[Callable] = None,
+                   train_data_iterator: Any = _NOT_GIVEN) -> int:
     """Attach the job to the runtime; returns the iteration to start from (a replacement
-    process starts at the recovery point it restored)."""
+    process starts at the recovery point it restored).
+
+    ``train_data_iterator`` (even None, on ranks that read no data) says the caller is Megatron-LM's
+    ``train()``: ``args`` carries the sample counters and the hooks keep Megatron-LM's own
+    step-level state consistent with each rollback (see ``_MegatronLM``).
+    """
+    global _lm, _first_iteration
     if not enabled(args):
         return iteration
     if _session is None:
@@ -79,16 +134,31 @@ def on_train_start(model, optimizer, opt_param_scheduler, args, iteration: int =
     from .integration import MegatronIntegration
 
     model = list(model) if isinstance(model, (list, tuple)) else [model]
-    integration = MegatronIntegration(
-        model, optimizer, opt_param_scheduler, progress=progress if progress is not None else args,
-        progress_attrs=("iteration", "consumed_samples") if progress is not None else
-        tuple(n for n in _progress_names if hasattr(args, n)))
-    phases.install(get_model_config(model[0]), optimizer, _mark)
+    config = get_model_config(model[0])
+    lm = None
+    if train_data_iterator is not _NOT_GIVEN and progress is None:
+        lm = _MegatronLM(args, iteration, train_data_iterator, getattr(config, "timers", None),
+                         keep=_session.cfg.snapshot_depth + 1)
+    if lm is not None:
+        progress, progress_attrs = lm.counters, lm.counters.names
+    elif progress is not None:
+        progress_attrs = ("iteration", "consumed_samples")
+    else:
+        progress = args
+        progress_attrs = tuple(n for n in _progress_names if hasattr(args, n))
+    integration = MegatronIntegration(model, optimizer, opt_param_scheduler, progress=progress,
+                                      progress_attrs=progress_attrs)
+    phases.install(config, optimizer, _mark)
     _session.attach(integration)
+    _lm = lm
     step = _session.start()
+    _first_iteration = lm.counters.start_iteration if lm is not None else 0
+    first = _first_iteration + step - 1
+    if lm is not None and _session.replacement:
+        lm.recovered(first, replacement=True)
     log.info("rank=%d generation=%d step=%d phase=start flash recovery on; first iteration %d",
-             _session.rank, _session.generation, step, step - 1)
-    return step - 1
+             _session.rank, _session.generation, step, first)
+    return first
 
 
 def wrap_forward_step(forward_step_func: Callable) -> Callable:
@@ -102,24 +172,52 @@ def wrap_forward_step(forward_step_func: Callable) -> Callable:
 
 def on_step_begin(iteration: int) -> None:
     if _session is not None:
-        _session.begin_step(iteration + 1)
+        if _lm is not None:
+            _lm.begin(iteration)
+        _session.begin_step(iteration - _first_iteration + 1)
 
 
 def on_step_end(iteration: int, loss_dict: Any = None) -> None:
     if _session is not None:
-        _session.commit(iteration + 1, _plain(loss_dict))
+        if _lm is not None:
+            _lm.end()
+        _session.commit(iteration - _first_iteration + 1, _plain(loss_dict))
 
 
 def on_step_failure(exc: BaseException, iteration: int) -> int:
     """Recover from a failed step (or re-raise when flash recovery is off); the iteration to redo."""
     if _session is None:
         raise exc
-    return _session.recover(exc) - 1
+    redo = _first_iteration + _session.recover(exc) - 1
+    if _lm is not None:
+        _lm.recovered(redo, failed=iteration)
+    return redo
 
 
 def on_train_end() -> None:
-    if _session is not None:
+    """Close the session. After Megatron-LM's ``train()`` returns, ``pretrain()`` still saves the
+    final checkpoint and evaluates on the same groups, so there the default group is kept."""
+    if _session is None:
+        return
+    if _lm is None:
         _session.close()
+        return
+    import torch.distributed as dist
+
+    destroy = dist.destroy_process_group
+    own = getattr(_session, "group", None)
+
+    def destroy_only_the_runtime_group(group=None):
+        if group is None and own is not None:
+            destroy(own)
+        elif group is not None:
+            destroy(group)
+
+    dist.destroy_process_group = destroy_only_the_runtime_group
+    try:
+        _session.close()
+    finally:
+        dist.destroy_process_group = destroy
 
 
 def history() -> dict:
@@ -139,3 +237,185 @@ def _plain(value):
     if isinstance(value, dict):
         return {k: _plain(v) for k, v in value.items()}
     return value
+
+
+# ------------------------------------------------------------ Megatron-LM's train() only
+
+
+class _Counters:
+    """The progress the runtime snapshots for Megatron-LM (``MegatronIntegration(progress=...)``).
+
+    Megatron-LM adds a step's samples to ``args.consumed_train_samples`` (and
+    ``skipped_train_samples``) only after ``iteration += 1``, i.e. after ``on_step_end`` has
+    committed the step. So the values committed with step ``i`` are the ones ``train()`` *will*
+    have once it has counted iteration ``i`` (``count_step``), computed the way ``train()`` does;
+    they are what ``args`` must hold when iteration ``i + 1`` begins. ``start_iteration`` travels
+    with them so that a replacement maps runtime steps to the same iterations as its peers.
+    """
+
+    names = ("start_iteration", "consumed_train_samples", "skipped_train_samples")
+
+    def __init__(self, args, start_iteration: int):
+        self.start_iteration = start_iteration
+        self.read(args)
+
+    def read(self, args) -> None:
+        self.consumed_train_samples = getattr(args, "consumed_train_samples", 0) or 0
+        self.skipped_train_samples = getattr(args, "skipped_train_samples", 0) or 0
+
+    def write(self, args) -> None:
+        args.consumed_train_samples = self.consumed_train_samples
+        if hasattr(args, "skipped_train_samples"):
+            args.skipped_train_samples = self.skipped_train_samples
+
+    def count_step(self, args) -> None:
+        """The counters after ``train()`` has counted the current iteration (training.py, after
+        ``iteration += 1``; the RL sequence-packing path is not covered)."""
+        from megatron.core import parallel_state
+        from megatron.core.num_microbatches_calculator import (
+            get_current_global_batch_size,
+            get_current_running_global_batch_size,
+            get_num_microbatches,
+        )
+
+        self.read(args)
+        self.consumed_train_samples += (parallel_state.get_data_parallel_world_size()
+                                        * args.micro_batch_size * get_num_microbatches())
+        self.skipped_train_samples += (get_current_global_batch_size()
+                                       - get_current_running_global_batch_size())
+
+
+class _DataLog:
+    """Stands in for a ``RerunDataIterator``'s source: keeps what was fetched since the start of
+    the oldest iteration a recovery can return to, and queues it again on a rollback.
+
+    ``RerunDataIterator`` cannot do this itself: it keeps one iteration's micro-batches, only
+    outside ``--rerun-mode disabled``, and its ``rewind()`` cannot read past them. Attributes it
+    lacks (e.g. an external loader's ``save_state``) are the source's.
+    """
+
+    def __init__(self, source):
+        self.source = source
+        self.fetched: list = []
+        self.marks: dict[int, int] = {}  # iteration -> len(fetched) at on_step_begin(iteration)
+        self.queued: collections.deque = collections.deque()
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        item = self.queued.popleft() if self.queued else next(self.source)
+        self.fetched.append(item)
+        return item
+
+    def __getattr__(self, name):
+        if name in ("source", "fetched", "marks", "queued"):
+            raise AttributeError(name)
+        return getattr(self.source, name)
+
+    def mark(self, iteration: int, keep: int) -> None:
+        self.marks = {i: p for i, p in self.marks.items() if iteration - keep <= i < iteration}
+        self.marks[iteration] = len(self.fetched)
+        start = min(self.marks.values())
+        if start:
+            del self.fetched[:start]
+            self.marks = {i: p - start for i, p in self.marks.items()}
+
+    def rewind(self, iteration: int) -> bool:
+        """Queue again all that was fetched since ``on_step_begin(iteration)``; False when that
+        is no longer known."""
+        if iteration not in self.marks:
+            # the iteration after the newest begun one: the stream is already there
+            return not self.marks or iteration > max(self.marks)
+        pos = self.marks[iteration]
+        self.queued.extendleft(reversed(self.fetched[pos:]))
+        del self.fetched[pos:]
+        self.marks = {i: p for i, p in self.marks.items() if i <= iteration}
+        return True
+
+
+class _MegatronLM:
+    """Megatron-LM ``train()`` state that must follow a rollback to iteration ``r``.
+
+    * ``args.consumed_train_samples``/``skipped_train_samples``: restored with the snapshot
+      (``_Counters``) and written back to ``args``.
+    * the rerun state machine: a step that failed inside ``train_step`` leaves it in
+      ``INITIAL_RUN`` (or a rerun state), and the redo would then skip forward/backward; it goes
+      back to ``NOT_RUNNING_YET`` with ``current_iteration = r``, as ``train()`` sets it up.
+    * the training data iterator(s) (``RerunDataIterator``, a list of them with virtual
+      pipelining): every micro-batch fetched since ``on_step_begin(r)`` is queued again
+      (``_DataLog``), and the wrapper's own replay buffer is dropped.
+    * timers a failed step left started (``Timer.start`` asserts otherwise); ``interval-time``
+      runs across steps and is left alone. ``stop()`` is not called: it synchronises the device.
+    """
+
+    def __init__(self, args, iteration: int, train_data_iterator, timers, keep: int):
+        self.args, self.timers, self.keep = args, timers, keep
+        self.counters = _Counters(args, iteration)
+        self.iterators: list = []
+        self.logs: list[_DataLog] = []
+        its = train_data_iterator
+        for it in its if isinstance(its, list) else [its]:
+            if it is None:
+                continue
+            if _is_rerun_data_iterator(it):
+                if not isinstance(it.iterable, _DataLog):
+                    it.iterable = _DataLog(it.iterable)
+                self.iterators.append(it)
+                self.logs.append(it.iterable)
+            else:
+                log.warning("flash recovery cannot rewind a training data iterator of type %s (not "
+                            "a RerunDataIterator): a redone step will read new micro-batches",
+                            type(it).__name__)
+
+    def begin(self, iteration: int) -> None:
+        self.counters.read(self.args)
+        for dl in self.logs:
+            dl.mark(iteration, self.keep)
+
+    def end(self) -> None:
+        self.counters.count_step(self.args)
+
+    def recovered(self, redo: int, failed: Optional[int] = None, replacement: bool = False) -> None:
+        before = getattr(self.args, "consumed_train_samples", None)
+        self.counters.write(self.args)
+        self._reset_rerun_state_machine(redo)
+        if replacement:
+            if self.logs and before != self.counters.consumed_train_samples:
+                log.warning("replacement: the training data loader was built at "
+                            "consumed_train_samples=%s, the recovery point is at %s; this "
+                            "rank's micro-batches will not match its peers'", before,
+                            self.counters.consumed_train_samples)
+        else:
+            for it, dl in zip(self.iterators, self.logs):
+                if not dl.rewind(redo):
+                    log.error("flash recovery: cannot rewind the training data from iteration %s "
+                              "to %s (only the last %d iterations are kept); the redone steps "
+                              "read new micro-batches", failed, redo, self.keep)
+                it.saved_microbatches = []
+                it.replaying = False
+                it.replay_pos = 0
+        self._stop_timers()
+
+    @staticmethod
+    def _reset_rerun_state_machine(redo: int) -> None:
+        try:
+            from megatron.core.rerun_state_machine import RerunState, get_rerun_state_machine
+        except ImportError:
+            return
+        rsm = get_rerun_state_machine()
+        rsm.state = RerunState.NOT_RUNNING_YET
+        rsm.current_iteration = redo
+
+    def _stop_timers(self) -> None:
+        for name, timer in (getattr(self.timers, "_timers", None) or {}).items():
+            if name != "interval-time" and getattr(timer, "_started", False):
+                timer._started = False
+
+
+def _is_rerun_data_iterator(it) -> bool:
+    try:
+        from megatron.core.rerun_state_machine import RerunDataIterator
+    except ImportError:
+        return False
+    return isinstance(it, RerunDataIterator)

@@ -133,13 +133,15 @@ def main(argv=None) -> int:
     losses: dict[int, float] = {}
     t_last = time.time()
     while iteration < args.train_iters:
-        flash_recovery.on_step_begin(iteration)
         try:
+            # begin (a fault notice between steps) and end (the commit and its copies) can fail
+            # too: a peer lost there is recovered like one lost inside the step
+            flash_recovery.on_step_begin(iteration)
             loss = job.train_step(iteration + 1)
+            flash_recovery.on_step_end(iteration, loss)
         except Exception as exc:
             iteration = flash_recovery.on_step_failure(exc, iteration)
             continue
-        flash_recovery.on_step_end(iteration, loss)
         iteration += 1
         losses[iteration] = loss
         if rank == 0 and iteration % args.log_interval == 0:
