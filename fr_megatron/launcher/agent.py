@@ -54,7 +54,7 @@ class NodeAgent:
                  token: bytes, token_file: str, cfg: FlashRecoveryConfig, script: str,
                  script_args: list[str], spares: int, inject: Optional[str] = None,
                  preload: str = DEFAULT_PRELOAD, python: str = sys.executable,
-                 extra_env: Optional[dict] = None):
+                 extra_env: Optional[dict] = None, connect_timeout: float = 30.0):
         self.node, self.nnodes, self.nproc = node_rank, nnodes, nproc
         self.world_size = nnodes * nproc
         self.host, self.port = controller
@@ -67,7 +67,7 @@ class NodeAgent:
         self.preload = preload
         self.python = python
         self.extra_env = extra_env or {}
-        self.store = connect(self.host, self.port)
+        self.store = connect(self.host, self.port, connect_timeout)
         self.generation = 0
         self.workers: dict[int, Worker] = {}      # pid -> worker
         self.spares: list[subprocess.Popen] = []

@@ -134,6 +134,8 @@ class Controller:
             t.start()
         while not self._stop.wait(0.05):
             with self._lock:
+                if self.fatal:
+                    break  # a job that is stopping opens no new generation
                 if self.pending and time.time() - min(f.reported_t for f in self.pending.values()) \
                         >= DEBOUNCE_S:
                     self._decide()
@@ -250,6 +252,8 @@ class Controller:
             elif kind == "node_done":
                 self.done_nodes.add(int(ev["node"]))
             elif kind == "fatal":
+                if self.fatal:
+                    return  # every rank that finds the job unrecoverable says so; once is enough
                 self.fatal = ev.get("reason", "fatal error")
                 self.exit_code = 1
                 self.journal.write("job_stopped", generation=self.generation, rank=ev.get("rank"),
@@ -264,6 +268,8 @@ class Controller:
                                    kind=str(kind)[:64])
 
     def _report_fault(self, f: Fault):
+        if self.fatal:
+            return  # the job is stopping: deaths from here on are its consequence
         if f.kind not in FAULT_KINDS:
             f.kind = "crash"
         old = self.pending.get(f.rank)
@@ -302,6 +308,14 @@ class Controller:
                 self.journal.write("job_stopped", generation=g, rank=f.rank, step=f.step,
                                    phase=f.phase, reason=self.fatal)
                 return
+        # a replacement that has not joined its generation yet waits in a rendezvous that can no
+        # longer complete (a member just died): it is replaced again in the new generation
+        stuck = sorted({f.rank for r in open_recoveries for f in r.faults
+                        if f.joined_t is None and f.rank not in replaced})
+        for rank in stuck:
+            self.journal.write("replacement_restarted", generation=g, rank=rank,
+                               reason="had not joined its generation when another fault came")
+        replaced = sorted(replaced + stuck)
         survivors = {r: v.pid for r, v in self.views.items() if r not in replaced}
         plan = {"generation": g, "replaced": replaced,
                 "faults": [{"rank": f.rank, "kind": f.kind, "step": f.step, "phase": f.phase,

@@ -42,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preload", default=DEFAULT_PRELOAD,
                    help="modules a warm spare imports before it is needed")
     p.add_argument("--no-wandb", action="store_true", help="do not log recovery events to wandb")
+    p.add_argument("--connect-timeout", type=float, default=30.0,
+                   help="seconds a node waits for the controller to be reachable")
     p.add_argument("script")
     p.add_argument("script_args", nargs=argparse.REMAINDER)
     return p
@@ -114,7 +116,8 @@ def main(argv=None) -> int:
         agent = NodeAgent(node_rank=a.node_rank, nnodes=a.nnodes, nproc=a.nproc_per_node,
                           controller=(host, port), token=token, token_file=token_file, cfg=cfg,
                           script=a.script, script_args=a.script_args, spares=cfg.spares,
-                          inject=a.inject, preload=a.preload)
+                          inject=a.inject, preload=a.preload,
+                          connect_timeout=a.connect_timeout)
     except ConnectionError as e:
         print(f"fr-megatron run: error: --controller: {e}", file=sys.stderr)
         return 2

@@ -368,7 +368,9 @@ class Session:
         else:
             reason = (f"ranks {sorted(lost)} and every holder of their copies are lost; "
                       "no consistent state among live peers")
-            self.send("fatal", reason=reason, step=self.step, last_good_step=self.committed)
+            good = min(i["committed"] for r, i in enumerate(infos) if r not in lost) \
+                if len(lost) < self.world_size else -1
+            self.send("fatal", reason=reason, step=self.step, last_good_step=good)
             raise RecoveryImpossible(reason)
         works, received = [], {}
         for dst, (src_rep, src_unique) in sorted(sources.items()):
