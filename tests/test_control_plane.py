@@ -134,3 +134,23 @@ def test_unreachable_controller_is_exit_2(tmp_path):
     assert p.returncode == 2, p.stderr
     assert "cannot reach the controller" in p.stderr and "--controller" in p.stderr
     assert time.time() - t0 < 110
+
+
+@pytest.mark.timeout(180)
+def test_unchanged_torchrun_script_runs_and_ends(tmp_path):
+    """A script that only uses torchrun's environment (env:// rendezvous, no recovery session)
+    runs under fr-megatron run and ends: its exit 0 is its normal end, not a fault."""
+    script = tmp_path / "plain.py"
+    script.write_text(
+        "import torch, torch.distributed as dist\n"
+        "dist.init_process_group('gloo')\n"
+        "t = torch.ones(1) * dist.get_rank()\n"
+        "dist.all_reduce(t)\n"
+        "assert t.item() == sum(range(dist.get_world_size()))\n"
+        "dist.destroy_process_group()\n")
+    report = tmp_path / "r.json"
+    p = _run_cli("--nproc-per-node", "2", "--spares", "0", "--no-wandb", "--report", str(report),
+                 str(script), timeout=170)
+    assert p.returncode == 0, p.stderr[-3000:]
+    rep = json.loads(report.read_text())
+    assert rep["faults"] == [] and rep["generations"] == 0

@@ -86,6 +86,8 @@ class NodeAgent:
             "FR_NODE_RANK": str(self.node), "FR_NNODES": str(self.nnodes),
             "FR_GENERATION": str(generation), "FR_REPLACEMENT": "1" if replacement else "0",
             "FR_CONFIG": self.cfg.to_env(), "TORCH_CPP_LOG_LEVEL": "ERROR",
+            # as torchrun: env:// makes every rank a client of the store the controller hosts
+            "TORCHELASTIC_USE_AGENT_STORE": "True",
             **self.extra_env,
         }
         if self.inject:
@@ -158,7 +160,10 @@ class NodeAgent:
                 if w.expected_exit:
                     continue
                 kind, detail = classify_exit(status)
-                if self._finished(w.rank):
+                if self._finished(w.rank) or (kind == "exit0_early"
+                                              and not self._has_session(w.rank)):
+                    # a script without the recovery session has no "finished" mark: exit 0 is
+                    # its normal end
                     self.finished.add(w.rank)
                     log.info("node=%d rank=%d finished (%s)", self.node, w.rank,
                              "exit 0" if kind == "exit0_early" else f"then {kind} {detail}")
@@ -173,6 +178,12 @@ class NodeAgent:
                 self._send("fault", rank=w.rank, pid=pid, fault=kind, fault_t=fault_t, node=self.node,
                            generation=w.generation, step=hb.get("step", -1),
                            phase=hb.get("phase", "unknown"), **detail)
+
+    def _has_session(self, rank: int) -> bool:
+        try:
+            return self.store.check([keys.heartbeat(rank)])
+        except Exception:
+            return True
 
     def _finished(self, rank: int) -> bool:
         try:
