@@ -4,7 +4,6 @@ failure domains, and the launcher's input checks (real CLI processes, exit code 
 import json
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -127,13 +126,11 @@ def test_bad_launcher_input_is_one_line_and_exit_2(args, needle):
 def test_unreachable_controller_is_exit_2(tmp_path):
     token = tmp_path / "token"
     token.write_text("t" * 64)
-    t0 = time.time()
     p = _run_cli("--nnodes", "2", "--node-rank", "1", "--controller", "127.0.0.1:9",
                  "--token-file", str(token), "--connect-timeout", "3",
                  "recipes/torch_ddp/train.py", timeout=120)
     assert p.returncode == 2, p.stderr
     assert "cannot reach the controller" in p.stderr and "--controller" in p.stderr
-    assert time.time() - t0 < 110
 
 
 @pytest.mark.timeout(180)

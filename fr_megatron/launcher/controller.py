@@ -12,6 +12,7 @@ journal keeps the last good step (see README, "Failure model").
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import logging
 import os
@@ -72,6 +73,7 @@ class Recovery:
     decision_t: float
     survivor_pids: dict[int, int]
     reports: dict[int, dict] = field(default_factory=dict)
+    summary: Optional[dict] = None  # set once every rank reported its first step after it
 
 
 class Controller:
@@ -146,7 +148,7 @@ class Controller:
 
     def _events_loop(self):
         client = connect(self.host, self.port)
-        client.set_timeout(__import__("datetime").timedelta(days=1))
+        client.set_timeout(datetime.timedelta(days=1))
         while not self._stop.is_set():
             try:
                 raw = client.queue_pop(keys.EVENTS)
@@ -243,7 +245,7 @@ class Controller:
                             # earlier recoveries cut short by a new fault end with this one
                             for older in self.recoveries:
                                 if older.generation <= rec.generation and \
-                                        not hasattr(older, "summary"):
+                                        older.summary is None:
                                     older.reports = rec.reports
                                     self._recovery_complete(older)
                             self.restarts_without_progress.clear()
@@ -294,7 +296,7 @@ class Controller:
             f.decision_t, f.new_generation = now, g
             self.replaced_pids.add(f.pid)
         replaced = sorted(f.rank for f in faults)
-        open_recoveries = [r for r in self.recoveries if not hasattr(r, "summary")]
+        open_recoveries = [r for r in self.recoveries if r.summary is None]
         for f in faults:
             # a rank whose replacement keeps failing before it recovers is not restarted forever
             if any(f.rank in (x.rank for x in r.faults) for r in open_recoveries):
@@ -358,7 +360,7 @@ class Controller:
     def report(self) -> dict:
         faults = []
         for rec in self.recoveries:
-            s = getattr(rec, "summary", None)
+            s = rec.summary
             for f in rec.faults:
                 entry = {"rank": f.rank, "kind": f.kind, "step": f.step, "phase": f.phase,
                          "generation": rec.generation,
