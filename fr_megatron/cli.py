@@ -23,7 +23,11 @@ def main(argv=None) -> int:
         print("usage: fr-megatron COMMAND [args]\n\ncommands:\n" + "\n".join(lines), file=out)
         return 0 if out is sys.stdout else 2
     import importlib
+    import os
 
+    # before torch loads: the control plane waits on store keys with short timeouts by design,
+    # and c10d would log every one of them as a warning
+    os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
     mod = importlib.import_module(COMMANDS[argv[0]][0])
     return int(mod.main(argv[1:]) or 0)
 

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -22,6 +25,11 @@ class Job:
     report: dict | None
     result: dict | None
     journal: list[dict]
+    stacks: str = ""  # of every process of a job that ran past its timeout
+
+    def failure(self, tail: int = 4000) -> str:
+        """What a failing assertion shows: the log's tail, and where a hung job was stuck."""
+        return self.output[-tail:] + ("\n" + self.stacks if self.stacks else "")
 
 
 def run_job(tmp: Path, script: Path, script_args: list[str], nproc: int = 4, spares: int = 1,
@@ -43,14 +51,44 @@ def run_job(tmp: Path, script: Path, script_args: list[str], nproc: int = 4, spa
     cmd += [str(script), *script_args]
     if "--out" not in script_args:
         cmd += ["--out", str(out)]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, **env})
+    # own session so a timeout kills the launcher, its workers and spares, and the test still
+    # gets the log of the job that hung
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env={**os.environ, **env}, start_new_session=True)
+    stacks = ""
+    try:
+        output, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        stacks = _stacks(proc.pid)
+        os.killpg(proc.pid, signal.SIGKILL)
+        output, _ = proc.communicate()
+        output += f"\n[tests/jobs.py] job killed after its {timeout:.0f} s timeout\n"
     from fr_megatron.events import Journal
 
-    return Job(proc.returncode, proc.stdout + proc.stderr,
+    return Job(proc.returncode, output,
                json.loads(report.read_text()) if report.exists() else None,
                torch.load(out, weights_only=False) if out.exists() else None,
-               Journal.read(str(journal)) if journal.exists() else [])
+               Journal.read(str(journal)) if journal.exists() else [], stacks)
+
+
+def _stacks(pid: int) -> str:
+    """Python stacks of a hung job's processes (py-spy), for the failure message."""
+    spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    if not os.path.exists(spy):
+        return "(install py-spy to see the stacks of a hung job)"
+    out = []
+    try:
+        procs = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+    except psutil.Error:
+        return ""
+    for p in procs:
+        try:
+            dump = subprocess.run([spy, "dump", "--pid", str(p.pid)], capture_output=True,
+                                  text=True, timeout=20)
+            out.append(f"==== pid {p.pid} {' '.join(p.cmdline()[-4:])}\n{dump.stdout}{dump.stderr}")
+        except (psutil.Error, subprocess.TimeoutExpired) as e:
+            out.append(f"==== pid {p.pid}: {e}")
+    return "\n".join(out)
 
 
 def assert_same_training(a: dict, b: dict) -> None:

@@ -46,11 +46,11 @@ def ds_job(tmp, config: str, inject: str | None = None, spares: int = 1, extra_a
         out = b"".join(x if isinstance(x, bytes) else x.encode() for x in (e.stdout, e.stderr) if x)
         pytest.fail(f"job {name} ({config}, {inject}) ran past {JOB_TIMEOUT}s; output tail:\n"
                     + out.decode(errors="replace")[-6000:])
-    assert job.rc == 0, job.output[-5000:]
+    assert job.rc == 0, job.failure(5000)
     ranks = [job.result]
     for r in range(1, 4):
         path = tmp / f"{name}.pt.rank{r}"
-        assert path.exists(), f"rank {r} wrote no results\n" + job.output[-3000:]
+        assert path.exists(), f"rank {r} wrote no results\n" + job.failure(3000)
         ranks.append(torch.load(path, weights_only=False))
     job.ranks = ranks
     return job

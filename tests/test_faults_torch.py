@@ -31,7 +31,7 @@ JOBS = {
 @pytest.fixture(scope="module")
 def baseline(tmp_path_factory):
     job = run_job(tmp_path_factory.mktemp("base"), TORCH_RECIPE, STEPS, name="base")
-    assert job.rc == 0, job.output[-3000:]
+    assert job.rc == 0, job.failure(3000)
     assert job.report["faults"] == []
     return job.result
 
@@ -41,7 +41,7 @@ def baseline(tmp_path_factory):
 def test_faults_recovered_bit_exact(tmp_path, baseline, name):
     spec, kinds, spares, extra = JOBS[name]
     job = run_job(tmp_path, TORCH_RECIPE, STEPS, inject=spec, spares=spares, extra=extra)
-    assert job.rc == 0, job.output[-4000:]
+    assert job.rc == 0, job.failure(4000)
     faults = {(f["rank"], f["step"]): f for f in job.report["faults"]}
     assert len(faults) == len(kinds), job.report["faults"]
     for part, kind in zip(spec.split(";"), kinds):

@@ -11,7 +11,7 @@ def test_corrupted_state_transfer_stops_the_job(tmp_path):
     # every sender flips one byte after checksumming, as a bad link or bad memory would
     job = run_job(tmp_path, TORCH_RECIPE, ["--steps", "6"], inject="kill:rank=2:step=3",
                   env={"FR_CORRUPT_TRANSFER": "1"})
-    assert job.rc == 1, job.output[-3000:]
+    assert job.rc == 1, job.failure(3000)
     assert "checksum mismatch" in (job.report["fatal"] or ""), job.report
     (fault,) = job.report["faults"]
     assert (fault["rank"], fault["step"]) == (2, 3)
@@ -27,7 +27,7 @@ def test_rank_and_holder_of_its_copy_lost_together_stops_cleanly(tmp_path):
     # on one node, rank 1's copy lives on rank 2 (the next data-parallel rank): lose both
     job = run_job(tmp_path, TORCH_RECIPE, ["--steps", "6"],
                   inject="kill:rank=1:step=3:phase=forward;kill:rank=2:step=3:phase=forward")
-    assert job.rc == 1, job.output[-3000:]
+    assert job.rc == 1, job.failure(3000)
     assert "every holder of their copies are lost" in (job.report["fatal"] or ""), job.report
     stopped = [e for e in job.journal if e["event"] == "job_stopped"]
     assert stopped and stopped[0]["last_good_step"] == 2

@@ -44,7 +44,7 @@ def megatron_job(tmp: Path, name: str, args=ARGS, inject=None, nproc=WORLD, spar
                  wandb_dir=None):
     job = run_job(tmp, RECIPE, [*args, "--out", str(tmp / name)], nproc=nproc, spares=spares,
                   inject=inject, name=name, timeout=600, extra=PRELOAD, wandb_dir=wandb_dir)
-    assert job.rc == 0, job.output[-5000:]
+    assert job.rc == 0, job.failure(5000)
     return job
 
 

@@ -61,6 +61,7 @@ class Fault:
     new_generation: Optional[int] = None
     replacement: Optional[str] = None
     replacement_t: Optional[float] = None   # the agent handed the rank to a process
+    replacement_pid: Optional[int] = None
     joined_t: Optional[float] = None        # that process joined the new generation's world
 
 
@@ -186,8 +187,8 @@ class Controller:
                                            reason=f"heartbeat {k}: {e}")
                         continue
                     rank = int(k.rsplit("/", 1)[1])
-                    if hb.get("rank") != rank:
-                        continue
+                    if hb.get("rank") != rank or hb.get("pid") in self.replaced_pids:
+                        continue  # the last beat of a replaced process says nothing of its rank
                     self.views[rank].update(hb, now)
                 if self.pending:
                     continue
@@ -230,6 +231,7 @@ class Controller:
                         for f in rec.faults:
                             if f.rank == ev["rank"]:
                                 f.replacement, f.replacement_t = ev["how"], ev["ts"]
+                                f.replacement_pid = ev.get("pid")
                 self.journal.write("replacement_started", generation=ev["generation"],
                                    rank=ev["rank"], how=ev["how"], pid=ev.get("pid"))
             elif kind == "joined":
@@ -315,9 +317,13 @@ class Controller:
         stuck = sorted({f.rank for r in open_recoveries for f in r.faults
                         if f.joined_t is None and f.rank not in replaced})
         for rank in stuck:
+            self.replaced_pids.update(f.replacement_pid for r in open_recoveries
+                                      for f in r.faults if f.rank == rank and f.replacement_pid)
             self.journal.write("replacement_restarted", generation=g, rank=rank,
                                reason="had not joined its generation when another fault came")
         replaced = sorted(replaced + stuck)
+        for rank in replaced:  # judged again from its replacement's first heartbeat
+            self.views[rank] = RankView(rank)
         survivors = {r: v.pid for r, v in self.views.items() if r not in replaced}
         plan = {"generation": g, "replaced": replaced,
                 "faults": [{"rank": f.rank, "kind": f.kind, "step": f.step, "phase": f.phase,

@@ -8,6 +8,10 @@ blocked on it sees the connection close. Store connections are never touched.
 Rebuild: the old world is destroyed, but the old group objects are kept alive (destroying a gloo
 group with a failed op in flight blocks for ~20 s); a new default group is initialised on
 ``PrefixStore("gen{g}/")`` because gloo cannot reuse a prefix on which a peer died.
+
+Interrupt: a peer can die while a generation's groups are being built; the rendezvous would then
+wait out the whole timeout for it. Each generation rendezvouses on a store connection of its own,
+which ``interrupt_rendezvous`` shuts down when a newer plan arrives, so the wait fails at once.
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ import datetime
 import logging
 import os
 import socket
+import threading
+from typing import Callable
 
 import psutil
 import torch.distributed as dist
@@ -25,28 +31,59 @@ from ..protocol import keys
 log = logging.getLogger("fr_megatron.comms")
 
 
+class RendezvousInterrupted(ConnectionError):
+    """A newer generation was opened while this one's groups were being built."""
+
+
 class Communicators:
-    def __init__(self, store, store_port: int, rank: int, world_size: int, backend: str,
-                 timeout_s: float = 300.0):
-        self.store, self.store_port = store, store_port
+    def __init__(self, connect_store: Callable, store_port: int, rank: int, world_size: int,
+                 backend: str, timeout_s: float = 300.0):
+        self.connect_store, self.store_port = connect_store, store_port
         self.rank, self.world_size, self.backend = rank, world_size, backend
         self.timeout = datetime.timedelta(seconds=timeout_s)
         self.generation = -1
         self.graveyard: list = []  # old groups, kept referenced on purpose (see module doc)
         self._baseline = self._sockets()
+        self._rdzv_lock = threading.Lock()
+        self._rdzv_fds: set[int] = set()
+        self._rdzv_stores: list = []  # kept open: a shut-down client must not be reused or freed
 
-    def _sockets(self) -> set[int]:
+    def _sockets(self, port: int | None = None) -> set[int]:
         try:
-            return {c.fd for c in psutil.Process().net_connections(kind="tcp") if c.raddr}
+            return {c.fd for c in psutil.Process().net_connections(kind="tcp")
+                    if c.raddr and (port is None or c.raddr.port == port)}
         except psutil.Error:
             return set()
 
-    def init_world(self, generation: int) -> None:
-        """Create the default process group of ``generation``."""
-        dist.init_process_group(self.backend, store=dist.PrefixStore(
-            keys.generation_prefix(generation), self.store), rank=self.rank,
-            world_size=self.world_size, timeout=self.timeout)
+    def init_world(self, generation: int, superseded: Callable[[], bool] = lambda: False) -> None:
+        """Create the default process group of ``generation`` on a store connection of its own.
+
+        ``superseded`` says whether a newer generation exists already: checked once the
+        connection is open, it closes the race with ``interrupt_rendezvous``.
+        """
+        with self._rdzv_lock:
+            before = self._sockets(self.store_port)
+            store = self.connect_store()
+            self._rdzv_fds = self._sockets(self.store_port) - before
+            self._rdzv_stores.append(store)
+        if superseded():
+            raise RendezvousInterrupted(f"generation {generation} superseded before its rendezvous")
+        try:
+            dist.init_process_group(self.backend, store=dist.PrefixStore(
+                keys.generation_prefix(generation), store), rank=self.rank,
+                world_size=self.world_size, timeout=self.timeout)
+        except Exception as e:
+            if superseded():
+                raise RendezvousInterrupted(f"rendezvous of generation {generation} "
+                                            f"interrupted: {e}") from e
+            raise
         self.generation = generation
+
+    def interrupt_rendezvous(self) -> int:
+        """Make a rendezvous (world or subgroup) that waits for a peer fail now."""
+        with self._rdzv_lock:
+            fds, self._rdzv_fds = self._rdzv_fds, set()
+        return _shutdown(fds)
 
     def abort(self) -> int:
         """Make every blocked collective of this process, and of peers blocked on it, fail now."""
@@ -55,24 +92,8 @@ class Communicators:
                 dist.distributed_c10d._abort_process_group()
             except Exception as e:
                 log.warning("NCCL abort: %s", e)
-        n = 0
-        try:
-            conns = psutil.Process().net_connections(kind="tcp")
-        except psutil.Error:
-            conns = []
-        for c in conns:
-            if not c.raddr or c.raddr.port == self.store_port or c.fd in self._baseline or c.fd < 0:
-                continue
-            try:
-                s = socket.socket(fileno=os.dup(c.fd))
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                    n += 1
-                finally:
-                    s.close()
-            except OSError:
-                pass
-        return n
+        peers = self._sockets() - self._sockets(self.store_port) - self._baseline
+        return _shutdown(peers)
 
     def destroy_world(self) -> list:
         """Destroy every group of the current world; returns the old group objects."""
@@ -85,3 +106,21 @@ class Communicators:
             except Exception as e:
                 log.warning("destroy_process_group: %s", e)
         return old
+
+
+def _shutdown(fds: set[int]) -> int:
+    """Shut down (not close: the owner still holds the fd) each socket; how many were."""
+    n = 0
+    for fd in fds:
+        if fd < 0:
+            continue
+        try:
+            s = socket.socket(fileno=os.dup(fd))
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+                n += 1
+            finally:
+                s.close()
+        except OSError:
+            pass
+    return n

@@ -35,7 +35,7 @@ from ..protocol import keys
 from ..protocol.auth import Signer, read_token
 from ..protocol.store import connect
 from . import failure_domains, inject, transfer
-from .comms import Communicators
+from .comms import Communicators, RendezvousInterrupted
 from .heartbeat import Heartbeat, PlanMonitor
 from .integration import Integration, RankState
 from .redundancy import CopyExchange
@@ -56,7 +56,8 @@ class RecoveryImpossible(RuntimeError):
 
 
 def _is_comm_error(exc: BaseException) -> bool:
-    if isinstance(exc, (RecoveryRequested, dist.DistError, ConnectionError, TimeoutError)):
+    if isinstance(exc, (RecoveryRequested, RendezvousInterrupted, dist.DistError, ConnectionError,
+                        TimeoutError)):
         return True
     text = f"{type(exc).__name__} {exc}"
     return any(s in text for s in ("gloo", "Connection", "NCCL", "connection", "peer", "Timed out",
@@ -158,15 +159,33 @@ class Session:
             if plan["generation"] <= self.generation:
                 return
             self._notice = plan
-            if self.sm.state == State.RUNNING and self.comms is not None:
-                n = self.comms.abort()
-                log.info("rank=%d generation=%d step=%d phase=%s fault notice: aborted %d links",
-                         self.rank, self.generation, self.step, self.phase_name, n)
+            if self.comms is None:
+                return
+            # a rendezvous waiting for a peer of the superseded generation fails at once, and so
+            # does a collective blocked on one
+            n = self.comms.interrupt_rendezvous()
+            if self.sm.state in (State.RUNNING, State.SYNCING):
+                n += self.comms.abort()
+            log.info("rank=%d generation=%d step=%d phase=%s fault notice (generation %d): "
+                     "aborted %d links", self.rank, self.generation, self.step, self.phase_name,
+                     plan["generation"], n)
 
     # ---- set-up ----------------------------------------------------------------------------
     def init_process_group(self, backend: str = "gloo") -> None:
-        self.comms = Communicators(self.store, self.port, self.rank, self.world_size, backend)
-        self.comms.init_world(self.generation)
+        self.comms = Communicators(lambda: connect(self.host, self.port), self.port, self.rank,
+                                   self.world_size, backend)
+        while True:
+            try:
+                self.comms.init_world(self.generation, self._superseded)
+                break
+            except RendezvousInterrupted:
+                # a peer failed before the job was even up: follow the newer generation
+                plan = self._wait_plan()
+                if self.rank in plan["replaced"]:
+                    log.error("rank=%d was replaced in generation %d before it joined; exiting",
+                              self.rank, plan["generation"])
+                    os._exit(EXIT_FAULTY)
+                self._enter_generation(plan)
         log.info("rank=%d generation=%d joined world of %d (%s)%s", self.rank, self.generation,
                  self.world_size, backend, " as replacement" if self.replacement else "")
         if self.replacement:
@@ -299,17 +318,16 @@ class Session:
             except (transfer.ChecksumError, RecoveryImpossible):
                 raise
             except Exception as e:
-                exc = e
+                # whatever a rendezvous cut short by a newer plan raised, it is not our fault
+                exc = RendezvousInterrupted(str(e)) if self._superseded() else e
 
     def _rebuild(self, plan: dict) -> None:
         self.sm.to(State.REBUILDING, self.generation, self.step)
         if self.integration:
             self.integration.teardown()  # the framework lets go of its groups first
         old_groups = self.comms.destroy_world() if self.comms else []
-        self.generation = plan["generation"]
-        with self._lock:
-            self._notice = None
-        self.comms.init_world(self.generation)
+        self._enter_generation(plan)
+        self.comms.init_world(self.generation, self._superseded)
         if self.integration:
             self.integration.rebuild()
             stale = self.integration.old_group_references(old_groups)
@@ -335,6 +353,15 @@ class Session:
         sys.stderr.write(tb)
         sys.stderr.flush()
         os._exit(EXIT_FAULTY)
+
+    def _enter_generation(self, plan: dict) -> None:
+        with self._lock:  # a notice of an even newer plan that came meanwhile is kept
+            self.generation = plan["generation"]
+            if self._notice is not None and self._notice["generation"] <= self.generation:
+                self._notice = None
+
+    def _superseded(self) -> bool:
+        return self._notice is not None
 
     def _plan_for(self, generation: int) -> dict:
         return self.signer.verify(self.store.get(keys.plan(generation)))
