@@ -40,6 +40,9 @@ class FlashRecoveryConfig(BaseModel):
         "auto", description="seconds without step progress that count as a hang, or 'auto' "
                             "(derived from observed step times)")
     hang_timeout_min: float = Field(5.0, gt=0, description="lower bound of the 'auto' hang timeout")
+    node_timeout: float = Field(3.0, gt=0, le=600,
+                                description="seconds without its agent's heartbeat after which a "
+                                            "node counts as lost (and fences itself)")
     replicas: int = Field(1, ge=1, le=8, description="redundant copies of each rank's unique state")
     snapshot_depth: int = Field(2, ge=2, le=4, description="committed steps kept for rollback")
     spares: int = Field(1, ge=0, le=64, description="warm spare processes per node")

@@ -5,6 +5,11 @@ A blocking ``waitpid`` thread learns of a death the moment it happens; a light p
 (SIGSTOP) workers. Faults go to the controller; the agent acts only on the controller's signed
 plans: it kills a replaced rank that is still alive (a hung one) and hands its rank to a warm
 spare, or spawns a fresh process when none is left. Healthy workers are never touched.
+
+Node liveness: the agent beats its own heartbeat key; a node whose agent falls silent is lost
+(machine gone, link cut) and its ranks move to a spare node (``--spare-node``), an agent that
+starts no workers of its own. An agent that cannot reach the store for the node timeout fences
+itself: it kills its workers, so a partitioned node cannot come back and act on a stale world.
 """
 
 from __future__ import annotations
@@ -54,15 +59,20 @@ class NodeAgent:
                  token: bytes, token_file: str, cfg: FlashRecoveryConfig, script: str,
                  script_args: list[str], spares: int, inject: Optional[str] = None,
                  preload: str = DEFAULT_PRELOAD, python: str = sys.executable,
-                 extra_env: Optional[dict] = None, connect_timeout: float = 30.0):
+                 extra_env: Optional[dict] = None, connect_timeout: float = 30.0,
+                 spare_node: bool = False):
         self.node, self.nnodes, self.nproc = node_rank, nnodes, nproc
+        self.spare_node = spare_node
+        # the ranks this node hosts: its own, or, for a spare node, those the plans move to it
+        self.ranks: set[int] = set() if spare_node else set(range(node_rank * nproc,
+                                                                  (node_rank + 1) * nproc))
         self.world_size = nnodes * nproc
         self.host, self.port = controller
         self.signer = Signer(token, f"agent{node_rank}")
         self.token_file = token_file
         self.cfg = cfg
         self.script, self.script_args = os.path.abspath(script), list(script_args)
-        self.n_spares = spares
+        self.n_spares = max(spares, nproc) if spare_node else spares
         self.inject = inject
         self.preload = preload
         self.python = python
@@ -74,13 +84,16 @@ class NodeAgent:
         self.finished: set[int] = set()
         self._lock = threading.RLock()
         self._done = threading.Event()
+        self._beat_ok_t = time.time()
+        self.fenced = False
 
     # ---- processes ---------------------------------------------------------------------
     def _env(self, rank: int, generation: int, replacement: bool) -> dict:
         env = {
-            "RANK": str(rank), "LOCAL_RANK": str(rank - self.node * self.nproc),
+            # node and local rank are the rank's place in the job, wherever it runs now
+            "RANK": str(rank), "LOCAL_RANK": str(rank % self.nproc),
             "WORLD_SIZE": str(self.world_size), "LOCAL_WORLD_SIZE": str(self.nproc),
-            "GROUP_RANK": str(self.node), "NODE_RANK": str(self.node),
+            "GROUP_RANK": str(rank // self.nproc), "NODE_RANK": str(rank // self.nproc),
             "MASTER_ADDR": self.host, "MASTER_PORT": str(self.port),
             "FR_CONTROLLER": f"{self.host}:{self.port}", "FR_TOKEN_FILE": self.token_file,
             "FR_NODE_RANK": str(self.node), "FR_NNODES": str(self.nnodes),
@@ -167,7 +180,7 @@ class NodeAgent:
                     self.finished.add(w.rank)
                     log.info("node=%d rank=%d finished (%s)", self.node, w.rank,
                              "exit 0" if kind == "exit0_early" else f"then {kind} {detail}")
-                    if len(self.finished) == self.nproc:
+                    if self.ranks and self.finished >= self.ranks:
                         self._send("node_done", node=self.node)
                     continue
                 hb = self._last_heartbeat(w.rank)
@@ -218,11 +231,16 @@ class NodeAgent:
         rejected: set[bytes] = set()
         while not self._done.is_set():
             g = self.generation + 1
-            if not wait_key(watcher, keys.plan(g), 1.0) or watcher.check([keys.DONE]):
-                if watcher.check([keys.DONE]):
-                    self._done.set()
+            try:
+                if not wait_key(watcher, keys.plan(g), 1.0) or watcher.check([keys.DONE]):
+                    if watcher.check([keys.DONE]):
+                        self._done.set()
+                    continue
+                raw = watcher.get(keys.plan(g))
+            except Exception as e:  # store unreachable: the heartbeat decides about fencing
+                log.warning("node=%d plan watch: %s", self.node, e)
+                time.sleep(0.2)
                 continue
-            raw = watcher.get(keys.plan(g))
             try:
                 plan = self.signer.verify(raw)
             except AuthError as e:
@@ -232,9 +250,51 @@ class NodeAgent:
                 time.sleep(0.2)
                 continue
             self.generation = g
-            mine = [r for r in plan["replaced"] if r // self.nproc == self.node]
-            for rank in mine:
-                self._apply(rank, g)
+            moved = {int(r): n for r, n in plan.get("placement", {}).items()}
+            for rank in plan["replaced"]:
+                if moved.get(rank, rank // self.nproc) == self.node:
+                    self._apply(rank, g)
+                elif rank in self.ranks:  # moved to another node: stop hosting it
+                    self._release(rank)
+
+    def _release(self, rank: int):
+        with self._lock:
+            self.ranks.discard(rank)
+            for w in [w for w in self.workers.values() if w.rank == rank]:
+                w.expected_exit = True
+                try:
+                    w.proc.kill()
+                except ProcessLookupError:
+                    pass
+
+    def _beat(self):
+        """The node's own heartbeat: the controller's proof that this node is alive."""
+        client = connect(self.host, self.port)
+        seq = 0
+        while not self._done.wait(self.cfg.heartbeat_interval):
+            seq += 1
+            try:
+                client.set(keys.agent(self.node), self.signer.sign(
+                    "agent_heartbeat", node=self.node, seq=seq, pid=os.getpid(),
+                    spare=self.spare_node))
+                client.check([keys.agent(self.node)])  # a set is not answered; this round trip is
+                self._beat_ok_t = time.time()
+            except Exception as e:
+                log.warning("node=%d heartbeat failed: %s", self.node, e)
+                time.sleep(0.1)
+                try:
+                    client = connect(self.host, self.port, timeout=self.cfg.heartbeat_interval)
+                except ConnectionError:
+                    pass
+
+    def _fence(self):
+        """Cut off from the controller for twice the node timeout: the job has replaced this
+        node's ranks elsewhere by now; its workers must not come back to a stale world."""
+        log.error("node=%d has not reached the controller for %.1f s (twice the node timeout): "
+                  "killing its workers; the job goes on without this node", self.node,
+                  time.time() - self._beat_ok_t)
+        self.fenced = True
+        self._done.set()
 
     def _apply(self, rank: int, g: int):
         with self._lock:
@@ -253,6 +313,7 @@ class NodeAgent:
         with self._lock:
             proc, how = self._replace(rank, g)
             self.workers[proc.pid] = Worker(rank, proc, g, how)
+            self.ranks.add(rank)
         log.info("node=%d generation=%d rank=%d replaced by %s pid=%d", self.node, g, rank, how,
                  proc.pid)
         self._send("replaced", rank=rank, generation=g, how=how, pid=proc.pid)
@@ -267,21 +328,26 @@ class NodeAgent:
     # ---- main --------------------------------------------------------------------------
     def run(self) -> int:
         with self._lock:
-            for local in range(self.nproc):
-                rank = self.node * self.nproc + local
+            for rank in sorted(self.ranks):
                 proc = self._spawn_worker(rank, 0, False)
                 self.workers[proc.pid] = Worker(rank, proc, 0)
             for _ in range(self.n_spares):
                 self.spares.append(self._spawn_spare())
-        log.info("node=%d started %d workers and %d spares", self.node, self.nproc, self.n_spares)
+        self._send("agent_started", node=self.node, spare=self.spare_node, pid=os.getpid())
+        log.info("node=%d started %d workers and %d spares%s", self.node, len(self.ranks),
+                 self.n_spares, " (spare node)" if self.spare_node else "")
         threads = [threading.Thread(target=f, daemon=True, name=f.__name__)
-                   for f in (self._reaper, self._stop_watch, self._plan_watch)]
+                   for f in (self._reaper, self._stop_watch, self._plan_watch, self._beat)]
         for t in threads:
             t.start()
+        self._beat_ok_t = time.time()
         while not self._done.wait(0.1):
-            pass
+            # twice the controller's timeout: a slow but connected node is declared lost (and
+            # replaced) before it would ever fence itself; a cut-off one stops soon after
+            if time.time() - self._beat_ok_t > 2 * self.cfg.node_timeout:
+                self._fence()
         self.shutdown()
-        return 0
+        return 1 if self.fenced else 0
 
     def shutdown(self):
         self._done.set()

@@ -66,6 +66,17 @@ class Fault:
 
 
 @dataclass
+class AgentView:
+    """A node agent's liveness, by the controller's clock."""
+
+    node: int
+    spare: bool = False
+    seq: int = -1
+    seen_t: float = 0.0
+    lost: bool = False
+
+
+@dataclass
 class Recovery:
     """One generation change and what every rank said about it."""
 
@@ -91,6 +102,8 @@ class Controller:
         self.report_path = report_path
         self.generation = 0
         self.views: dict[int, RankView] = {r: RankView(r) for r in range(world_size)}
+        self.agents: dict[int, AgentView] = {}
+        self.node_of: dict[int, int] = {r: r // nproc_per_node for r in range(world_size)}
         self.pending: dict[int, Fault] = {}
         self.recoveries: list[Recovery] = []
         self.rejected = 0
@@ -176,8 +189,14 @@ class Controller:
             if not present:
                 continue
             values = client.multi_get(present)
+            agent_keys = [keys.agent(n) for n in self.agents]
+            agent_values = client.multi_get(agent_keys) if agent_keys and client.check(
+                agent_keys) else []
             now = time.time()
             with self._lock:
+                for raw in agent_values:
+                    self._on_agent_heartbeat(raw, now)
+                self._find_lost_nodes(now)
                 for k, raw in zip(present, values):
                     try:
                         hb = self.signer.verify(raw)
@@ -201,6 +220,59 @@ class Controller:
                                                                  v.progress_t, now),
                                              reported_t=now,
                                              detail={"hang_timeout": v.hang_timeout}))
+
+    # ---- node liveness -----------------------------------------------------------------
+    def _on_agent_heartbeat(self, raw: bytes, now: float):
+        try:
+            hb = self.signer.verify(raw)
+        except AuthError as e:
+            self.rejected += 1
+            self.journal.write("message_rejected", generation=self.generation,
+                               reason=f"agent heartbeat: {e}")
+            return
+        a = self.agents.get(int(hb.get("node", -1)))
+        if a is not None and hb.get("seq", -1) != a.seq:
+            a.seq, a.seen_t = hb["seq"], now
+
+    def _find_lost_nodes(self, now: float):
+        """A node whose agent has been silent for the node timeout is lost with all its ranks."""
+        for a in self.agents.values():
+            if a.lost or a.node in self.done_nodes or now - a.seen_t <= self.cfg.node_timeout:
+                continue
+            a.lost = True
+            ranks = sorted(r for r, n in self.node_of.items() if n == a.node)
+            self.journal.write("node_lost", generation=self.generation, node=a.node,
+                               ranks=ranks, silent_s=round(now - a.seen_t, 3))
+            for r in ranks:
+                v = self.views[r]
+                self._report_fault(Fault(r, "node_lost", v.step, v.phase, v.pid, v.generation,
+                                         fault_t=a.seen_t, reported_t=now,
+                                         detail={"node": a.node}))
+
+    def _place(self, faults: list[Fault]) -> dict[int, int]:
+        """Where the ranks of lost nodes go: one live, unused spare node per lost node."""
+        moved: dict[int, int] = {}
+        lost_nodes = sorted({self.node_of[f.rank] for f in faults if f.kind == "node_lost"})
+        free = sorted(n for n, a in self.agents.items() if a.spare and not a.lost
+                      and n not in self.node_of.values())
+        for node in lost_nodes:
+            if not free:
+                self.fatal = (f"node {node} is lost and no spare node is left to take its ranks: "
+                              "start one with `fr-megatron run --spare-node --node-rank K "
+                              "--controller HOST:PORT ...`, or restart the job")
+                self.exit_code = 1
+                self.journal.write("job_stopped", generation=self.generation, node=node,
+                                   reason=self.fatal, last_good_step=self._last_good_step())
+                return {}
+            target = free.pop(0)
+            for r, n in self.node_of.items():
+                if n == node:
+                    moved[r] = target
+        return moved
+
+    def _last_good_step(self) -> int:
+        live = [v.committed for v in self.views.values()]
+        return min(live) if live else -1
 
     # ---- events ------------------------------------------------------------------------
     def _on_event(self, ev: dict):
@@ -253,6 +325,11 @@ class Controller:
                             self.restarts_without_progress.clear()
             elif kind == "finished":
                 self.finished_ranks.add(int(ev["rank"]))
+            elif kind == "agent_started":
+                node = int(ev["node"])
+                self.agents[node] = AgentView(node, bool(ev.get("spare")), seen_t=time.time())
+                self.journal.write("agent_started", generation=self.generation, node=node,
+                                   spare=bool(ev.get("spare")), pid=ev.get("pid"))
             elif kind == "node_done":
                 self.done_nodes.add(int(ev["node"]))
             elif kind == "fatal":
@@ -322,12 +399,18 @@ class Controller:
             self.journal.write("replacement_restarted", generation=g, rank=rank,
                                reason="had not joined its generation when another fault came")
         replaced = sorted(replaced + stuck)
+        moved = self._place(faults)
+        if self.fatal:
+            return
+        self.node_of.update(moved)
         for rank in replaced:  # judged again from its replacement's first heartbeat
             self.views[rank] = RankView(rank)
         survivors = {r: v.pid for r, v in self.views.items() if r not in replaced}
         plan = {"generation": g, "replaced": replaced,
                 "faults": [{"rank": f.rank, "kind": f.kind, "step": f.step, "phase": f.phase,
-                            "pid": f.pid, "node": f.rank // self.nproc} for f in faults],
+                            "pid": f.pid, "node": f.detail.get("node", self.node_of[f.rank])}
+                           for f in faults],
+                "placement": {str(r): n for r, n in moved.items()},
                 "decided_t": now}
         self.recoveries.append(Recovery(g, faults, now, survivors))
         self.plan_t = now

@@ -22,6 +22,7 @@ class RankView:
     step: int = -1
     phase: str = "init"
     state: str = "starting"
+    committed: int = -1          # the rank's newest recovery point
     hang_timeout: float = 30.0
     hb_interval: float = 0.5
     seq: int = -1
@@ -43,7 +44,7 @@ class RankView:
             self.progress_t = now
         if hb.get("inject_t"):
             self.extra["inject_t"] = hb["inject_t"]
-        for k in ("pid", "generation", "step", "phase", "state", "hang_timeout",
+        for k in ("pid", "generation", "step", "phase", "state", "committed", "hang_timeout",
                   "hb_interval"):
             if k in hb:
                 setattr(self, k, hb[k])

@@ -42,6 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preload", default=DEFAULT_PRELOAD,
                    help="modules a warm spare imports before it is needed")
     p.add_argument("--no-wandb", action="store_true", help="do not log recovery events to wandb")
+    p.add_argument("--spare-node", action="store_true",
+                   help="join as a spare node: start no workers, take over the ranks of a lost "
+                        "node (give it a --node-rank of its own, at least --nnodes)")
+    p.add_argument("--node-timeout", type=float, default=None,
+                   help="seconds without a node agent's heartbeat before its node is lost")
     p.add_argument("--connect-timeout", type=float, default=30.0,
                    help="seconds a node waits for the controller to be reachable")
     p.add_argument("script")
@@ -54,7 +59,13 @@ def validate(a) -> FlashRecoveryConfig:
         raise UsageError("--nproc-per-node must be at least 1 (got %d)" % a.nproc_per_node)
     if a.nnodes < 1:
         raise UsageError("--nnodes must be at least 1 (got %d)" % a.nnodes)
-    if not 0 <= a.node_rank < a.nnodes:
+    if a.spare_node:
+        if a.node_rank < a.nnodes:
+            raise UsageError(f"--spare-node needs a --node-rank of its own, at least --nnodes "
+                             f"({a.nnodes}); got {a.node_rank}")
+        if not a.controller:
+            raise UsageError("--spare-node needs --controller HOST:PORT of the running job")
+    elif not 0 <= a.node_rank < a.nnodes:
         raise UsageError(f"--node-rank must be in [0, {a.nnodes}) (got {a.node_rank})")
     if not os.path.isfile(a.script):
         raise UsageError(f"script {a.script!r} not found; give the path of a Python training script")
@@ -73,7 +84,8 @@ def validate(a) -> FlashRecoveryConfig:
     base = FlashRecoveryConfig.from_env()
     updates = {k: v for k, v in {
         "spares": a.spares, "journal": a.journal, "heartbeat_interval": a.heartbeat_interval,
-        "hang_timeout": a.hang_timeout, "controller": a.controller}.items() if v is not None}
+        "hang_timeout": a.hang_timeout, "controller": a.controller,
+        "node_timeout": a.node_timeout}.items() if v is not None}
     if a.no_wandb:
         updates["wandb"] = {**base.wandb.model_dump(), "enabled": False}
     try:
@@ -105,7 +117,7 @@ def main(argv=None) -> int:
     host, port = parse_address(a.controller, "--controller") if a.controller else ("127.0.0.1", 0)
     ctl = None
     ctl_thread = None
-    if a.node_rank == 0:
+    if a.node_rank == 0 and not a.spare_node:
         bind = host if a.nnodes == 1 or host not in ("localhost",) else "0.0.0.0"
         ctl = Controller(a.nnodes * a.nproc_per_node, a.nnodes, a.nproc_per_node, bind, port, token,
                          cfg, a.report, run_name=os.path.basename(a.script))
@@ -117,12 +129,12 @@ def main(argv=None) -> int:
                           controller=(host, port), token=token, token_file=token_file, cfg=cfg,
                           script=a.script, script_args=a.script_args, spares=cfg.spares,
                           inject=a.inject, preload=a.preload,
-                          connect_timeout=a.connect_timeout)
+                          connect_timeout=a.connect_timeout, spare_node=a.spare_node)
     except ConnectionError as e:
         print(f"fr-megatron run: error: --controller: {e}", file=sys.stderr)
         return 2
-    agent.run()
+    rc = agent.run()
     if ctl_thread is not None:
         ctl_thread.join(30)
         return ctl.exit_code
-    return 0
+    return rc

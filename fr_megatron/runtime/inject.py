@@ -4,7 +4,9 @@ A spec is ``kind[:key=value...]``, several joined by ``;``, e.g.
 ``kill:rank=3:step=20``, ``exception:rank=1:step=5:phase=backward``, ``exit:code=7:rank=2:step=4``.
 Kinds: kill (SIGKILL), segv (SIGSEGV), exception, hang (no progress, heartbeat alive),
 hang_gil (holds the GIL, heartbeat stops), stop (SIGSTOP), exit (code, default 1), exit0 (exit 0
-before the end). Each spec fires once per job, whatever generation reaches it: the controller's
+before the end), node_crash (SIGKILL to the rank's whole process group: its node's launcher,
+agent, workers and spares, as when a machine dies; start each node's launcher in a process group
+of its own). Each spec fires once per job, whatever generation reaches it: the controller's
 store remembers what fired, so a replacement redoing the step does not fire it again.
 """
 
@@ -19,7 +21,7 @@ from dataclasses import dataclass
 
 log = logging.getLogger("fr_megatron.inject")
 
-KINDS = ("kill", "segv", "exception", "hang", "hang_gil", "stop", "exit", "exit0")
+KINDS = ("kill", "segv", "exception", "hang", "hang_gil", "stop", "exit", "exit0", "node_crash")
 PHASES = ("forward", "backward", "grad_reduce", "optimizer", "after_step")
 
 
@@ -95,3 +97,5 @@ def fire(inj: Injection) -> None:
         os._exit(inj.code)
     elif inj.kind == "exit0":
         os._exit(0)
+    elif inj.kind == "node_crash":
+        os.killpg(os.getpgrp(), signal.SIGKILL)

@@ -323,17 +323,25 @@ class Session:
 
     def _rebuild(self, plan: dict) -> None:
         self.sm.to(State.REBUILDING, self.generation, self.step)
+        t = [time.time()]
         if self.integration:
             self.integration.teardown()  # the framework lets go of its groups first
         old_groups = self.comms.destroy_world() if self.comms else []
+        t.append(time.time())
         self._enter_generation(plan)
         self.comms.init_world(self.generation, self._superseded)
+        t.append(time.time())
         if self.integration:
             self.integration.rebuild()
             stale = self.integration.old_group_references(old_groups)
             if stale:
                 raise RecoveryImpossible(f"{stale} references to old groups survived the rebuild")
+        t.append(time.time())
         self._build_runtime_groups()
+        t.append(time.time())
+        log.info("rank=%d generation=%d step=%d phase=rebuild teardown %.3fs world %.3fs "
+                 "framework groups %.3fs runtime groups %.3fs", self.rank, self.generation,
+                 self.step, *(b - a for a, b in zip(t, t[1:])))
         self.sm.to(State.SYNCING, self.generation, self.step)
 
     def _sync_and_resume(self, plan: dict) -> int:

@@ -1,0 +1,170 @@
+"""A whole node lost, across real hosts: network namespaces joined by a bridge on this machine.
+
+Node 0 (the controller, ranks 0-1) runs in the root namespace on the bridge's address; node 1
+(ranks 2-3) and a spare node each run in a namespace of their own, behind a veth pair, so every
+gloo link and store connection between them is real TCP between distinct addresses. The test
+builds and removes the namespaces itself, and skips (saying why) where the machine refuses them.
+
+- node crash: every process of node 1 (launcher, agent, workers) is SIGKILLed at once;
+- partition: node 1's link is cut; its agent fences itself (kills its workers) after the node
+  timeout, so it cannot come back into a world that has moved on.
+
+Either way the controller sees node 1's agent fall silent, moves ranks 2-3 to the spare node,
+and training ends bit-identical to a fault-free run.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from jobs import REPO, TORCH_RECIPE, assert_same_training, run_job
+
+BRIDGE, BRIDGE_ADDR = "fr-br0", "10.77.0.1"
+NODES = {"node1": ("fr-node1", "fr-v1", "fr-v1h", "10.77.0.2"),
+         "spare": ("fr-spare", "fr-v2", "fr-v2h", "10.77.0.3")}
+STEPS = ["--steps", "8"]
+NODE_TIMEOUT = "3"
+
+
+def _ip(*args: str) -> None:
+    subprocess.run(["ip", *args], check=True, capture_output=True, text=True, timeout=30)
+
+
+def _teardown() -> None:
+    for ns, _, outer, _ in NODES.values():
+        # deleting one end removes the pair, even while a dying namespace still holds the other
+        subprocess.run(["ip", "link", "del", outer], capture_output=True)
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+    subprocess.run(["ip", "link", "del", BRIDGE], capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def hosts():
+    if os.geteuid() != 0 or not shutil.which("ip"):
+        pytest.skip("network namespaces need root and iproute2 (`ip`)")
+    _teardown()
+    try:
+        _ip("link", "add", BRIDGE, "type", "bridge")
+        _ip("addr", "add", f"{BRIDGE_ADDR}/24", "dev", BRIDGE)
+        _ip("link", "set", BRIDGE, "up")
+        for ns, inner, outer, addr in NODES.values():
+            _ip("netns", "add", ns)
+            _ip("link", "add", outer, "type", "veth", "peer", "name", inner)
+            _ip("link", "set", inner, "netns", ns)
+            _ip("link", "set", outer, "master", BRIDGE, "up")
+            _ip("-n", ns, "addr", "add", f"{addr}/24", "dev", inner)
+            _ip("-n", ns, "link", "set", inner, "up")
+            _ip("-n", ns, "link", "set", "lo", "up")
+    except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as e:
+        _teardown()
+        pytest.skip(f"this machine refuses network namespaces: {getattr(e, 'stderr', e)}")
+    yield
+    _teardown()
+
+
+@pytest.fixture(scope="module")
+def baseline(tmp_path_factory):
+    job = run_job(tmp_path_factory.mktemp("base"), TORCH_RECIPE, STEPS, name="base")
+    assert job.rc == 0, job.failure(3000)
+    return job.result
+
+
+def _free_port(addr: str) -> int:
+    with socket.socket() as s:
+        s.bind((addr, 0))
+        return s.getsockname()[1]
+
+
+def _launch(tmp: Path, port: int, node: str | None, node_rank: int, extra: list[str],
+            log: Path) -> subprocess.Popen:
+    """One node's launcher, in its namespace and its own process group."""
+    iface = BRIDGE if node is None else NODES[node][1]
+    cmd = [sys.executable, "-m", "fr_megatron.cli", "run", "--nnodes", "2", "--node-rank",
+           str(node_rank), "--nproc-per-node", "2", "--controller", f"{BRIDGE_ADDR}:{port}",
+           "--token-file", str(tmp / "token"), "--no-wandb", "--node-timeout", NODE_TIMEOUT,
+           "--heartbeat-interval", "0.2", *extra, str(TORCH_RECIPE), *STEPS,
+           "--out", str(tmp / "job.pt")]
+    if node is not None:
+        cmd = ["ip", "netns", "exec", NODES[node][0], *cmd]
+    env = {**os.environ, "GLOO_SOCKET_IFNAME": iface}
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=open(log, "w"),
+                            stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _rank_reached(port: int, token: Path, rank: int, step: int, deadline: float) -> bool:
+    """Watch a rank's signed heartbeat in the job's store until it reports ``step``."""
+    from fr_megatron.protocol import keys
+    from fr_megatron.protocol.auth import Signer
+    from fr_megatron.protocol.store import connect, wait_key
+
+    store = connect(BRIDGE_ADDR, port)
+    signer = Signer(token.read_bytes().strip(), "test")
+    while time.time() < deadline:
+        if wait_key(store, keys.heartbeat(rank), 0.2):
+            if signer.verify(store.get(keys.heartbeat(rank))).get("step", -1) >= step:
+                return True
+        time.sleep(0.05)
+    return False
+
+
+def _run(tmp: Path, how: str) -> tuple[dict, list[dict], dict | None, str]:
+    from fr_megatron.events import Journal
+    from fr_megatron.protocol.auth import new_token, write_token_file
+
+    write_token_file(str(tmp / "token"), new_token())
+    port = _free_port(BRIDGE_ADDR)
+    inject = ["--inject", "node_crash:rank=2:step=3:phase=backward"] if how == "crash" else []
+    logs = {n: tmp / f"{n}.log" for n in ("node0", "node1", "spare")}
+    procs = {"node0": _launch(tmp, port, None, 0, ["--spares", "1", "--report",
+                                                   str(tmp / "report.json"), "--journal",
+                                                   str(tmp / "journal.jsonl"), *inject],
+                              logs["node0"])}
+    time.sleep(1.0)  # node 0 hosts the store the others connect to
+    procs["node1"] = _launch(tmp, port, "node1", 1, ["--spares", "0", *inject], logs["node1"])
+    procs["spare"] = _launch(tmp, port, "spare", 2, ["--spare-node", *inject], logs["spare"])
+    try:
+        if how == "partition":
+            assert _rank_reached(port, tmp / "token", 2, 3, time.time() + 120), "never reached step 3"
+            _ip("-n", NODES["node1"][0], "link", "set", NODES["node1"][1], "down")
+        rc = procs["node0"].wait(240)
+        rcs = {n: p.wait(60) for n, p in procs.items()}
+    finally:
+        for p in procs.values():
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+        _ip("-n", NODES["node1"][0], "link", "set", NODES["node1"][1], "up")
+    out = "\n".join(f"==== {n} (rc {procs[n].returncode})\n{logs[n].read_text()[-3000:]}"
+                    for n in logs)
+    assert rc == 0, out
+    rep = __import__("json").loads((tmp / "report.json").read_text())
+    result = torch.load(tmp / "job.pt", weights_only=False) if (tmp / "job.pt").exists() else None
+    return rep, Journal.read(str(tmp / "journal.jsonl")), result, out + f"\nrcs={rcs}"
+
+
+@pytest.mark.timeout(400)
+@pytest.mark.parametrize("how", ["crash", "partition"])
+def test_lost_node_moves_to_spare_node_bit_exact(tmp_path, hosts, baseline, how):
+    rep, journal, result, out = _run(tmp_path, how)
+    faults = sorted(rep["faults"], key=lambda f: f["rank"])
+    assert [(f["rank"], f["kind"]) for f in faults] == [(2, "node_lost"), (3, "node_lost")], out
+    for f in faults:
+        assert f["replacement"] == "spare" and f["survivor_pids_unchanged"] is True, out
+        assert f["steps_lost"] == 0, out
+        assert float(NODE_TIMEOUT) <= f["detect_s"] <= f["recovery_s"], out
+    (lost,) = [e for e in journal if e["event"] == "node_lost"]
+    assert (lost["node"], lost["ranks"]) == (1, [2, 3])
+    assert rep["finished_ranks"] == 4, out
+    if how == "partition":  # the cut-off node stopped its own workers
+        assert "killing its workers" in out, out
+    assert_same_training(baseline, result)
