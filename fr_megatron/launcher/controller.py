@@ -180,46 +180,60 @@ class Controller:
                     log.exception("bad event %s", body.get("kind"))
 
     def _heartbeat_loop(self):
+        """Sweep every rank's and agent's heartbeat key; judge hangs and lost nodes.
+
+        A sweep costs one multi_get, and signature checks only for the beats that changed since
+        the last sweep; the sweep never runs more often than it takes."""
         client = connect(self.host, self.port)
         hb_keys = [keys.heartbeat(r) for r in range(self.world_size)]
+        last_raw: dict[str, bytes] = {}
         interval = max(0.02, self.cfg.heartbeat_interval / 4)
-        while not self._stop.wait(interval):
-            present = [k for k in hb_keys if client.check([k])] if not all(
-                v.seq >= 0 for v in self.views.values()) else hb_keys
-            if not present:
-                continue
-            values = client.multi_get(present)
+        took = 0.0
+        while not self._stop.wait(max(interval, took)):
+            t0 = time.time()
+            # a key, once written, stays: only the ranks not heard of yet are probed one by one
+            present = [k for k in hb_keys if k in last_raw or client.check([k])]
+            values = client.multi_get(present) if present else []
             agent_keys = [keys.agent(n) for n in self.agents]
             agent_values = client.multi_get(agent_keys) if agent_keys and client.check(
                 agent_keys) else []
+            beats = []
+            for k, raw in zip(present, values):
+                if last_raw.get(k) == raw:
+                    continue  # not beaten since the last sweep
+                last_raw[k] = raw
+                try:
+                    beats.append((k, self.signer.verify(raw)))
+                except AuthError as e:
+                    beats.append((k, e))
             now = time.time()
             with self._lock:
                 for raw in agent_values:
                     self._on_agent_heartbeat(raw, now)
                 self._find_lost_nodes(now)
-                for k, raw in zip(present, values):
-                    try:
-                        hb = self.signer.verify(raw)
-                    except AuthError as e:
+                for k, hb in beats:
+                    if isinstance(hb, AuthError):
                         self.rejected += 1
                         self.journal.write("message_rejected", generation=self.generation,
-                                           reason=f"heartbeat {k}: {e}")
+                                           reason=f"heartbeat {k}: {hb}")
                         continue
                     rank = int(k.rsplit("/", 1)[1])
                     if hb.get("rank") != rank or hb.get("pid") in self.replaced_pids:
                         continue  # the last beat of a replaced process says nothing of its rank
                     self.views[rank].update(hb, now)
-                if self.pending:
-                    continue
-                hung = find_hang(self.views, self.generation, now, self.plan_t)
-                if hung:
-                    rank, kind = hung
-                    v = self.views[rank]
-                    self._report_fault(Fault(rank, kind, v.step, v.phase, v.pid, v.generation,
-                                             fault_t=_fault_time(v.extra.get("inject_t"),
-                                                                 v.progress_t, now),
-                                             reported_t=now,
-                                             detail={"hang_timeout": v.hang_timeout}))
+                if not self.pending:
+                    self._judge_hangs(now)
+            took = time.time() - t0
+
+    def _judge_hangs(self, now: float):
+        hung = find_hang(self.views, self.generation, now, self.plan_t)
+        if hung:
+            rank, kind = hung
+            v = self.views[rank]
+            self._report_fault(Fault(rank, kind, v.step, v.phase, v.pid, v.generation,
+                                     fault_t=_fault_time(v.extra.get("inject_t"),
+                                                         v.progress_t, now),
+                                     reported_t=now, detail={"hang_timeout": v.hang_timeout}))
 
     # ---- node liveness -----------------------------------------------------------------
     def _on_agent_heartbeat(self, raw: bytes, now: float):
@@ -321,12 +335,21 @@ class Controller:
                                 if older.generation <= rec.generation and \
                                         older.summary is None:
                                     older.reports = rec.reports
-                                    self._recovery_complete(older)
+                                    # a survivor of the older plan that a later one replaced
+                                    # did not stay alive through it
+                                    later = {f.rank for r in self.recoveries
+                                             if older.generation < r.generation <= rec.generation
+                                             for f in r.faults}
+                                    self._recovery_complete(older, excused=later)
                             self.restarts_without_progress.clear()
             elif kind == "finished":
                 self.finished_ranks.add(int(ev["rank"]))
             elif kind == "agent_started":
                 node = int(ev["node"])
+                if ev.get("pid") == os.getpid():
+                    # the agent in the controller's own process: if its node goes, so does the
+                    # controller; a stall of this process must not read as a lost node
+                    return
                 self.agents[node] = AgentView(node, bool(ev.get("spare")), seen_t=time.time())
                 self.journal.write("agent_started", generation=self.generation, node=node,
                                    spare=bool(ev.get("spare")), pid=ev.get("pid"))
@@ -419,7 +442,7 @@ class Controller:
                                phase=f.phase, kind=f.kind, detect_s=round(now - f.fault_t, 4))
         self._publish_generation(plan)
 
-    def _recovery_complete(self, rec: Recovery):
+    def _recovery_complete(self, rec: Recovery, excused: frozenset = frozenset()):
         reports = rec.reports.values()
         first_step_t = max(r["first_step_t"] for r in reports)
         phases: dict[str, float] = {}
@@ -428,7 +451,8 @@ class Controller:
                 phases[k] = max(phases.get(k, 0.0), v)
         steps_lost = max(r.get("steps_lost", 0) for r in reports)
         pids_now = {int(r["rank"]): r["pid"] for r in reports}
-        unchanged = all(pids_now.get(rank) == pid for rank, pid in rec.survivor_pids.items())
+        unchanged = all(pids_now.get(rank) == pid for rank, pid in rec.survivor_pids.items()
+                        if rank not in excused)
         rec.summary = {"first_step_t": first_step_t, "phases": phases, "steps_lost": steps_lost,
                        "survivor_pids_unchanged": unchanged,
                        "recovery_point": max(r.get("recovery_point", -1) for r in reports),
