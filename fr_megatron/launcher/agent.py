@@ -109,6 +109,10 @@ class NodeAgent:
 
     def _base_env(self) -> dict:
         env = dict(os.environ)
+        if self.nproc > 1:
+            # as torchrun: one OpenMP thread per process unless the user says otherwise, or N
+            # ranks on a node fight over its cores (and a spare must start with it too)
+            env.setdefault("OMP_NUM_THREADS", "1")
         env.update(self.extra_env)
         env["FR_SPARE_PRELOAD"] = self.preload
         env["FR_TOKEN_FILE"] = self.token_file
