@@ -9,7 +9,10 @@
 Runs on CPU (gloo, megatron-core's CPU mode switched on explicitly) and on GPUs (NCCL). The data
 is synthetic and a pure function of (step, micro-batch, data-parallel rank), so a step redone
 after a recovery sees the same micro-batches. ``--out PREFIX`` writes, per rank, the losses, the
-parameters and the optimizer's state, to compare runs bit for bit.
+parameters and the optimizer's state, to compare runs bit for bit. ``--save DIR --save-interval K``
+and ``--load DIR`` checkpoint to disk as Megatron-LM does (``fr_megatron.megatron.checkpoint``:
+megatron-core dist_checkpointing, ``DIR/iter_0000010/``, ``DIR/latest_checkpointed_iteration.txt``);
+they work with and without ``--flash-recovery``, whose own recovery never reads them.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import torch
 import torch.distributed as dist
 
 from fr_megatron.config import ConfigError, FlashRecoveryConfig
+from fr_megatron.megatron import checkpoint
 from fr_megatron.megatron import training_hooks as flash_recovery
 from fr_megatron.settings_args import add_flash_recovery_args, config_from_args
 
@@ -59,6 +63,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "always on here")
     g.add_argument("--distributed-backend", choices=("gloo", "nccl"), default=None)
     g.add_argument("--log-interval", type=int, default=1)
+    g.add_argument("--exit-interval", type=int, default=None,
+                   help="stop (saving first, with --save) once the iteration is a multiple of it")
+    g = p.add_argument_group("checkpointing (Megatron-LM names)")
+    g.add_argument("--save", default=None, help="save checkpoints to this directory")
+    g.add_argument("--save-interval", type=int, default=None,
+                   help="save every this many iterations (and at the end) with --save")
+    g.add_argument("--load", default=None,
+                   help="start from the latest checkpoint in this directory, if there is one")
     p.add_argument("--out", default=None, help="write PREFIX.rank<R>.pt with losses and state")
     add_flash_recovery_args(p)
     return p
@@ -126,21 +138,29 @@ def main(argv=None) -> int:
     initialize_parallel(cfg)
     job = TinyGPTJob(cfg, replacement=bool(session and session.replacement))
     job._forward_step = flash_recovery.wrap_forward_step(job._forward_step)
+    start = 0
+    if args.load and not (session and session.replacement):  # a replacement's state is its peers'
+        start = checkpoint.load(job, args.load)
 
     # the same hook calls as Megatron-LM's train() with patches/megatron-lm applied
-    iteration = flash_recovery.on_train_start(job.model, job.optimizer, job.scheduler, args, 0,
-                                              progress=job)
+    iteration = flash_recovery.on_train_start(job.model, job.optimizer, job.scheduler, args,
+                                              start, progress=job)
+    # with --flash-recovery the runtime numbers its steps from the iteration the job started at
+    # (the loaded one); a replacement finds that iteration in the counters it restored
+    offset = job.consumed_samples // job.global_batch_size - iteration if session else 0
+    iteration += offset
     losses: dict[int, float] = {}
     t_last = time.time()
+    saved = start
     while iteration < args.train_iters:
         try:
             # begin (a fault notice between steps) and end (the commit and its copies) can fail
             # too: a peer lost there is recovered like one lost inside the step
-            flash_recovery.on_step_begin(iteration)
+            flash_recovery.on_step_begin(iteration - offset)
             loss = job.train_step(iteration + 1)
-            flash_recovery.on_step_end(iteration, loss)
+            flash_recovery.on_step_end(iteration - offset, loss)
         except Exception as exc:
-            iteration = flash_recovery.on_step_failure(exc, iteration)
+            iteration = offset + flash_recovery.on_step_failure(exc, iteration - offset)
             continue
         iteration += 1
         losses[iteration] = loss
@@ -149,7 +169,17 @@ def main(argv=None) -> int:
             log.info("iteration %d/%d | lm loss %.6f | %.3f s", iteration, args.train_iters,
                      loss, now - t_last)
             t_last = now
-    losses = flash_recovery.history() or losses
+        if args.save and args.save_interval and iteration % args.save_interval == 0:
+            try:
+                checkpoint.save(job, iteration, args.save)
+                saved = iteration
+            except Exception as exc:  # a peer lost while saving: recovered as in a step
+                iteration = offset + flash_recovery.on_step_failure(exc, iteration - offset)
+        if args.exit_interval and iteration % args.exit_interval == 0:
+            break
+    if args.save and iteration != saved:  # Megatron-LM saves at the end of training too
+        checkpoint.save(job, iteration, args.save)
+    losses = {offset + s: v for s, v in flash_recovery.history().items()} or losses
     flash_recovery.on_train_end()
     if args.out:
         save(args.out, rank, losses, job)

@@ -1,0 +1,91 @@
+"""Disk checkpoints of the megatron-core GPT recipe (``fr_megatron.megatron.checkpoint``, flags
+``--save DIR --save-interval K`` / ``--load DIR`` as in Megatron-LM), under plain torchrun.
+
+A 4-rank job (PP=2 x DP=2, DistributedOptimizer, dropout on) saves every 2 steps and stops at
+step 4 of 6; a second job loads the latest checkpoint and trains steps 5-6. Both together must
+equal one uninterrupted 6-step job bit for bit: losses, every rank's parameters and optimizer
+shards, consumed samples. Before the second job starts, the directory also holds an incomplete
+``iter_0000006`` (a save that crashed before the tracker file was written), which must be ignored.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from jobs import REPO
+
+from fr_megatron.megatron import checkpoint
+
+RECIPE = REPO / "recipes" / "megatron" / "pretrain_gpt.py"
+WORLD = 4
+ARGS = ["--tensor-model-parallel-size", "1", "--pipeline-model-parallel-size", "2",
+        "--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4",
+        "--seq-length", "16", "--micro-batch-size", "2", "--global-batch-size", "8",
+        "--train-iters", "6", "--use-distributed-optimizer"]
+
+
+def torchrun(tmp: Path, name: str, extra: list[str], timeout: float = 240) -> list[dict]:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+           str(WORLD), "--max-restarts", "0", str(RECIPE), *ARGS, *extra,
+           "--out", str(tmp / name)]
+    env = {**os.environ, "WANDB_MODE": "offline", "DS_ACCELERATOR": "cpu"}
+    p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    out = p.stdout + p.stderr
+    (tmp / f"{name}.log").write_text(out)
+    assert p.returncode == 0, out[-5000:]
+    return [torch.load(tmp / f"{name}.rank{r}.pt", weights_only=False) for r in range(WORLD)]
+
+
+@pytest.mark.timeout(600)
+def test_save_at_4_load_and_continue_to_6_is_bit_identical(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    first = torchrun(tmp_path, "first", ["--save", str(ckpt), "--save-interval", "2",
+                                         "--exit-interval", "4"])
+    assert checkpoint.latest(ckpt) == 4
+    assert (ckpt / checkpoint.TRACKER).read_text() == "4\n"
+    for step in (2, 4):
+        assert (checkpoint.checkpoint_dir(ckpt, step) / "metadata.json").exists()
+    assert not list(ckpt.glob(".*tmp"))
+
+    # a save of step 6 that died before the tracker file was written
+    torn = checkpoint.checkpoint_dir(ckpt, 6)
+    torn.mkdir()
+    (torn / "__0_0.distcp").write_bytes(b"\0" * 100)
+
+    second = torchrun(tmp_path, "second", ["--load", str(ckpt), "--save", str(ckpt)])
+    assert "loaded checkpoint of step 4" in (tmp_path / "second.log").read_text()
+    # the final save (Megatron-LM saves at the end of training) replaced the torn directory
+    assert checkpoint.latest(ckpt) == 6
+    assert (torn / "metadata.json").exists()
+
+    whole = torchrun(tmp_path, "whole", [])
+    for r in range(WORLD):
+        a, b, w = first[r], second[r], whole[r]
+        assert sorted(a["losses"]) == [1, 2, 3, 4] and sorted(b["losses"]) == [5, 6]
+        assert {**a["losses"], **b["losses"]} == w["losses"], (r, a["losses"], b["losses"],
+                                                              w["losses"])
+        assert b["consumed_samples"] == w["consumed_samples"] == 6 * 8
+        assert b["params"].keys() == w["params"].keys()
+        for k in w["params"]:
+            assert torch.equal(b["params"][k], w["params"][k]), f"rank {r} param {k} differs"
+        assert b["optim"].keys() == w["optim"].keys() and w["optim"]
+        for k in w["optim"]:
+            assert torch.equal(b["optim"][k], w["optim"][k]), f"rank {r} optimizer {k} differs"
+        # and the stop at step 4 really left something to redo: step 4's state is not step 6's
+        assert any(not torch.equal(a["params"][k], w["params"][k]) for k in w["params"])
+
+
+@pytest.mark.timeout(10)
+def test_latest_reads_only_the_tracker_file(tmp_path):
+    assert checkpoint.latest(tmp_path) is None
+    checkpoint.checkpoint_dir(tmp_path, 3).mkdir()  # a directory alone is not a checkpoint
+    assert checkpoint.latest(tmp_path) is None
+    (tmp_path / checkpoint.TRACKER).write_text("12\n")
+    assert checkpoint.latest(tmp_path) == 12
+    assert checkpoint.checkpoint_dir(tmp_path, 12).name == "iter_0000012"
