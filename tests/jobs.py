@@ -16,6 +16,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 TORCH_RECIPE = REPO / "recipes" / "torch_ddp" / "train.py"
+TORCH_STEPS = ["--steps", "8"]  # the fault runs of TORCH_RECIPE and their shared baseline
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """DeepSpeed ZeRO-1/2 jobs under ``fr-megatron run`` losing a rank, recovered bit-exact.
 
-Each test runs ``recipes/deepspeed/train_tiny.py`` on 4 ranks (gloo, ``DS_ACCELERATOR=cpu``) with one
-injected fault and compares every rank's losses, module parameters, ZeRO fp32 shard, Adam moments and
+Each test runs ``recipes/deepspeed/train_tiny.py`` on 4 ranks (gloo, ``DS_ACCELERATOR=cpu``) with
+injected faults and compares every rank's losses, module parameters, ZeRO fp32 shard, Adam moments and
 engine counters with a fault-free run of the same configuration (module-scoped baselines).
 
 Faults: a kill mid-training (forward / backward: the survivors fail in ZeRO's gradient reduction and
@@ -94,42 +94,50 @@ def assert_same_rank_state(base: dict, got: dict, rank: int) -> None:
     assert got["engine"] == base["engine"], (rank, base["engine"], got["engine"])
 
 
-CASES = [
-    # id, config, inject, kind, --optimizer-phase
-    ("zero1-kill-forward", "zero1", "kill:rank=1:step=3:phase=forward", "crash", "before-step"),
-    ("zero2-kill-backward", "zero2", "kill:rank=2:step=3:phase=backward", "crash", "before-step"),
-    ("zero1-kill-before-step", "zero1", "kill:rank=3:step=2:phase=optimizer", "crash", "before-step"),
-    # inside DeepSpeedZeroOptimizer.step; rank 0 is data-parallel rank 0, whose fresh engine
-    # broadcasts its initial parameters to the survivors (they must keep their own)
-    ("zero2-kill-inside-step", "zero2", "kill:rank=0:step=3:phase=optimizer", "crash", "inside-step"),
-    ("zero1-exception-inside-step", "zero1", "exception:rank=2:step=3:phase=optimizer", "exception",
-     "inside-step"),
+# one job per configuration, several faults each (one per step, each its own generation), so
+# the suite pays for three start-ups, not six
+JOBS = {
+    # id: (config, --optimizer-phase, [(inject, kind)])
+    "zero1-before-step": ("zero1", "before-step", [
+        ("kill:rank=3:step=2:phase=optimizer", "crash"),  # just before engine.step()
+        ("kill:rank=1:step=3:phase=forward", "crash")]),
+    # inside DeepSpeedZeroOptimizer.step: the faulty rank has updated its shard, the survivors
+    # roll back theirs; rank 0 is data-parallel rank 0, whose fresh engine broadcasts its
+    # initial parameters to the survivors (they must keep their own)
+    "zero2-inside-step": ("zero2", "inside-step", [
+        ("kill:rank=2:step=2:phase=backward", "crash"),  # survivors forget half-filled buckets
+        ("kill:rank=0:step=3:phase=optimizer", "crash"),
+        ("exception:rank=1:step=4:phase=optimizer", "exception")]),
     # Megatron-core parallel_state as the mpu, TP=2 x DP=2: replica groups {0,2} and {1,3}
-    ("tp2-zero2-kill-backward", "tp2", "kill:rank=1:step=3:phase=backward", "crash", "before-step"),
-]
+    "tp2-zero2": ("tp2", "before-step", [("kill:rank=1:step=3:phase=backward", "crash")]),
+}
 
 
-@pytest.mark.timeout(2 * JOB_TIMEOUT + 60)  # may include the baseline run of its configuration
-@pytest.mark.parametrize("config,spec,kind,where", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
-def test_deepspeed_fault_recovered_bit_exact(tmp_path, request, config, spec, kind, where):
+@pytest.mark.timeout(2 * JOB_TIMEOUT + 60)  # includes the baseline run of its configuration
+@pytest.mark.parametrize("name", list(JOBS))
+def test_deepspeed_faults_recovered_bit_exact(tmp_path, request, name):
+    config, where, faults = JOBS[name]
     base = request.getfixturevalue(f"baseline_{config}")
-    job = ds_job(tmp_path, config, inject=spec, extra_args=["--optimizer-phase", where])
-    rank = int(spec.split("rank=")[1].split(":")[0])
-    step = int(spec.split("step=")[1].split(":")[0])
-    phase = spec.split("phase=")[1]
-
-    (fault,) = job.report["faults"]
-    assert (fault["rank"], fault["kind"], fault["step"], fault["phase"]) == (rank, kind, step, phase)
-    assert fault["replacement"] == "spare"
-    assert fault["survivor_pids_unchanged"] is True
-    assert fault["steps_lost"] == 0 and fault["recovery_point"] == step - 1
+    job = ds_job(tmp_path, config, inject=";".join(spec for spec, _ in faults),
+                 spares=2, extra_args=["--optimizer-phase", where])
+    reported = [e for e in job.journal if e["event"] == "fault_reported"]
+    assert len(job.report["faults"]) == len(faults), job.report["faults"]
+    for fault, (spec, kind) in zip(job.report["faults"], faults):
+        rank, step, phase = (int(spec.split("rank=")[1].split(":")[0]),
+                             int(spec.split("step=")[1].split(":")[0]), spec.split("phase=")[1])
+        assert (fault["rank"], fault["kind"], fault["step"], fault["phase"]) == \
+            (rank, kind, step, phase)
+        assert fault["replacement"] == "spare"
+        assert fault["survivor_pids_unchanged"] is True
+        assert fault["steps_lost"] == 0 and fault["recovery_point"] == step - 1
+        (rep,) = [e for e in reported if (e["rank"], e["step"]) == (rank, step)]
+        if kind == "exception":  # raised from the inner optimizer's hook, inside ZeRO's step
+            tb = rep["traceback"]
+            assert f"InjectedFault: injected exception at step {step}" in tb, tb
+            assert "deepspeed/runtime/zero/stage_1_and_2.py" in tb and "in step" in tb, tb
     assert job.report["finished_ranks"] == 4
-    (reported,) = [e for e in job.journal if e["event"] == "fault_reported"]
-    assert job.ranks[rank]["pid"] != reported["pid"]  # the rank finished in its replacement
-    if kind == "exception":  # raised from the inner optimizer's hook, inside DeepSpeed's ZeRO step
-        tb = reported["traceback"]
-        assert f"InjectedFault: injected exception at step {step}" in tb, tb
-        assert "deepspeed/runtime/zero/stage_1_and_2.py" in tb and "in step" in tb, tb
+    for fault in job.report["faults"]:  # the rank finished in its replacement process
+        assert job.ranks[fault["rank"]]["pid"] not in {e["pid"] for e in reported}
     for r in range(4):
         assert_same_rank_state(base[r], job.ranks[r], r)
     if config == "tp2":  # TP shards differ, data-parallel replicas agree

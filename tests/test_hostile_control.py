@@ -3,7 +3,6 @@ into a live job's store are rejected and journaled, the job is unaffected, and t
 appears in the logs, the journal or the report."""
 
 import json
-import os
 import subprocess
 import sys
 import time

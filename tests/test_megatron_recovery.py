@@ -95,3 +95,23 @@ def test_fault_in_every_phase_is_recovered_bit_exact(tmp_path, baseline, name):
         [(f["rank"], f["step"], f["kind"], f["phase"], 0) for f in faults]
     assert all(h["recovery/phase_rebuild_s"] > 0 for h in logged)
     assert run["summary"]["recoveries"] == len(faults) and "flash-recovery" in run["tags"]
+
+
+@pytest.mark.timeout(900)
+def test_rank_lost_with_every_copy_falls_back_to_the_disk_checkpoint_bit_exact(tmp_path,
+                                                                               baseline):
+    # ranks 1 and 3 are data-parallel replicas and each holds the other's copy: losing both
+    # loses every live copy of their state. With --save the job loads the latest checkpoint
+    # (step 4) instead, redoes step 5, and still ends equal to the fault-free run.
+    ckpt = tmp_path / "ckpt"
+    job = megatron_job(tmp_path, "fb", args=[*ARGS, "--save", str(ckpt), "--save-interval", "4"],
+                       inject="kill:rank=1:step=6:phase=forward;kill:rank=3:step=6:phase=forward",
+                       spares=2)
+    faults = job.report["faults"]
+    assert sorted(f["rank"] for f in faults) == [1, 3], faults
+    for f in faults:
+        assert f["fallback_to_checkpoint"] is True, f
+        assert f["recovery_point"] == 4 and f["steps_lost"] == 1, f
+    (fb,) = [e for e in job.journal if e["event"] == "fallback_to_checkpoint"]
+    assert (fb["checkpoint_step"], fb["steps_lost"], fb["lost"]) == (4, 1, [1, 3])
+    assert_ranks_equal(baseline, load_ranks(tmp_path, "fb"))

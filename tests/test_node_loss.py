@@ -21,19 +21,17 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from jobs import REPO, TORCH_RECIPE, assert_same_training, run_job
+from jobs import REPO, TORCH_RECIPE, TORCH_STEPS as STEPS, assert_same_training
 
 BRIDGE, BRIDGE_ADDR = "fr-br0", "10.77.0.1"
 NODES = {"node1": ("fr-node1", "fr-v1", "fr-v1h", "10.77.0.2"),
          "spare": ("fr-spare", "fr-v2", "fr-v2h", "10.77.0.3")}
-STEPS = ["--steps", "8"]
 NODE_TIMEOUT = "3"
 
 
@@ -71,13 +69,6 @@ def hosts():
         pytest.skip(f"this machine refuses network namespaces: {getattr(e, 'stderr', e)}")
     yield
     _teardown()
-
-
-@pytest.fixture(scope="module")
-def baseline(tmp_path_factory):
-    job = run_job(tmp_path_factory.mktemp("base"), TORCH_RECIPE, STEPS, name="base")
-    assert job.rc == 0, job.failure(3000)
-    return job.result
 
 
 def _free_port(addr: str) -> int:
@@ -154,7 +145,7 @@ def _run(tmp: Path, how: str) -> tuple[dict, list[dict], dict | None, str]:
 
 @pytest.mark.timeout(400)
 @pytest.mark.parametrize("how", ["crash", "partition"])
-def test_lost_node_moves_to_spare_node_bit_exact(tmp_path, hosts, baseline, how):
+def test_lost_node_moves_to_spare_node_bit_exact(tmp_path, hosts, torch_baseline, how):
     rep, journal, result, out = _run(tmp_path, how)
     faults = sorted(rep["faults"], key=lambda f: f["rank"])
     assert [(f["rank"], f["kind"]) for f in faults] == [(2, "node_lost"), (3, "node_lost")], out
@@ -167,4 +158,4 @@ def test_lost_node_moves_to_spare_node_bit_exact(tmp_path, hosts, baseline, how)
     assert rep["finished_ranks"] == 4, out
     if how == "partition":  # the cut-off node stopped its own workers
         assert "killing its workers" in out, out
-    assert_same_training(baseline, result)
+    assert_same_training(torch_baseline, result)

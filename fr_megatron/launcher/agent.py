@@ -186,6 +186,7 @@ class NodeAgent:
                              "exit 0" if kind == "exit0_early" else f"then {kind} {detail}")
                     if self.ranks and self.finished >= self.ranks:
                         self._send("node_done", node=self.node)
+                        self._done.set()  # nothing left to supervise on this node
                     continue
                 hb = self._last_heartbeat(w.rank)
                 log.warning("node=%d rank=%d pid=%d fault=%s %s step=%s phase=%s", self.node,
@@ -356,18 +357,15 @@ class NodeAgent:
     def shutdown(self):
         self._done.set()
         with self._lock:
-            for s in self.spares:
-                try:
-                    s.stdin.close()
-                except OSError:
-                    pass
             for w in self.workers.values():
                 if w.proc.poll() is None:
                     w.expected_exit = True
                     w.proc.kill()
-        deadline = time.time() + 5
-        for s in list(self.spares):
+            spares, self.spares = list(self.spares), []
+        for s in spares:  # idle spares hold nothing: no need to wait for one still importing
             try:
-                s.wait(max(0.1, deadline - time.time()))
-            except subprocess.TimeoutExpired:
-                s.kill()
+                s.stdin.close()
+            except OSError:
+                pass
+            s.kill()
+            s.wait()

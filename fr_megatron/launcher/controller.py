@@ -340,7 +340,8 @@ class Controller:
                                     later = {f.rank for r in self.recoveries
                                              if older.generation < r.generation <= rec.generation
                                              for f in r.faults}
-                                    self._recovery_complete(older, excused=later)
+                                    self._recovery_complete(older, rec.generation,
+                                                            excused=later)
                             self.restarts_without_progress.clear()
             elif kind == "finished":
                 self.finished_ranks.add(int(ev["rank"]))
@@ -442,7 +443,9 @@ class Controller:
                                phase=f.phase, kind=f.kind, detect_s=round(now - f.fault_t, 4))
         self._publish_generation(plan)
 
-    def _recovery_complete(self, rec: Recovery, excused: frozenset = frozenset()):
+    def _recovery_complete(self, rec: Recovery, resumed: int, excused: frozenset = frozenset()):
+        """Summarise ``rec`` from the reports of generation ``resumed``, the one training resumed
+        in (a later one when a new fault cut this recovery short)."""
         reports = rec.reports.values()
         first_step_t = max(r["first_step_t"] for r in reports)
         phases: dict[str, float] = {}
@@ -456,7 +459,8 @@ class Controller:
         rec.summary = {"first_step_t": first_step_t, "phases": phases, "steps_lost": steps_lost,
                        "survivor_pids_unchanged": unchanged,
                        "recovery_point": max(r.get("recovery_point", -1) for r in reports),
-                       "fallback": any(r.get("fallback") for r in reports)}
+                       "fallback": any(r.get("fallback") for r in reports),
+                       "resumed_generation": resumed}
         for f in rec.faults:
             phases_f = {"detect": round(rec.decision_t - f.fault_t, 4), **phases}
             self.journal.write("recovered", generation=rec.generation, rank=f.rank, step=f.step,
@@ -490,6 +494,7 @@ class Controller:
                                   "steps_lost": s["steps_lost"],
                                   "recovery_point": s["recovery_point"],
                                   "fallback_to_checkpoint": s["fallback"],
+                                  "resumed_generation": s["resumed_generation"],
                                   "survivor_pids_unchanged": s["survivor_pids_unchanged"]})
                 else:
                     entry.update({"recovery_s": None, "steps_lost": None,

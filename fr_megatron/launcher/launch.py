@@ -136,5 +136,15 @@ def main(argv=None) -> int:
     rc = agent.run()
     if ctl_thread is not None:
         ctl_thread.join(30)
-        return ctl.exit_code
-    return rc
+        rc = ctl.exit_code
+    _exit(rc)
+
+
+def _exit(rc: int) -> None:
+    """End the launcher now: its report, journal and wandb run are closed, and interpreter
+    finalization with daemon threads still blocked in C++ store calls can abort the process
+    ("terminate called without an active exception") and lose the exit code."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(rc)

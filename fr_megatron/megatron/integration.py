@@ -347,6 +347,30 @@ class MegatronIntegration(Integration):
             self.roots(), _unique([*self._old_groups, *(old_groups or [])])
         )
 
+    def load_checkpoint(self, directory: str) -> int | None:
+        """The latest dist_checkpointing checkpoint of ``--save DIR`` (see ``checkpoint``)."""
+        from fr_megatron.megatron import checkpoint
+
+        if checkpoint.latest(directory) is None:
+            return None
+        view = _CheckpointView(self)
+        step = checkpoint.load(view, directory)
+        for attr in self.progress_attrs:  # the counters the checkpoint restored
+            if self.progress is not None and hasattr(view, attr):
+                setattr(self.progress, attr, getattr(view, attr))
+        return step
+
+
+class _CheckpointView:
+    """What ``checkpoint.load`` reads and writes of a job, over the integration's objects."""
+
+    def __init__(self, integration: MegatronIntegration):
+        self.model, self.optimizer = integration.model, integration.optimizer
+        self.scheduler = integration.scheduler
+        for attr in ("iteration", "consumed_samples"):
+            if integration.progress is not None and hasattr(integration.progress, attr):
+                setattr(self, attr, getattr(integration.progress, attr))
+
 
 def _unique(groups: Iterable[Any]) -> list[dist.ProcessGroup]:
     seen: dict[int, dist.ProcessGroup] = {}

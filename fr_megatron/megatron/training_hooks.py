@@ -80,6 +80,9 @@ def init_process_group(backend: str, args=None, **_ignored):
         from fr_megatron.settings_args import config_from_args
 
         cfg = config_from_args(args, base=cfg)
+        if cfg.checkpoint_dir is None and getattr(args, "save", None):
+            # Megatron-LM's --save checkpoints are the fallback when live copies are lost too
+            cfg = cfg.model_copy(update={"checkpoint_dir": args.save})
     _session = Session.from_env(config=cfg)
     _session.init_process_group(backend)
     minutes = getattr(args, "distributed_timeout_minutes", None)

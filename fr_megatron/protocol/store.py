@@ -2,13 +2,19 @@
 
 torch's TCPStore server listens on every interface unless it is handed a socket that is
 already bound; the controller binds loopback for single-node jobs that way.
+
+A store call blocks in C++ until its timeout, whatever happens meanwhile. A client made with
+``connect_cuttable`` comes with the file descriptors of its sockets: shutting them down
+(``shutdown_sockets``) makes a call blocked on it, from any thread, fail at once.
 """
 
 from __future__ import annotations
 
 import datetime
+import os
 import socket
 
+import psutil
 from torch.distributed import TCPStore
 
 
@@ -41,3 +47,35 @@ def wait_key(store: TCPStore, key: str, timeout: float) -> bool:
         return True
     except Exception:
         return store.check([key])
+
+
+def tcp_fds(port: int | None = None) -> set[int]:
+    """This process's connected TCP sockets (to ``port`` only, if given)."""
+    try:
+        return {c.fd for c in psutil.Process().net_connections(kind="tcp")
+                if c.raddr and c.fd >= 0 and (port is None or c.raddr.port == port)}
+    except psutil.Error:
+        return set()
+
+
+def connect_cuttable(host: str, port: int, timeout: float = 30.0) -> tuple[TCPStore, set[int]]:
+    """A client of the store and its sockets (open no other connection to ``port`` meanwhile)."""
+    before = tcp_fds(port)
+    store = connect(host, port, timeout)
+    return store, tcp_fds(port) - before
+
+
+def shutdown_sockets(fds: set[int]) -> int:
+    """Shut down (not close: the owner still holds the fd) each socket; how many were."""
+    n = 0
+    for fd in fds:
+        try:
+            s = socket.socket(fileno=os.dup(fd))
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+                n += 1
+            finally:
+                s.close()
+        except OSError:
+            pass
+    return n

@@ -18,15 +18,13 @@ from __future__ import annotations
 
 import datetime
 import logging
-import os
-import socket
 import threading
 from typing import Callable
 
-import psutil
 import torch.distributed as dist
 
 from ..protocol import keys
+from ..protocol.store import shutdown_sockets, tcp_fds
 
 log = logging.getLogger("fr_megatron.comms")
 
@@ -36,6 +34,9 @@ class RendezvousInterrupted(ConnectionError):
 
 
 class Communicators:
+    """``connect_store`` makes a store client and returns it with its sockets
+    (``protocol.store.connect_cuttable``)."""
+
     def __init__(self, connect_store: Callable, store_port: int, rank: int, world_size: int,
                  backend: str, timeout_s: float = 300.0):
         self.connect_store, self.store_port = connect_store, store_port
@@ -43,17 +44,10 @@ class Communicators:
         self.timeout = datetime.timedelta(seconds=timeout_s)
         self.generation = -1
         self.graveyard: list = []  # old groups, kept referenced on purpose (see module doc)
-        self._baseline = self._sockets()
+        self._baseline = tcp_fds()
         self._rdzv_lock = threading.Lock()
         self._rdzv_fds: set[int] = set()
         self._rdzv_stores: list = []  # kept open: a shut-down client must not be reused or freed
-
-    def _sockets(self, port: int | None = None) -> set[int]:
-        try:
-            return {c.fd for c in psutil.Process().net_connections(kind="tcp")
-                    if c.raddr and (port is None or c.raddr.port == port)}
-        except psutil.Error:
-            return set()
 
     def init_world(self, generation: int, superseded: Callable[[], bool] = lambda: False) -> None:
         """Create the default process group of ``generation`` on a store connection of its own.
@@ -62,9 +56,7 @@ class Communicators:
         connection is open, it closes the race with ``interrupt_rendezvous``.
         """
         with self._rdzv_lock:
-            before = self._sockets(self.store_port)
-            store = self.connect_store()
-            self._rdzv_fds = self._sockets(self.store_port) - before
+            store, self._rdzv_fds = self.connect_store()
             self._rdzv_stores.append(store)
         if superseded():
             raise RendezvousInterrupted(f"generation {generation} superseded before its rendezvous")
@@ -83,7 +75,7 @@ class Communicators:
         """Make a rendezvous (world or subgroup) that waits for a peer fail now."""
         with self._rdzv_lock:
             fds, self._rdzv_fds = self._rdzv_fds, set()
-        return _shutdown(fds)
+        return shutdown_sockets(fds)
 
     def abort(self) -> int:
         """Make every blocked collective of this process, and of peers blocked on it, fail now."""
@@ -92,8 +84,8 @@ class Communicators:
                 dist.distributed_c10d._abort_process_group()
             except Exception as e:
                 log.warning("NCCL abort: %s", e)
-        peers = self._sockets() - self._sockets(self.store_port) - self._baseline
-        return _shutdown(peers)
+        peers = tcp_fds() - tcp_fds(self.store_port) - self._baseline
+        return shutdown_sockets(peers)
 
     def destroy_world(self) -> list:
         """Destroy every group of the current world; returns the old group objects."""
@@ -107,20 +99,3 @@ class Communicators:
                 log.warning("destroy_process_group: %s", e)
         return old
 
-
-def _shutdown(fds: set[int]) -> int:
-    """Shut down (not close: the owner still holds the fd) each socket; how many were."""
-    n = 0
-    for fd in fds:
-        if fd < 0:
-            continue
-        try:
-            s = socket.socket(fileno=os.dup(fd))
-            try:
-                s.shutdown(socket.SHUT_RDWR)
-                n += 1
-            finally:
-                s.close()
-        except OSError:
-            pass
-    return n

@@ -69,9 +69,16 @@ class PlanMonitor(threading.Thread):
     def run(self) -> None:
         while not self._halt.is_set():
             g = max(self.current(), self._seen) + 1
-            if not wait_key(self.store, keys.plan(g), 1.0):
+            try:
+                if not wait_key(self.store, keys.plan(g), 1.0):
+                    continue
+                raw = self.store.get(keys.plan(g))
+            except Exception as e:
+                if self._halt.is_set():
+                    return  # stopped: the session cut this thread's store connection
+                log.warning("plan monitor: %s", e)
+                time.sleep(0.2)
                 continue
-            raw = self.store.get(keys.plan(g))
             try:
                 plan = self.signer.verify(raw)
             except AuthError as e:

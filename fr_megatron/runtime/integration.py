@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -65,6 +65,12 @@ class Integration(abc.ABC):
     def old_group_references(self, old_groups: list[Any]) -> int:
         """How many references to ``old_groups`` the framework's objects still hold (must be 0)."""
         return 0
+
+    def load_checkpoint(self, directory: str) -> Optional[int]:
+        """Load the framework's latest disk checkpoint in ``directory`` (every rank calls it, on
+        the new world); the step loaded, or None when there is none or the framework has no
+        checkpoint format. The fallback when a rank's state is lost with every copy of it."""
+        return None
 
 
 class TorchIntegration(Integration):

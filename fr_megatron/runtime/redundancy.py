@@ -10,7 +10,6 @@ any later point of the next step costs no finished work.
 from __future__ import annotations
 
 import logging
-import threading
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 

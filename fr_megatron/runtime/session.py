@@ -33,7 +33,7 @@ import torch.distributed as dist
 from ..config import FlashRecoveryConfig, parse_address
 from ..protocol import keys
 from ..protocol.auth import Signer, read_token
-from ..protocol.store import connect
+from ..protocol.store import connect, connect_cuttable, shutdown_sockets
 from . import failure_domains, inject, transfer
 from .comms import Communicators, RendezvousInterrupted
 from .heartbeat import Heartbeat, PlanMonitor
@@ -78,7 +78,8 @@ class Session:
         self.history: dict[int, Any] = {}  # step -> what train_step returned, for every step  # when an injected fault fired (benchmarks)
         self.store = connect(self.host, self.port)            # main thread: pg rendezvous, events
         self._hb_store = connect(self.host, self.port)        # heartbeat thread
-        self._mon_store = connect(self.host, self.port)       # plan monitor thread
+        # plan monitor thread; its socket is cut at close, so the thread ends without waiting
+        self._mon_store, self._mon_fds = connect_cuttable(self.host, self.port)
         latest = self._latest_generation()
         self.generation = max(generation, latest)
         self.sm = RecoveryStateMachine(rank)
@@ -110,6 +111,7 @@ class Session:
     def _stop_threads(self) -> None:
         self.heartbeat.stop()
         self.monitor.stop()
+        shutdown_sockets(self._mon_fds)  # its wait for the next plan fails now
         for t in (self.heartbeat, self.monitor):
             if t.is_alive() and t is not threading.current_thread():
                 t.join(5)
@@ -172,8 +174,8 @@ class Session:
 
     # ---- set-up ----------------------------------------------------------------------------
     def init_process_group(self, backend: str = "gloo") -> None:
-        self.comms = Communicators(lambda: connect(self.host, self.port), self.port, self.rank,
-                                   self.world_size, backend)
+        self.comms = Communicators(lambda: connect_cuttable(self.host, self.port), self.port,
+                                   self.rank, self.world_size, backend)
         while True:
             try:
                 self.comms.init_world(self.generation, self._superseded)
@@ -403,6 +405,11 @@ class Session:
         else:
             reason = (f"ranks {sorted(lost)} and every holder of their copies are lost; "
                       "no consistent state among live peers")
+            if self.cfg.checkpoint_dir:  # every rank takes this branch: the infos are the same
+                resume = self._fall_back_to_checkpoint(infos, lost)
+                if resume is not None:
+                    return resume
+                reason += f", and {self.cfg.checkpoint_dir} holds no checkpoint to fall back to"
             good = min(i["committed"] for r, i in enumerate(infos) if r not in lost) \
                 if len(lost) < self.world_size else -1
             self.send("fatal", reason=reason, step=self.step, last_good_step=good)
@@ -447,6 +454,34 @@ class Session:
         log.info("rank=%d generation=%d step=%d phase=restore recovered to step %d",
                  self.rank, self.generation, point, point)
         return point + 1
+
+    def _fall_back_to_checkpoint(self, infos: list, lost: set) -> Optional[int]:
+        """No live copy of a lost rank's state: every rank loads the framework's latest disk
+        checkpoint instead, and the steps since it are redone (and reported as lost)."""
+        step = self.integration.load_checkpoint(self.cfg.checkpoint_dir)
+        if step is None:
+            return None
+        finished = [i["committed"] for r, i in enumerate(infos) if r not in lost]
+        steps_lost = max(0, min(finished) - step) if finished else 0
+        survivors = [r for r in range(self.world_size) if r not in lost]
+        history = [{s: v for s, v in self.history.items() if s <= step}]
+        if survivors:  # what the steps up to the checkpoint returned, for the lost ranks too
+            dist.broadcast_object_list(history, src=survivors[0], group=self.group)
+        self.history = history[0]
+        self.ring.drop_after(-1)
+        self.ring.commit(step, self._live_with_rng())
+        self.committed = self.step = step
+        self.has_state = True
+        self._refresh_copies(step)
+        self._last_sync = {"recovery_point": step, "steps_lost": steps_lost, "lost": sorted(lost),
+                           "fallback": True, "restored_t": time.time()}
+        log.warning("rank=%d generation=%d step=%d phase=restore no live copy of ranks %s: fell "
+                    "back to the checkpoint of step %d in %s (%d steps redone)", self.rank,
+                    self.generation, step, sorted(lost), step, self.cfg.checkpoint_dir, steps_lost)
+        if self.rank == 0:
+            self.event("fallback_to_checkpoint", checkpoint_step=step, steps_lost=steps_lost,
+                       lost=sorted(lost), directory=self.cfg.checkpoint_dir)
+        return step + 1
 
     def _recovery_point(self, infos: list, lost: set) -> tuple[Optional[int], dict]:
         """The newest step every survivor has and every lost rank can be rebuilt at, and who

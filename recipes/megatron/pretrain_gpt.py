@@ -120,7 +120,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     try:
-        fr_cfg = config_from_args(args, base=FlashRecoveryConfig.from_env())
+        config_from_args(args, base=FlashRecoveryConfig.from_env())  # bad flags fail here, early
     except ConfigError as e:
         print(f"pretrain_gpt.py: error: {e}", file=sys.stderr)
         return 2
