@@ -6,6 +6,11 @@ step 4 of 6; a second job loads the latest checkpoint and trains steps 5-6. Both
 equal one uninterrupted 6-step job bit for bit: losses, every rank's parameters and optimizer
 shards, consumed samples. Before the second job starts, the directory also holds an incomplete
 ``iter_0000006`` (a save that crashed before the tracker file was written), which must be ignored.
+
+The same checkpoints are flash recovery's fallback: under ``fr-megatron run --flash-recovery``,
+ranks 2 and 3 (data-parallel replicas of the last pipeline stage, each holding the other's copy)
+die together at step 6, so no live peer has their state; every rank loads the step-4 checkpoint,
+redoes step 5, and the job still ends equal to the uninterrupted one.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from jobs import REPO
+from jobs import REPO, run_job
 
 from fr_megatron.megatron import checkpoint
 
@@ -42,8 +47,24 @@ def torchrun(tmp: Path, name: str, extra: list[str], timeout: float = 240) -> li
     return [torch.load(tmp / f"{name}.rank{r}.pt", weights_only=False) for r in range(WORLD)]
 
 
+@pytest.fixture(scope="module")
+def whole(tmp_path_factory):
+    """One uninterrupted 6-step job."""
+    return torchrun(tmp_path_factory.mktemp("whole"), "whole", [])
+
+
+def assert_final_state_equal(w: dict, b: dict, r: int) -> None:
+    assert b["consumed_samples"] == w["consumed_samples"] == 6 * 8
+    assert b["params"].keys() == w["params"].keys()
+    for k in w["params"]:
+        assert torch.equal(b["params"][k], w["params"][k]), f"rank {r} param {k} differs"
+    assert b["optim"].keys() == w["optim"].keys() and w["optim"]
+    for k in w["optim"]:
+        assert torch.equal(b["optim"][k], w["optim"][k]), f"rank {r} optimizer {k} differs"
+
+
 @pytest.mark.timeout(600)
-def test_save_at_4_load_and_continue_to_6_is_bit_identical(tmp_path):
+def test_save_at_4_load_and_continue_to_6_is_bit_identical(tmp_path, whole):
     ckpt = tmp_path / "ckpt"
     first = torchrun(tmp_path, "first", ["--save", str(ckpt), "--save-interval", "2",
                                          "--exit-interval", "4"])
@@ -64,21 +85,35 @@ def test_save_at_4_load_and_continue_to_6_is_bit_identical(tmp_path):
     assert checkpoint.latest(ckpt) == 6
     assert (torn / "metadata.json").exists()
 
-    whole = torchrun(tmp_path, "whole", [])
     for r in range(WORLD):
         a, b, w = first[r], second[r], whole[r]
         assert sorted(a["losses"]) == [1, 2, 3, 4] and sorted(b["losses"]) == [5, 6]
         assert {**a["losses"], **b["losses"]} == w["losses"], (r, a["losses"], b["losses"],
                                                               w["losses"])
-        assert b["consumed_samples"] == w["consumed_samples"] == 6 * 8
-        assert b["params"].keys() == w["params"].keys()
-        for k in w["params"]:
-            assert torch.equal(b["params"][k], w["params"][k]), f"rank {r} param {k} differs"
-        assert b["optim"].keys() == w["optim"].keys() and w["optim"]
-        for k in w["optim"]:
-            assert torch.equal(b["optim"][k], w["optim"][k]), f"rank {r} optimizer {k} differs"
+        assert_final_state_equal(w, b, r)
         # and the stop at step 4 really left something to redo: step 4's state is not step 6's
         assert any(not torch.equal(a["params"][k], w["params"][k]) for k in w["params"])
+
+
+@pytest.mark.timeout(600)
+def test_rank_lost_with_every_copy_falls_back_to_the_checkpoint_bit_exact(tmp_path, whole):
+    ckpt = tmp_path / "ckpt"
+    job = run_job(tmp_path, RECIPE, [*ARGS, "--flash-recovery", "--save", str(ckpt),
+                                      "--save-interval", "2", "--out", str(tmp_path / "fb")],
+                  nproc=WORLD, spares=2, name="fb", timeout=400,
+                  inject="kill:rank=2:step=6:phase=forward;kill:rank=3:step=6:phase=forward")
+    assert job.rc == 0, job.failure(5000)
+    faults = job.report["faults"]
+    assert sorted(f["rank"] for f in faults) == [2, 3], faults
+    for f in faults:
+        assert f["fallback_to_checkpoint"] is True, f
+        assert (f["recovery_point"], f["steps_lost"]) == (4, 1), f  # step 5 redone
+    (fb,) = [e for e in job.journal if e["event"] == "fallback_to_checkpoint"]
+    assert (fb["checkpoint_step"], fb["steps_lost"], fb["lost"]) == (4, 1, [2, 3])
+    for r in range(WORLD):
+        got = torch.load(tmp_path / f"fb.rank{r}.pt", weights_only=False)
+        assert got["losses"] == whole[r]["losses"], (r, got["losses"], whole[r]["losses"])
+        assert_final_state_equal(whole[r], got, r)
 
 
 @pytest.mark.timeout(10)

@@ -57,61 +57,37 @@ def baseline(tmp_path_factory):
 
 
 # several faults in one job, each in its own phase and generation: forward on the first
-# pipeline stage, a kill inside optimizer.step (after the local Adam update, before the
-# parameter all-gather: a partial update), the gradient reduction, backward, and a fault
-# between the step and its commit on the last pipeline stage
-PHASE_JOBS = {
-    "forward-optimizer-after_step": "kill:rank=0:step=2:phase=forward;"
-                                    "kill:rank=5:step=4:phase=optimizer;"
-                                    "kill:rank=3:step=6:phase=after_step",
-    "backward-grad_reduce": "kill:rank=6:step=3:phase=backward;"
-                            "exception:rank=1:step=6:phase=grad_reduce",
-}
+# pipeline stage, backward, a kill inside optimizer.step (after the local Adam update, before
+# the parameter all-gather: a partial update), the gradient reduction, and a fault between the
+# step and its commit on the last pipeline stage
+FAULTS = ("kill:rank=0:step=2:phase=forward;"
+          "kill:rank=6:step=3:phase=backward;"
+          "kill:rank=5:step=4:phase=optimizer;"
+          "exception:rank=1:step=5:phase=grad_reduce;"
+          "kill:rank=3:step=6:phase=after_step")
 
 
 @pytest.mark.timeout(900)
-@pytest.mark.parametrize("name", list(PHASE_JOBS))
-def test_fault_in_every_phase_is_recovered_bit_exact(tmp_path, baseline, name):
-    spec = PHASE_JOBS[name]
-    job = megatron_job(tmp_path, "f", inject=spec, wandb_dir=tmp_path)
+def test_fault_in_every_phase_is_recovered_bit_exact(tmp_path, baseline):
+    job = megatron_job(tmp_path, "f", inject=FAULTS, spares=2, wandb_dir=tmp_path)
     faults = job.report["faults"]
-    expected = [s.split(":") for s in spec.split(";")]
-    assert len(faults) == len(expected)
-    for f, parts in zip(faults, expected):
+    expected = [s.split(":") for s in FAULTS.split(";")]
+    assert len(faults) == len(expected), faults
+    for f, parts in zip(sorted(faults, key=lambda f: f["step"]), expected):
         fields = dict(p.split("=") for p in parts[1:])
         assert (f["rank"], f["step"], f["phase"]) == (int(fields["rank"]), int(fields["step"]),
                                                       fields["phase"])
         assert f["kind"] == {"kill": "crash", "exception": "exception"}[parts[0]]
-        assert f["steps_lost"] == 0 and f["recovery_point"] == f["step"] - 1
         assert f["survivor_pids_unchanged"] is True
-        assert f["fallback_to_checkpoint"] is False
         assert set(f["phases"]) >= {"detect", "abort", "rebuild", "restore", "resume"}
+        assert f["steps_lost"] == 0 and f["recovery_point"] == f["step"] - 1, f
+        assert f["fallback_to_checkpoint"] is False
     assert_ranks_equal(baseline, load_ranks(tmp_path, "f"))
     # every recovery is an event in the offline wandb run, read back from the file wandb wrote
     run = read_run(str(tmp_path / "wandb"))
     logged = [h for h in run["history"] if "recovery/rank" in h]
-    assert [(h["recovery/rank"], h["recovery/fault_step"], h["recovery/kind"],
-             h["recovery/fault_phase"], h["recovery/steps_lost"]) for h in logged] == \
-        [(f["rank"], f["step"], f["kind"], f["phase"], 0) for f in faults]
+    assert sorted((h["recovery/rank"], h["recovery/fault_step"], h["recovery/kind"],
+                   h["recovery/fault_phase"], h["recovery/steps_lost"]) for h in logged) == \
+        sorted((f["rank"], f["step"], f["kind"], f["phase"], 0) for f in faults)
     assert all(h["recovery/phase_rebuild_s"] > 0 for h in logged)
     assert run["summary"]["recoveries"] == len(faults) and "flash-recovery" in run["tags"]
-
-
-@pytest.mark.timeout(900)
-def test_rank_lost_with_every_copy_falls_back_to_the_disk_checkpoint_bit_exact(tmp_path,
-                                                                               baseline):
-    # ranks 1 and 3 are data-parallel replicas and each holds the other's copy: losing both
-    # loses every live copy of their state. With --save the job loads the latest checkpoint
-    # (step 4) instead, redoes step 5, and still ends equal to the fault-free run.
-    ckpt = tmp_path / "ckpt"
-    job = megatron_job(tmp_path, "fb", args=[*ARGS, "--save", str(ckpt), "--save-interval", "4"],
-                       inject="kill:rank=1:step=6:phase=forward;kill:rank=3:step=6:phase=forward",
-                       spares=2)
-    faults = job.report["faults"]
-    assert sorted(f["rank"] for f in faults) == [1, 3], faults
-    for f in faults:
-        assert f["fallback_to_checkpoint"] is True, f
-        assert f["recovery_point"] == 4 and f["steps_lost"] == 1, f
-    (fb,) = [e for e in job.journal if e["event"] == "fallback_to_checkpoint"]
-    assert (fb["checkpoint_step"], fb["steps_lost"], fb["lost"]) == (4, 1, [1, 3])
-    assert_ranks_equal(baseline, load_ranks(tmp_path, "fb"))

@@ -51,7 +51,7 @@ class RankView:
 
 
 PHASE_ORDER = {"init": 0, "forward": 1, "backward": 2, "grad_reduce": 3, "optimizer": 4,
-               "after_step": 5}
+               "after_step": 5, "checkpoint": 6}
 
 
 def _position(v: RankView) -> tuple:

@@ -41,6 +41,7 @@ micro-batch of the redone step, timers a failed step left running stopped.
 from __future__ import annotations
 
 import collections
+import contextlib
 import datetime
 import logging
 from typing import Any, Callable, Optional
@@ -185,6 +186,15 @@ def on_step_end(iteration: int, loss_dict: Any = None) -> None:
         if _lm is not None:
             _lm.end()
         _session.commit(iteration - _first_iteration + 1, _plain(loss_dict))
+
+
+@contextlib.contextmanager
+def saving_checkpoint():
+    """Around a disk checkpoint save between steps: the rank reports the phase "checkpoint",
+    judged by ``checkpoint_timeout`` instead of the hang timeout of a step."""
+    if _session is not None:
+        _session.phase("checkpoint")
+    yield
 
 
 def on_step_failure(exc: BaseException, iteration: int) -> int:

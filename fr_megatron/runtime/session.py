@@ -142,7 +142,8 @@ class Session:
         return {"generation": self.generation, "step": self.step, "phase": self.phase_name,
                 "state": self.sm.state.value, "committed": self.committed,
                 "inject_t": self.inject_t,
-                "hang_timeout": self.cfg.resolved_hang_timeout(self.step_times[-50:])
+                "hang_timeout": self.cfg.checkpoint_timeout if self.phase_name == "checkpoint"
+                else self.cfg.resolved_hang_timeout(self.step_times[-50:])
                 if self.step_times else 1e9}
 
     def send(self, kind: str, **body) -> None:

@@ -171,14 +171,16 @@ def main(argv=None) -> int:
             t_last = now
         if args.save and args.save_interval and iteration % args.save_interval == 0:
             try:
-                checkpoint.save(job, iteration, args.save)
+                with flash_recovery.saving_checkpoint():
+                    checkpoint.save(job, iteration, args.save)
                 saved = iteration
             except Exception as exc:  # a peer lost while saving: recovered as in a step
                 iteration = offset + flash_recovery.on_step_failure(exc, iteration - offset)
         if args.exit_interval and iteration % args.exit_interval == 0:
             break
     if args.save and iteration != saved:  # Megatron-LM saves at the end of training too
-        checkpoint.save(job, iteration, args.save)
+        with flash_recovery.saving_checkpoint():
+            checkpoint.save(job, iteration, args.save)
     losses = {offset + s: v for s, v in flash_recovery.history().items()} or losses
     flash_recovery.on_train_end()
     if args.out:
