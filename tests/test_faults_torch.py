@@ -19,11 +19,11 @@ JOBS = {
                           "exit:code=7:rank=2:step=5:phase=grad_reduce;"
                           "exit0:rank=0:step=6:phase=after_step",
                           ["crash", "segv", "exception", "exit", "exit0_early"], 2, []),
-    "hangs-and-stop": ("hang:rank=2:step=3:phase=forward;"
-                       "hang_gil:rank=1:step=5:phase=backward;"
-                       "stop:rank=3:step=7:phase=optimizer",
-                       ["hang", "hang_gil", "stop"], 2, HANG),
-    "no-spare": ("kill:rank=1:step=4:phase=backward", ["crash"], 0, []),
+    # no spares: every replacement is a freshly spawned process
+    "hangs-and-stop-no-spare": ("hang:rank=2:step=3:phase=forward;"
+                                "hang_gil:rank=1:step=5:phase=backward;"
+                                "stop:rank=3:step=7:phase=optimizer",
+                                ["hang", "hang_gil", "stop"], 0, HANG),
 }
 
 

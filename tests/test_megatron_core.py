@@ -138,9 +138,7 @@ def test_3d_training_makes_progress(run_3d):
 
 
 @pytest.mark.timeout(420)
-@pytest.mark.parametrize(
-    "tp,pp,bf16", [(2, 1, False), (1, 2, True)], ids=["tp2dp2-fp32", "pp2dp2-bf16"]
-)
+@pytest.mark.parametrize("tp,pp,bf16", [(1, 2, True)], ids=["pp2dp2-bf16"])  # TP, fp32: the 3D run
 def test_rebuild_4_ranks(tmp_path, tp, pp, bf16):
     """Two generations in a row (gen1 before step 1, gen2 before step 2)."""
     args = ["--world", "4", "--tp", str(tp), "--pp", str(pp), "--steps", "4"]
