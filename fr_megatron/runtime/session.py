@@ -56,8 +56,7 @@ class RecoveryImpossible(RuntimeError):
 
 
 def _is_comm_error(exc: BaseException) -> bool:
-    if isinstance(exc, (RecoveryRequested, RendezvousInterrupted, dist.DistError, ConnectionError,
-                        TimeoutError)):
+    if isinstance(exc, (RecoveryRequested, dist.DistError, ConnectionError, TimeoutError)):
         return True
     text = f"{type(exc).__name__} {exc}"
     return any(s in text for s in ("gloo", "Connection", "NCCL", "connection", "peer", "Timed out",
@@ -446,12 +445,7 @@ class Session:
         self.history = {s: v for s, v in self.history.items() if s <= point}
         if me_lost:
             self.ring.commit(point, self._live_with_rng())
-        self.committed = point
-        self.step = point
-        self.has_state = True
-        self._refresh_copies(point)
-        self._last_sync = {"recovery_point": point, "steps_lost": steps_lost,
-                           "lost": sorted(lost), "restored_t": time.time()}
+        self._settle(point, steps_lost, lost)
         log.info("rank=%d generation=%d step=%d phase=restore recovered to step %d",
                  self.rank, self.generation, point, point)
         return point + 1
@@ -471,11 +465,7 @@ class Session:
         self.history = history[0]
         self.ring.drop_after(-1)
         self.ring.commit(step, self._live_with_rng())
-        self.committed = self.step = step
-        self.has_state = True
-        self._refresh_copies(step)
-        self._last_sync = {"recovery_point": step, "steps_lost": steps_lost, "lost": sorted(lost),
-                           "fallback": True, "restored_t": time.time()}
+        self._settle(step, steps_lost, lost, fallback=True)
         log.warning("rank=%d generation=%d step=%d phase=restore no live copy of ranks %s: fell "
                     "back to the checkpoint of step %d in %s (%d steps redone)", self.rank,
                     self.generation, step, sorted(lost), step, self.cfg.checkpoint_dir, steps_lost)
@@ -517,6 +507,14 @@ class Session:
         live.meta["fr/rng_cpu"] = torch.get_rng_state()
         live.meta["fr/step"] = self.committed
         return live
+
+    def _settle(self, point: int, steps_lost: int, lost: set, fallback: bool = False) -> None:
+        """Every rank stands at ``point`` now: its counters, its copies, what it will report."""
+        self.committed = self.step = point
+        self.has_state = True
+        self._refresh_copies(point)
+        self._last_sync = {"recovery_point": point, "steps_lost": steps_lost, "lost": sorted(lost),
+                           "restored_t": time.time(), **({"fallback": True} if fallback else {})}
 
     def _refresh_copies(self, point: int) -> None:
         """After a recovery every rank re-sends its copy of ``point``: the replacement held
