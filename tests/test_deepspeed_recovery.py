@@ -7,7 +7,8 @@ engine counters with a fault-free run of the same configuration (module-scoped b
 Faults: a kill mid-training (forward / backward: the survivors fail in ZeRO's gradient reduction and
 must forget its half-filled buckets); a kill at the optimizer phase just before ``engine.step()``; a
 kill and an exception *inside* DeepSpeed's step (the ``optimizer`` phase marked from a post-hook of
-the inner optimizer: the faulty rank has updated its shard, the survivors roll back theirs).
+the inner optimizer: the faulty rank has updated its shard, the survivors roll back theirs); and
+Megatron-core's parallel_state as DeepSpeed's mpu (TP=2 x DP=2), rebuilt on the new generation.
 """
 
 from __future__ import annotations
@@ -30,12 +31,13 @@ PRELOAD = ["torch", "torch.distributed", "deepspeed", "deepspeed.runtime.zero.mu
 CONFIGS = {
     "zero1": ["--zero-stage", "1"],
     "zero2": ["--zero-stage", "2"],
+    "tp2": ["--zero-stage", "2", "--mpu", "megatron", "--tp", "2"],
 }
 
 
 def ds_job(tmp, config: str, inject: str | None = None, spares: int = 1, extra_args=(),
            name: str = "job"):
-    preload = PRELOAD
+    preload = PRELOAD + (["megatron.core.parallel_state"] if config == "tp2" else [])
     try:
         job = run_job(tmp, DS_RECIPE, ["--steps", str(STEPS), *CONFIGS[config], *extra_args],
                       inject=inject, spares=spares, env=ENV, name=name, timeout=JOB_TIMEOUT,
@@ -71,6 +73,9 @@ def baseline_zero2(tmp_path_factory):
     return _baseline(tmp_path_factory, "zero2")
 
 
+@pytest.fixture(scope="module")
+def baseline_tp2(tmp_path_factory):
+    return _baseline(tmp_path_factory, "tp2")
 
 
 def assert_same_rank_state(base: dict, got: dict, rank: int) -> None:
@@ -103,9 +108,9 @@ JOBS = {
         ("kill:rank=2:step=2:phase=backward", "crash"),  # survivors forget half-filled buckets
         ("kill:rank=0:step=3:phase=optimizer", "crash"),
         ("exception:rank=1:step=4:phase=optimizer", "exception")]),
+    # Megatron-core parallel_state as the mpu, TP=2 x DP=2: replica groups {0,2} and {1,3}
+    "tp2-zero2": ("tp2", "before-step", [("kill:rank=1:step=3:phase=backward", "crash")]),
 }
-# Megatron-core's parallel_state as DeepSpeed's mpu (TP=2 x DP=2) with a replacement:
-# tests/test_deepspeed.py::test_zero2_with_megatron_mpu_tp2_dp2_and_a_replacement
 
 
 @pytest.mark.timeout(2 * JOB_TIMEOUT + 60)  # includes the baseline run of its configuration
@@ -135,3 +140,6 @@ def test_deepspeed_faults_recovered_bit_exact(tmp_path, request, name):
         assert job.ranks[fault["rank"]]["pid"] not in {e["pid"] for e in reported}
     for r in range(4):
         assert_same_rank_state(base[r], job.ranks[r], r)
+    if config == "tp2":  # TP shards differ, data-parallel replicas agree
+        p0, p1, p2 = (job.ranks[r]["params"]["fc1.weight"] for r in (0, 1, 2))
+        assert torch.equal(p0, p2) and not torch.equal(p0, p1)
