@@ -1,17 +1,18 @@
 """The control plane at 4,800 and 16,384 ranks: the real controller against simulated nodes.
 
-Recovery at scale is only as fast as the one controller process: it reads every rank's heartbeat,
-every agent's liveness key, decides, and wakes every agent with one store key. No training job
-fits that scale here, so this runs the real ``Controller`` (in this process, in its own threads,
-with the TCPStore it hosts on loopback) against a few simulator processes that each play many
-nodes: per node one store connection for the heartbeats (the node's 8 rank heartbeats, signed
-as ``rank{r}`` with the fields ``Heartbeat.beat`` sends, batched in one ``multi_set``; then the
-agent's signed ``agent_heartbeat`` with an increasing ``seq``) and one connection on which a
-thread waits for the next plan exactly as the agent's ``_plan_watch`` does (``wait_key`` with a
-1 s timeout, then ``check(DONE)``, ``get``, ``verify``). One extra agent is a spare node.
+Recovery at scale is only as fast as the one controller process: it reads every node's beat
+(the agent's liveness with its ranks' newest heartbeats inside, ``protocol.node_beats``),
+decides, and wakes every agent with one store key. No training job fits that scale here, so this
+runs the real ``Controller`` (in this process, in its own threads, with the TCPStore it hosts on
+loopback) against a few simulator processes that each play many nodes: per node one store
+connection for the node beat (``NodeAgent._beat``: a signed ``agent_heartbeat`` with an
+increasing ``seq`` and the 8 rank entries the agent relays) and one connection on which a thread
+waits for the next plan exactly as the agent's ``_plan_watch`` does (``wait_key`` with a 1 s
+timeout, then ``check(DONE)``, ``get``, ``verify``). One extra agent is a spare node. The ranks'
+own datagrams to their agent stay on their node and are not simulated.
 
 (a) heartbeat load: store requests/s and key writes/s the simulators send over a steady window,
-    the beat interval they achieved, the time of one ``multi_get`` of every rank heartbeat key,
+    the beat interval they achieved, the time of one ``multi_get`` of every node beat key,
     the controller's real sweep (its ``multi_get`` calls are timed by wrapping its store client;
     sweep = time between two sweeps minus the loop's wait) and the CPU of this process (the
     controller's threads and the store server; the simulators run elsewhere).
@@ -22,11 +23,10 @@ thread waits for the next plan exactly as the agent's ``_plan_watch`` does (``wa
 (c) propagation: plan ``decided_t`` -> the last live agent holding the verified plan.
 
 Target (printed, never asserted): under 2 s from the fault to every agent on the new generation
-at 16,384 ranks. Rank heartbeats cycle through a ring of messages signed at start-up (real HMAC,
-changing ``seq``; only their ``ts`` is stale, which nothing reads) unless ``--live-sign``: signing
-16,384 messages every 0.5 s in Python would take more CPU than this machine has beside the
-controller. Simulator threads share a GIL per process, so the wake-up of many agents in one
-process is serialised a little; both the wake time and the verified time are reported.
+at 16,384 ranks. Rank entries cycle through a ring built at start-up (changing ``seq`` and
+step); node beats are signed when sent. Simulator threads share a GIL per process, so the
+wake-up of many agents in one process is serialised a little; both the wake time and the
+verified time are reported.
 
     python -m benchmarks.control_plane [--nodes 600,2048] [--quick] [--procs 4]
 """
@@ -97,17 +97,13 @@ class _Sim:
             hb = list(ex.map(lambda _: connect(s["host"], s["port"], 120.0), self.nodes))
             watch = list(ex.map(lambda _: connect(s["host"], s["port"], 120.0), self.nodes))
         connect_s = time.time() - t0
-        # ranks: a ring of RING heartbeats each, signed with the real Signer; agents sign live
+        # ranks: a ring of RING entries each, as the agent relays them; agents sign live
         t1 = time.time()
-        rank_keys, ring = [], []
+        ring = []
         for node in self.nodes:
             ranks = [] if node in self.spare else list(range(node * NPROC, (node + 1) * NPROC))
-            rank_keys.append([keys.heartbeat(r) for r in ranks])
-            msgs = []
-            for r in ranks:
-                sg = Signer(token, f"rank{r}")
-                msgs.append([_rank_beat(sg, r, k, s["interval"]) for k in range(RING)])
-            ring.append(msgs)
+            ring.append([{str(r): _rank_entry(r, k, s["interval"]) for r in ranks}
+                         for k in range(RING)])
         agents = [Signer(token, f"agent{n}") for n in self.nodes]
         self.q.put(("ready", self.wid, {"connect_s": connect_s, "sign_ring_s": time.time() - t1,
                                         "nofile": lim, "pid": os.getpid()}))
@@ -119,52 +115,37 @@ class _Sim:
         for n, c, sg in zip(self.nodes, hb, agents):  # as NodeAgent.run does before its beats
             c.queue_push(keys.EVENTS, sg.sign("agent_started", node=n, spare=n in self.spare,
                                               pid=pid))
-        self.beat(hb, rank_keys, ring, agents, keys, pid, token)
+        self.beat(hb, ring, agents, keys, pid)
         for t in watchers:
             t.join(3.0)
         with self.lock:
             self.q.put(("done", self.wid, {"seen": list(self.seen), "errors": self.errors[:5]}))
 
-    def beat(self, hb, rank_keys, ring, agents, keys, pid, token):
-        from fr_megatron.protocol.auth import Signer
-
+    def beat(self, hb, ring, agents, keys, pid):
+        """``NodeAgent._beat``: one signed node beat with the node's rank entries in it."""
         s, sh, w = self.spec, self.sh, self.wid
         interval, n = s["interval"], len(self.nodes)
-        live = [Signer(token, f"rank{r}") for ks in rank_keys for r in
-                (int(k.rsplit("/", 1)[1]) for k in ks)] if s["live_sign"] else None
         req = writes = late = k = 0
         base = time.time()
         while not sh["shutdown"].value:
             start = base + k * interval
-            li = 0
             for i, node in enumerate(self.nodes):
                 d = start + i * interval / n - time.time()
                 if d > 0:
                     time.sleep(d)
                 if sh["shutdown"].value:
                     break
-                ks = rank_keys[i]
                 if self.dead(node):
-                    li += len(ks)
                     continue
                 try:
-                    if ks:
-                        if live:
-                            vals = [_rank_beat(live[li + j], int(kk.rsplit("/", 1)[1]), k,
-                                               interval) for j, kk in enumerate(ks)]
-                        else:
-                            vals = [m[k % RING] for m in ring[i]]
-                        hb[i].multi_set(ks, vals)
-                        req, writes = req + 1, writes + len(ks)
                     hb[i].set(keys.agent(node), agents[i].sign(
                         "agent_heartbeat", node=node, seq=k + 1, pid=pid,
-                        spare=node in self.spare))
+                        spare=node in self.spare, ranks=ring[i][k % RING]))
                     req, writes = req + 1, writes + 1
                 except Exception as e:  # the store went away: the benchmark is ending
                     self.errors.append(f"beat node {node}: {e}")
                     sh["shutdown"].value = 1
                     break
-                li += len(ks)
             k += 1
             behind = time.time() - (base + k * interval)
             if behind > interval:  # a whole interval late: go on from now, do not burst
@@ -205,11 +186,12 @@ class _Sim:
                 return
 
 
-def _rank_beat(signer, rank: int, k: int, interval: float) -> bytes:
-    """What ``Heartbeat.beat`` sends with ``Session._status`` (step k, a training phase)."""
-    return signer.sign("heartbeat", rank=rank, pid=100000 + rank, hb_interval=interval,
-                       generation=0, step=k, phase=PHASES[k % len(PHASES)], state="running",
-                       committed=k - 1, inject_t=None, hang_timeout=HANG_TIMEOUT)
+def _rank_entry(rank: int, k: int, interval: float) -> dict:
+    """What the agent relays of a rank's beat (``node_beats.rank_entry`` of what
+    ``Heartbeat.beat`` sends with ``Session._status``): step k, a training phase."""
+    return {"rank": rank, "pid": 100000 + rank, "seq": k + 1, "hb_interval": interval,
+            "generation": 0, "step": k, "phase": PHASES[k % len(PHASES)], "state": "running",
+            "committed": k - 1, "inject_t": None, "hang_timeout": HANG_TIMEOUT}
 
 
 def _sim_main(wid, spec, sh, q):
@@ -254,7 +236,7 @@ def _cpu_threads(proc) -> dict:
 
 def run_scale(nodes: int, *, procs: int = 2, interval: float | None = None,
               node_timeout: float | None = None, window: float = 5.0, spares: int = 1,
-              live_sign: bool = False, connect_threads: int = 64, say=print) -> dict:
+              connect_threads: int = 64, say=print) -> dict:
     """One scale: controller + simulators, (a) window, (b) node loss, (c) propagation."""
     import psutil
 
@@ -305,7 +287,7 @@ def run_scale(nodes: int, *, procs: int = 2, interval: float | None = None,
         for wid in range(procs):
             spec = {"host": ctl.host, "port": ctl.port, "token": token, "nodes": share[wid],
                     "spare_nodes": [n for n in share[wid] if n in spare_nodes],
-                    "interval": interval, "live_sign": live_sign,
+                    "interval": interval,
                     "connect_threads": connect_threads}
             p = ctx.Process(target=_sim_main, args=(wid, spec, sh, q), daemon=True)
             p.start()
@@ -339,20 +321,20 @@ def run_scale(nodes: int, *, procs: int = 2, interval: float | None = None,
 
         # warm-up: every key written, every agent registered, two full controller sweeps
         me = connect(ctl.host, ctl.port, 60.0)
-        hb_keys = [keys.heartbeat(r) for r in range(world)]
         ag_keys = [keys.agent(n) for n in all_nodes]
         agents = getattr(ctl, "agents", None)
+        full_sweep = len(all_nodes)  # keys in one sweep: one node beat per node
 
         def warm():
-            full = [e for e in mg_log if e[2] == world]
-            return (me.check(hb_keys) and me.check(ag_keys) and len(full) >= 2
+            full = [e for e in mg_log if e[2] == full_sweep]
+            return (me.check(ag_keys) and len(full) >= 2
                     and (agents is None or len(agents) == len(all_nodes)))
 
         if not _wait(warm, time.time() + 60 + world / 500, 0.2):
             raise RuntimeError(
-                "the controller did not see every rank and agent in time: rank keys "
-                f"{me.check(hb_keys)}, agent keys {me.check(ag_keys)}, full sweeps "
-                f"{sum(e[2] == world for e in mg_log)}, agents registered "
+                "the controller did not see every node in time: node keys "
+                f"{me.check(ag_keys)}, full sweeps "
+                f"{sum(e[2] == full_sweep for e in mg_log)}, agents registered "
                 f"{None if agents is None else len(agents)}/{len(all_nodes)}; journal tail "
                 f"{ctl.journal.records[-3:]}")
         time.sleep(2 * interval)
@@ -374,7 +356,7 @@ def run_scale(nodes: int, *, procs: int = 2, interval: float | None = None,
         n_log0 = len(mg_log)
         time.sleep(window)
         # a slow controller: go on until three of its sweeps fall in the window
-        _wait(lambda: sum(1 for e in mg_log[n_log0:] if e[2] == world) >= 3,
+        _wait(lambda: sum(1 for e in mg_log[n_log0:] if e[2] == full_sweep) >= 3,
               w0 + window + 45.0, 0.1)
         cpu1, w1 = proc.cpu_times(), time.time()
         c1, r1, th1, s1 = counters(), list(sh["rounds"]), _cpu_threads(proc), sim_cpu()
@@ -400,7 +382,7 @@ def run_scale(nodes: int, *, procs: int = 2, interval: float | None = None,
         row["ctl_cpu_by_thread_pct"] = by
         hb_tid = ids.get("fr-heartbeats")
         hb_cpu = th1.get(hb_tid, 0.0) - th0.get(hb_tid, 0.0)
-        sweeps = [e for e in mg_log[n_log0:] if e[2] == world and w0 <= e[0] <= w1]
+        sweeps = [e for e in mg_log[n_log0:] if e[2] == full_sweep and w0 <= e[0] <= w1]
         periods = [b[0] - a[0] for a, b in zip(sweeps, sweeps[1:])]
         row["ctl_multi_get_ms"] = round(1e3 * statistics.median(e[1] for e in sweeps), 2) \
             if sweeps else None
@@ -412,13 +394,13 @@ def run_scale(nodes: int, *, procs: int = 2, interval: float | None = None,
         # CPU the heartbeat thread spent per sweep: the work itself, whatever else the machine
         # runs (a loaded machine stretches the wall-clock sweep, not this)
         row["sweep_cpu_ms"] = round(1e3 * hb_cpu / len(sweeps), 1) if sweeps else None
-        # one multi_get of every rank heartbeat key from a client of our own, and the verify
-        # work the controller does on the values (timed here, while the controller runs)
+        # one multi_get of every node beat from a client of our own, and the verify work the
+        # controller does on the values when all changed (timed here, while it runs)
         times, vt = [], []
         checker = Signer(token.encode(), "bench")
         for _ in range(3):
             p0 = time.perf_counter()
-            vals = me.multi_get(hb_keys)
+            vals = me.multi_get(ag_keys)
             times.append(time.perf_counter() - p0)
         p0 = time.perf_counter()
         for v in vals:
@@ -439,7 +421,7 @@ def run_scale(nodes: int, *, procs: int = 2, interval: float | None = None,
         row["lost_node"] = lost
         # the controller notices the silence at a sweep and decides after the next: allow three
         # of its sweeps (as slow as they were up to now) beyond the node timeout
-        full = [e[0] for e in mg_log if e[2] == world][-6:]
+        full = [e[0] for e in mg_log if e[2] == full_sweep][-6:]
         period = max((b - a for a, b in zip(full, full[1:])), default=window)
         budget = min((node_timeout or 3.0) + 3 * max(period, interval) + 5, 120.0)
         say(f"[control_plane] {nodes} nodes: node {lost} silent at T; waiting up to "
@@ -538,7 +520,7 @@ def plot(rows: list[dict], path) -> None:
     a.set_title("(a) store load from the simulated nodes")
     a = ax[0][1]
     a.plot(x, [r["sweep_ms"] for r in rows], "o-", label="controller sweep (ms)")
-    a.plot(x, [r["multi_get_ms"] for r in rows], "s-", label="multi_get of all rank keys (ms)")
+    a.plot(x, [r["multi_get_ms"] for r in rows], "s-", label="multi_get of all node beats (ms)")
     a.plot(x, [r["sweep_cpu_ms"] for r in rows], "^-", label="CPU per sweep (ms)")
     a.axhline(1e3 * rows[0]["interval_s"], color="grey", ls="--", label="heartbeat interval")
     a.set_title("(a) controller heartbeat sweep")
@@ -585,8 +567,6 @@ def main(argv=None) -> int:
                    help="the controller's node timeout, s (default: the config default)")
     p.add_argument("--spares", type=int, default=1, help="spare nodes (the lost node's ranks go "
                                                          "to one)")
-    p.add_argument("--live-sign", action="store_true",
-                   help="sign every rank heartbeat when sent instead of a pre-signed ring")
     a = p.parse_args(argv)
     nodes = [64, 256] if a.quick and a.nodes == p.get_default("nodes") else \
         [int(n) for n in a.nodes.split(",") if n.strip()]
@@ -598,7 +578,7 @@ def main(argv=None) -> int:
     for n in nodes:
         procs = a.procs or (2 if n < 1000 else 4)
         row = run_scale(n, procs=procs, interval=a.interval, node_timeout=a.node_timeout,
-                        window=window, spares=a.spares, live_sign=a.live_sign,
+                        window=window, spares=a.spares,
                         say=lambda s: print(s, flush=True))
         row["scale"] = f"{n} x {NPROC}"
         row["load_1m"] = round(row["load_before"][0], 1)
@@ -619,7 +599,7 @@ def main(argv=None) -> int:
     plot(rows, png)
     path = write("control_plane", {
         "config": {"nodes": nodes, "nproc_per_node": NPROC, "window_s": window,
-                   "quick": a.quick, "live_sign": a.live_sign, "ring": RING,
+                   "quick": a.quick, "ring": RING,
                    "spares": a.spares, "hang_timeout_in_beats_s": HANG_TIMEOUT},
         "targets": {"fault_to_all_agents_s": TARGET_S, "at_ranks": 16384},
         "columns": COLS, "rows": rows, "plot": str(png.name),

@@ -93,8 +93,10 @@ def _launch(tmp: Path, port: int, node: str | None, node_rank: int, extra: list[
                             stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def _rank_reached(port: int, token: Path, rank: int, step: int, deadline: float) -> bool:
-    """Watch a rank's signed heartbeat in the job's store until it reports ``step``."""
+def _rank_reached(port: int, token: Path, node: int, rank: int, step: int,
+                  deadline: float) -> bool:
+    """Watch a rank's heartbeat, relayed in its node's signed beat in the job's store, until it
+    reports ``step``."""
     from fr_megatron.protocol import keys
     from fr_megatron.protocol.auth import Signer
     from fr_megatron.protocol.store import connect, wait_key
@@ -102,8 +104,10 @@ def _rank_reached(port: int, token: Path, rank: int, step: int, deadline: float)
     store = connect(BRIDGE_ADDR, port)
     signer = Signer(token.read_bytes().strip(), "test")
     while time.time() < deadline:
-        if wait_key(store, keys.heartbeat(rank), 0.2):
-            if signer.verify(store.get(keys.heartbeat(rank))).get("step", -1) >= step:
+        key = keys.agent(node)
+        if wait_key(store, key, 0.2):
+            beat = signer.verify(store.get(key)).get("ranks", {}).get(str(rank), {})
+            if beat.get("step", -1) >= step:
                 return True
         time.sleep(0.05)
     return False
@@ -126,7 +130,8 @@ def _run(tmp: Path, how: str) -> tuple[dict, list[dict], dict | None, str]:
     procs["spare"] = _launch(tmp, port, "spare", 2, ["--spare-node", *inject], logs["spare"])
     try:
         if how == "partition":
-            assert _rank_reached(port, tmp / "token", 2, 3, time.time() + 120), "never reached step 3"
+            assert _rank_reached(port, tmp / "token", 1, 2, 3, time.time() + 120), \
+                "never reached step 3"
             _ip("-n", NODES["node1"][0], "link", "set", NODES["node1"][1], "down")
         rc = procs["node0"].wait(240)
         rcs = {n: p.wait(60) for n, p in procs.items()}

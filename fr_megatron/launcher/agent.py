@@ -6,7 +6,9 @@ A blocking ``waitpid`` thread learns of a death the moment it happens; a light p
 plans: it kills a replaced rank that is still alive (a hung one) and hands its rank to a warm
 spare, or spawns a fresh process when none is left. Healthy workers are never touched.
 
-Node liveness: the agent beats its own heartbeat key; a node whose agent falls silent is lost
+Heartbeats: the node's ranks send theirs to the agent (a local datagram socket); the agent beats
+its own key with all of them inside (``protocol.node_beats``), so the controller reads one key per
+node. Node liveness: a node whose agent falls silent is lost
 (machine gone, link cut) and its ranks move to a spare node (``--spare-node``), an agent that
 starts no workers of its own. An agent that cannot reach the store for the node timeout fences
 itself: it kills its workers, so a partitioned node cannot come back and act on a stale world.
@@ -18,6 +20,7 @@ import json
 import logging
 import os
 import signal
+import tempfile
 import subprocess
 import sys
 import threading
@@ -29,6 +32,7 @@ import psutil
 
 from ..config import FlashRecoveryConfig
 from ..protocol import keys
+from ..protocol import node_beats
 from ..protocol.auth import AuthError, Signer
 from ..protocol.store import connect, wait_key
 from .spare import DEFAULT_PRELOAD
@@ -60,7 +64,7 @@ class NodeAgent:
                  script_args: list[str], spares: int, inject: Optional[str] = None,
                  preload: str = DEFAULT_PRELOAD, python: str = sys.executable,
                  extra_env: Optional[dict] = None, connect_timeout: float = 30.0,
-                 spare_node: bool = False):
+                 spare_node: bool = False, run_dir: Optional[str] = None):
         self.node, self.nnodes, self.nproc = node_rank, nnodes, nproc
         self.spare_node = spare_node
         # the ranks this node hosts: its own, or, for a spare node, those the plans move to it
@@ -86,6 +90,12 @@ class NodeAgent:
         self._done = threading.Event()
         self._beat_ok_t = time.time()
         self.fenced = False
+        # the ranks' heartbeats: received here, relayed in the node's own beat
+        self.inbox = node_beats.BeatInbox(node_beats.socket_path(
+            run_dir or tempfile.mkdtemp(prefix="fr-megatron-")))
+        self.beats: dict[int, dict] = {}  # rank -> newest verified beat (node_beats.RANK_FIELDS)
+        self._beat_now = threading.Event()
+        self._rejected_beats = 0
 
     # ---- processes ---------------------------------------------------------------------
     def _env(self, rank: int, generation: int, replacement: bool) -> dict:
@@ -116,6 +126,7 @@ class NodeAgent:
         env.update(self.extra_env)
         env["FR_SPARE_PRELOAD"] = self.preload
         env["FR_TOKEN_FILE"] = self.token_file
+        env[node_beats.SOCKET_ENV] = self.inbox.path
         env["TORCH_CPP_LOG_LEVEL"] = "ERROR"
         return env
 
@@ -151,12 +162,7 @@ class NodeAgent:
             log.error("node=%d cannot reach the controller: %s", self.node, e)
 
     def _last_heartbeat(self, rank: int) -> dict:
-        try:
-            if self.store.check([keys.heartbeat(rank)]):
-                return self.signer.verify(self.store.get(keys.heartbeat(rank)))
-        except (AuthError, Exception):
-            pass
-        return {}
+        return dict(self.beats.get(rank, {}))
 
     # ---- threads -----------------------------------------------------------------------
     def _reaper(self):
@@ -198,10 +204,7 @@ class NodeAgent:
                            phase=hb.get("phase", "unknown"), **detail)
 
     def _has_session(self, rank: int) -> bool:
-        try:
-            return self.store.check([keys.heartbeat(rank)])
-        except Exception:
-            return True
+        return rank in self.beats
 
     def _finished(self, rank: int) -> bool:
         try:
@@ -272,18 +275,50 @@ class NodeAgent:
                 except ProcessLookupError:
                     pass
 
+    def _inbox(self):
+        """Keeps the newest verified beat of each rank of this node; progress wakes ``_beat``."""
+        while not self._done.is_set():
+            raw = self.inbox.receive(0.5)
+            if raw is None:
+                continue
+            try:
+                beat = self.signer.verify(raw)
+                rank = int(beat["rank"])
+            except (AuthError, KeyError, TypeError, ValueError) as e:
+                self._rejected_beats += 1
+                if self._rejected_beats in (1, 10, 100) or self._rejected_beats % 1000 == 0:
+                    log.error("node=%d rejected a rank heartbeat (%d so far): %s", self.node,
+                              self._rejected_beats, e)
+                continue
+            with self._lock:
+                if rank not in self.ranks:
+                    continue  # a rank this node does not host (any more) has nothing to say here
+                entry = node_beats.rank_entry(beat)
+                if node_beats.progressed(self.beats.get(rank), entry):
+                    self._beat_now.set()
+                self.beats[rank] = entry
+
     def _beat(self):
-        """The node's own heartbeat: the controller's proof that this node is alive."""
+        """The node's own heartbeat, with its ranks' newest beats in it: the controller's proof
+        that this node is alive, and its only view of the ranks' progress. It goes out every
+        heartbeat interval, and at once (at most every 20 ms) when a rank's progress changed."""
         client = connect(self.host, self.port)
         seq = 0
-        while not self._done.wait(self.cfg.heartbeat_interval):
+        while not self._done.is_set():
+            self._beat_now.wait(self.cfg.heartbeat_interval)
+            self._beat_now.clear()
+            if self._done.is_set():
+                return
             seq += 1
+            with self._lock:
+                ranks = {str(r): b for r, b in self.beats.items() if r in self.ranks}
             try:
                 client.set(keys.agent(self.node), self.signer.sign(
                     "agent_heartbeat", node=self.node, seq=seq, pid=os.getpid(),
-                    spare=self.spare_node))
+                    spare=self.spare_node, ranks=ranks))
                 client.check([keys.agent(self.node)])  # a set is not answered; this round trip is
                 self._beat_ok_t = time.time()
+                self._done.wait(0.02)
             except Exception as e:
                 log.warning("node=%d heartbeat failed: %s", self.node, e)
                 time.sleep(0.1)
@@ -342,7 +377,8 @@ class NodeAgent:
         log.info("node=%d started %d workers and %d spares%s", self.node, len(self.ranks),
                  self.n_spares, " (spare node)" if self.spare_node else "")
         threads = [threading.Thread(target=f, daemon=True, name=f.__name__)
-                   for f in (self._reaper, self._stop_watch, self._plan_watch, self._beat)]
+                   for f in (self._reaper, self._stop_watch, self._plan_watch, self._inbox,
+                             self._beat)]
         for t in threads:
             t.start()
         self._beat_ok_t = time.time()
@@ -369,3 +405,4 @@ class NodeAgent:
                 pass
             s.kill()
             s.wait()
+        self.inbox.close()

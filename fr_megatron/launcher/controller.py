@@ -71,6 +71,7 @@ class AgentView:
 
     node: int
     spare: bool = False
+    pid: Optional[int] = None
     seq: int = -1
     seen_t: float = 0.0
     lost: bool = False
@@ -180,23 +181,21 @@ class Controller:
                     log.exception("bad event %s", body.get("kind"))
 
     def _heartbeat_loop(self):
-        """Sweep every rank's and agent's heartbeat key; judge hangs and lost nodes.
+        """Sweep every node's beat (its agent's liveness and its ranks' newest heartbeats, see
+        ``protocol.node_beats``); judge hangs and lost nodes.
 
-        A sweep costs one multi_get, and signature checks only for the beats that changed since
-        the last sweep; the sweep never runs more often than it takes."""
+        A sweep costs one multi_get of one key per node, and signature checks only for the node
+        beats that changed since the last sweep; it never runs more often than it takes."""
         client = connect(self.host, self.port)
-        hb_keys = [keys.heartbeat(r) for r in range(self.world_size)]
         last_raw: dict[str, bytes] = {}
         interval = max(0.02, self.cfg.heartbeat_interval / 4)
         took = 0.0
         while not self._stop.wait(max(interval, took)):
             t0 = time.time()
-            # a key, once written, stays: only the ranks not heard of yet are probed one by one
-            present = [k for k in hb_keys if k in last_raw or client.check([k])]
+            nodes = sorted(set(range(self.nnodes)) | set(self.agents))
+            # a key, once written, stays: only the nodes not heard of yet are probed one by one
+            present = [k for k in map(keys.agent, nodes) if k in last_raw or client.check([k])]
             values = client.multi_get(present) if present else []
-            agent_keys = [keys.agent(n) for n in self.agents]
-            agent_values = client.multi_get(agent_keys) if agent_keys and client.check(
-                agent_keys) else []
             beats = []
             for k, raw in zip(present, values):
                 if last_raw.get(k) == raw:
@@ -208,22 +207,39 @@ class Controller:
                     beats.append((k, e))
             now = time.time()
             with self._lock:
-                for raw in agent_values:
-                    self._on_agent_heartbeat(raw, now)
-                self._find_lost_nodes(now)
                 for k, hb in beats:
                     if isinstance(hb, AuthError):
                         self.rejected += 1
                         self.journal.write("message_rejected", generation=self.generation,
-                                           reason=f"heartbeat {k}: {hb}")
+                                           reason=f"node heartbeat {k}: {hb}")
                         continue
-                    rank = int(k.rsplit("/", 1)[1])
-                    if hb.get("rank") != rank or hb.get("pid") in self.replaced_pids:
-                        continue  # the last beat of a replaced process says nothing of its rank
-                    self.views[rank].update(hb, now)
+                    self._on_node_beat(int(k.rsplit("/", 1)[1]), hb, now)
+                self._find_lost_nodes(now)
                 if not self.pending:
                     self._judge_hangs(now)
             took = time.time() - t0
+
+    def _on_node_beat(self, node: int, hb: dict, now: float):
+        if hb.get("node") != node:
+            self.rejected += 1
+            self.journal.write("message_rejected", generation=self.generation,
+                               reason=f"node heartbeat of node {hb.get('node')} under node {node}")
+            return
+        a = self.agents.get(node)
+        if a is not None:
+            seq = hb.get("seq", -1)
+            if hb.get("pid") == a.pid and seq <= a.seq:
+                return  # an old beat played again says nothing about now
+            a.pid, a.seq, a.seen_t = hb.get("pid"), seq, now
+        ranks = hb.get("ranks")
+        for r, rank_hb in (ranks.items() if isinstance(ranks, dict) else ()):
+            rank = int(r)
+            if (self.node_of.get(rank) != node or not isinstance(rank_hb, dict)
+                    or rank_hb.get("rank") != rank):
+                continue  # a node speaks only for the ranks it hosts
+            if rank_hb.get("pid") in self.replaced_pids:
+                continue  # the last beat of a replaced process says nothing of its rank
+            self.views[rank].update(rank_hb, now)
 
     def _judge_hangs(self, now: float):
         hung = find_hang(self.views, self.generation, now, self.plan_t)
@@ -236,18 +252,6 @@ class Controller:
                                      reported_t=now, detail={"hang_timeout": v.hang_timeout}))
 
     # ---- node liveness -----------------------------------------------------------------
-    def _on_agent_heartbeat(self, raw: bytes, now: float):
-        try:
-            hb = self.signer.verify(raw)
-        except AuthError as e:
-            self.rejected += 1
-            self.journal.write("message_rejected", generation=self.generation,
-                               reason=f"agent heartbeat: {e}")
-            return
-        a = self.agents.get(int(hb.get("node", -1)))
-        if a is not None and hb.get("seq", -1) != a.seq:
-            a.seq, a.seen_t = hb["seq"], now
-
     def _find_lost_nodes(self, now: float):
         """A node whose agent has been silent for the node timeout is lost with all its ranks."""
         for a in self.agents.values():
@@ -351,7 +355,8 @@ class Controller:
                     # the agent in the controller's own process: if its node goes, so does the
                     # controller; a stall of this process must not read as a lost node
                     return
-                self.agents[node] = AgentView(node, bool(ev.get("spare")), seen_t=time.time())
+                self.agents[node] = AgentView(node, bool(ev.get("spare")), ev.get("pid"),
+                                              seen_t=time.time())
                 self.journal.write("agent_started", generation=self.generation, node=node,
                                    spare=bool(ev.get("spare")), pid=ev.get("pid"))
             elif kind == "node_done":

@@ -33,8 +33,8 @@ class RankView:
     _PROGRESS = ("step", "phase", "pid", "state", "generation")
 
     def update(self, hb: dict, now: float) -> None:
-        if hb.get("seq", 0) == self.seq and hb.get("pid") == self.pid:
-            return
+        if hb.get("pid") == self.pid and hb.get("seq", 0) <= self.seq:
+            return  # nothing new from this process (or an old beat played again)
         # any change of step, phase, process, state or generation is progress: a rank that
         # comes back from a recovery must not be judged by the clock of its failed step
         moved = tuple(hb.get(k) for k in self._PROGRESS) != tuple(getattr(self, k)

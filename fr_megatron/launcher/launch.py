@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shutil
 import sys
 import tempfile
 import threading
@@ -111,6 +112,7 @@ def main(argv=None) -> int:
         if a.node_rank != 0:
             print(f"fr-megatron run: error: --token-file {token_file} does not exist; node 0 "
                   "creates it, give every node the same shared path", file=sys.stderr)
+            shutil.rmtree(run_dir, ignore_errors=True)
             return 2
         write_token_file(token_file, new_token())
     token = read_token({TOKEN_ENV: token_file})
@@ -129,21 +131,25 @@ def main(argv=None) -> int:
                           controller=(host, port), token=token, token_file=token_file, cfg=cfg,
                           script=a.script, script_args=a.script_args, spares=cfg.spares,
                           inject=a.inject, preload=a.preload,
-                          connect_timeout=a.connect_timeout, spare_node=a.spare_node)
+                          connect_timeout=a.connect_timeout, spare_node=a.spare_node,
+                          run_dir=run_dir)
     except ConnectionError as e:
         print(f"fr-megatron run: error: --controller: {e}", file=sys.stderr)
+        shutil.rmtree(run_dir, ignore_errors=True)
         return 2
     rc = agent.run()
     if ctl_thread is not None:
         ctl_thread.join(30)
         rc = ctl.exit_code
-    _exit(rc)
+    _exit(rc, run_dir)
 
 
-def _exit(rc: int) -> None:
+def _exit(rc: int, run_dir: str) -> None:
     """End the launcher now: its report, journal and wandb run are closed, and interpreter
     finalization with daemon threads still blocked in C++ store calls can abort the process
-    ("terminate called without an active exception") and lose the exit code."""
+    ("terminate called without an active exception") and lose the exit code. The run directory
+    (token, heartbeat socket) goes with it."""
+    shutil.rmtree(run_dir, ignore_errors=True)
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()

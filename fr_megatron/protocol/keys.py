@@ -15,11 +15,9 @@ def plan(generation: int) -> str:
     return f"fr/plan/{generation}"
 
 
-def heartbeat(rank: int) -> str:
-    return f"fr/hb/{rank}"
-
-
 def agent(node: int) -> str:
+    """The node's beat: its agent's liveness and its ranks' newest heartbeats
+    (``protocol.node_beats``); the only heartbeat key a node writes."""
     return f"fr/agent/{node}"
 
 

@@ -1,7 +1,8 @@
 """Two threads of every training process: the heartbeat and the plan monitor.
 
-The heartbeat publishes (step, phase, state) to the controller every interval; the controller,
-not the rank, judges a hang from it, so a rank frozen with the GIL held is still seen. The monitor
+The heartbeat sends (step, phase, state) every interval, and at once when it changes, to the
+node's agent, which relays it to the controller in its node beat (``protocol.node_beats``); the
+controller, not the rank, judges a hang from it, so a rank frozen with the GIL held is still seen. The monitor
 blocks on the store key of the next generation's plan; when the controller publishes it, the
 monitor aborts this process's communicators, so a rank blocked in a collective (NCCL never wakes by
 itself) fails fast and enters recovery.
@@ -23,9 +24,10 @@ log = logging.getLogger("fr_megatron.runtime")
 
 
 class Heartbeat(threading.Thread):
-    def __init__(self, store, signer: Signer, rank: int, interval: float, status: Callable[[], dict]):
+    def __init__(self, send: Callable[[bytes], None], signer: Signer, rank: int, interval: float,
+                 status: Callable[[], dict]):
         super().__init__(name="fr-heartbeat", daemon=True)
-        self.store, self.signer, self.rank = store, signer, rank
+        self.send, self.signer, self.rank = send, signer, rank
         self.interval, self.status = interval, status
         self._halt = threading.Event()
         self._changed = threading.Event()
@@ -35,9 +37,8 @@ class Heartbeat(threading.Thread):
         self._changed.set()
 
     def beat(self) -> None:
-        self.store.set(keys.heartbeat(self.rank), self.signer.sign(
-            "heartbeat", rank=self.rank, pid=os.getpid(), hb_interval=self.interval,
-            **self.status()))
+        self.send(self.signer.sign("heartbeat", rank=self.rank, pid=os.getpid(),
+                                   hb_interval=self.interval, **self.status()))
 
     def run(self) -> None:
         while not self._halt.is_set():
@@ -45,7 +46,7 @@ class Heartbeat(threading.Thread):
             self._changed.clear()
             try:
                 self.beat()
-            except Exception as e:  # the controller may be restarting; keep beating
+            except Exception as e:  # the agent may be restarting; keep beating
                 log.debug("heartbeat failed: %s", e)
 
     def stop(self) -> None:

@@ -33,6 +33,7 @@ import torch.distributed as dist
 from ..config import FlashRecoveryConfig, parse_address
 from ..protocol import keys
 from ..protocol.auth import Signer, read_token
+from ..protocol.node_beats import BeatSender
 from ..protocol.store import connect, connect_cuttable, shutdown_sockets
 from . import failure_domains, inject, transfer
 from .comms import Communicators, RendezvousInterrupted
@@ -66,7 +67,8 @@ def _is_comm_error(exc: BaseException) -> bool:
 class Session:
     def __init__(self, *, rank: int, world_size: int, nproc_per_node: int, controller: str,
                  token: bytes, generation: int, replacement: bool,
-                 config: Optional[FlashRecoveryConfig] = None, injections: str = ""):
+                 agent_socket: str, config: Optional[FlashRecoveryConfig] = None,
+                 injections: str = ""):
         self.rank, self.world_size, self.nproc = rank, world_size, nproc_per_node
         self.cfg = config or FlashRecoveryConfig()
         self.host, self.port = parse_address(controller, "FR_CONTROLLER")
@@ -76,7 +78,7 @@ class Session:
         self.inject_t: Optional[float] = None
         self.history: dict[int, Any] = {}  # step -> what train_step returned, for every step  # when an injected fault fired (benchmarks)
         self.store = connect(self.host, self.port)            # main thread: pg rendezvous, events
-        self._hb_store = connect(self.host, self.port)        # heartbeat thread
+        self._beats = BeatSender(agent_socket)                # heartbeat thread -> the agent
         # plan monitor thread; its socket is cut at close, so the thread ends without waiting
         self._mon_store, self._mon_fds = connect_cuttable(self.host, self.port)
         latest = self._latest_generation()
@@ -95,10 +97,14 @@ class Session:
         self._step_t0 = time.time()
         self._pending_report: Optional[dict] = None
         self.recoveries: list[dict] = []
-        self.heartbeat = Heartbeat(self._hb_store, self.signer, rank, self.cfg.heartbeat_interval,
+        self.heartbeat = Heartbeat(self._beats.send, self.signer, rank, self.cfg.heartbeat_interval,
                                    self._status)
         self.sm.on_change = self.heartbeat.poke
-        self.heartbeat.beat()
+        try:
+            self.heartbeat.beat()
+        except OSError as e:
+            raise RuntimeError(f"rank {rank} cannot reach its node agent at {agent_socket}: {e} "
+                               "(start this script with `fr-megatron run`)") from e
         self.heartbeat.start()
         self.monitor = PlanMonitor(self._mon_store, self.signer, lambda: self.generation,
                                    self._on_plan)
@@ -126,6 +132,7 @@ class Session:
                    generation=int(env.get("FR_GENERATION", 0)),
                    replacement=env.get("FR_REPLACEMENT") == "1",
                    config=config or FlashRecoveryConfig.from_env(env),
+                   agent_socket=BeatSender.from_env(env).path,
                    injections=env.get("FR_INJECT", ""))
 
     # ---- control plane ------------------------------------------------------------------

@@ -1,0 +1,89 @@
+"""Rank heartbeats reach the controller through their node's agent, and only genuine ones.
+
+The real path, in one process: ranks' signed datagrams on the agent's Unix socket, the agent's
+signed node beat in a real TCPStore, the real controller's sweep. A forged or malformed datagram
+is dropped at the agent; a beat for a rank the node does not host is not relayed; a forged node
+beat is rejected and journaled; a genuine node beat played again changes nothing.
+"""
+
+import os
+import threading
+import time
+
+import pytest
+
+from fr_megatron.config import FlashRecoveryConfig
+from fr_megatron.events import Journal
+from fr_megatron.launcher.agent import NodeAgent
+from fr_megatron.launcher.controller import Controller
+from fr_megatron.protocol import keys
+from fr_megatron.protocol.auth import Signer, new_token
+from fr_megatron.protocol.node_beats import BeatSender
+from fr_megatron.protocol.store import connect
+
+
+def _rank_beat(signer: Signer, rank: int, step: int) -> bytes:
+    return signer.sign("heartbeat", rank=rank, pid=1000 + rank, hb_interval=0.1, generation=0,
+                       step=step, phase="forward", state="running", committed=step - 1,
+                       inject_t=None, hang_timeout=1e9)
+
+
+def _until(pred, timeout: float = 10.0) -> bool:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if pred():
+            return True
+        time.sleep(0.02)
+    return pred()
+
+
+@pytest.mark.timeout(60)
+def test_node_beat_relays_only_genuine_beats_of_the_nodes_own_ranks(tmp_path):
+    token = new_token().encode()
+    journal = tmp_path / "journal.jsonl"
+    cfg = FlashRecoveryConfig(wandb={"enabled": False}, journal=str(journal),
+                              heartbeat_interval=0.1, node_timeout=30)
+    ctl = Controller(4, 2, 2, "127.0.0.1", 0, token, cfg)  # node 1 hosts ranks 2 and 3
+    threading.Thread(target=ctl.serve, daemon=True).start()
+    agent = NodeAgent(node_rank=1, nnodes=2, nproc=2, controller=(ctl.host, ctl.port),
+                      token=token, token_file=str(tmp_path / "token"), cfg=cfg,
+                      script="unused.py", script_args=[], spares=0, run_dir=str(tmp_path))
+    try:
+        agent._send("agent_started", node=1, spare=False, pid=0)
+        for loop in (agent._inbox, agent._beat):
+            threading.Thread(target=loop, daemon=True).start()
+        ranks, rank2 = BeatSender(agent.inbox.path), Signer(token, "rank2")
+        ranks.send(_rank_beat(rank2, 2, 7))
+        ranks.send(_rank_beat(Signer(b"not the token", "rank3"), 3, 99))  # forged
+        ranks.send(b"\x00 not a message")                                 # malformed
+        ranks.send(_rank_beat(Signer(token, "rank0"), 0, 5))  # rank 0 lives on node 0
+        assert _until(lambda: ctl.views[2].step == 7), "the controller never saw rank 2's beat"
+        assert _until(lambda: agent._rejected_beats == 2)
+        assert ctl.views[3].step == -1 and ctl.views[0].step == -1
+        assert set(agent.beats) == {2}
+        assert _until(lambda: 1 in ctl.agents and ctl.agents[1].pid == os.getpid())
+
+        store = connect(ctl.host, ctl.port)
+        old = store.get(keys.agent(1))
+        ranks.send(_rank_beat(rank2, 2, 8))
+        assert _until(lambda: ctl.views[2].step == 8)
+        agent._done.set()  # the agent stops beating: what the store holds next is ours
+        time.sleep(0.3)
+        seen = ctl.views[2].seen_t
+        store.set(keys.agent(1), old)  # a genuine node beat, played again
+        time.sleep(1.0)  # several controller sweeps
+        assert ctl.views[2].step == 8 and ctl.views[2].seen_t == seen
+
+        rejected = ctl.rejected
+        store.set(keys.agent(1), Signer(b"not the token", "agent1").sign(
+            "agent_heartbeat", node=1, seq=10**9, pid=os.getpid(), spare=False,
+            ranks={"2": {"rank": 2, "pid": 1002, "seq": 10**9, "step": 50}}))
+        assert _until(lambda: ctl.rejected > rejected)
+        assert ctl.views[2].step == 8
+        reasons = [r["reason"] for r in Journal.read(str(journal))
+                   if r["event"] == "message_rejected"]
+        assert any("node heartbeat fr/agent/1" in r and "HMAC" in r for r in reasons), reasons
+    finally:
+        agent._done.set()
+        agent.inbox.close()
+        ctl.stop()
