@@ -2,9 +2,11 @@
 ``--save DIR --save-interval K`` / ``--load DIR`` as in Megatron-LM), under plain torchrun.
 
 A 4-rank job (PP=2 x DP=2, DistributedOptimizer, dropout on) saves every 2 steps and stops at
-step 4 of 6; a second job loads the latest checkpoint and trains steps 5-6. Both together must
-equal one uninterrupted 6-step job bit for bit: losses, every rank's parameters and optimizer
-shards, consumed samples. Before the second job starts, the directory also holds an incomplete
+step 4 of 6; a second job loads the latest checkpoint and trains steps 5-6, with flash recovery
+on and rank 1 killed in step 6: its replacement loads nothing, and must take the iteration the
+job started at (4) from its peers with the rest of its state. Both jobs together must equal one
+uninterrupted 6-step job bit for bit: losses, every rank's parameters and optimizer shards,
+consumed samples. Before the second job starts, the directory also holds an incomplete
 ``iter_0000006`` (a save that crashed before the tracker file was written), which must be ignored.
 
 The same checkpoints are flash recovery's fallback: under ``fr-megatron run --flash-recovery``,
@@ -79,8 +81,16 @@ def test_save_at_4_load_and_continue_to_6_is_bit_identical(tmp_path, whole):
     torn.mkdir()
     (torn / "__0_0.distcp").write_bytes(b"\0" * 100)
 
-    second = torchrun(tmp_path, "second", ["--load", str(ckpt), "--save", str(ckpt)])
-    assert "loaded checkpoint of step 4" in (tmp_path / "second.log").read_text()
+    job = run_job(tmp_path, RECIPE, [*ARGS, "--flash-recovery", "--load", str(ckpt), "--save",
+                                      str(ckpt), "--out", str(tmp_path / "second")],
+                  nproc=WORLD, spares=1, name="second", timeout=400,
+                  inject="kill:rank=1:step=2:phase=forward")  # runtime step 2 = iteration 6
+    assert job.rc == 0, job.failure(5000)
+    assert "loaded checkpoint of step 4" in job.output
+    assert [(f["rank"], f["recovery_point"], f["steps_lost"])
+            for f in job.report["faults"]] == [(1, 1, 0)], job.report["faults"]
+    second = [torch.load(tmp_path / f"second.rank{r}.pt", weights_only=False)
+              for r in range(WORLD)]
     # the final save (Megatron-LM saves at the end of training) replaced the torn directory
     assert checkpoint.latest(ckpt) == 6
     assert (torn / "metadata.json").exists()

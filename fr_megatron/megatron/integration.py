@@ -348,17 +348,19 @@ class MegatronIntegration(Integration):
         )
 
     def load_checkpoint(self, directory: str) -> int | None:
-        """The latest dist_checkpointing checkpoint of ``--save DIR`` (see ``checkpoint``)."""
+        """Load the latest dist_checkpointing checkpoint of ``--save DIR`` (see ``checkpoint``);
+        the runtime step it ends: its iteration less the one the job started at (the
+        ``start_iteration`` of the progress object, when it has one)."""
         from fr_megatron.megatron import checkpoint
 
         if checkpoint.latest(directory) is None:
             return None
         view = _CheckpointView(self)
-        step = checkpoint.load(view, directory)
+        iteration = checkpoint.load(view, directory)
         for attr in self.progress_attrs:  # the counters the checkpoint restored
             if self.progress is not None and hasattr(view, attr):
                 setattr(self.progress, attr, getattr(view, attr))
-        return step
+        return iteration - getattr(self.progress, "start_iteration", 0)
 
 
 class _CheckpointView:

@@ -26,9 +26,11 @@ copies with peers, one of which may be gone. The Megatron-LM patch routes both t
 ``on_step_failure`` as above.
 
 Megatron's ``iteration`` counts finished iterations; the runtime's step ``iteration - first + 1``
-is the one being run, where ``first`` is the iteration the job started at (0, or the iteration of
-the checkpoint Megatron-LM loaded). The recovery point R (last step every rank committed) thus
-means "redo iteration first + R". Without ``--flash-recovery`` every hook is a no-op and
+is the one being run, where ``first`` is the iteration the job started at: the ``iteration``
+given to ``on_train_start`` (0, or that of the checkpoint the caller loaded). ``first`` travels
+with the progress counters in every snapshot, so a replacement, which loads no checkpoint, numbers
+its steps as its peers do. The recovery point R (last step every rank committed) thus means
+"redo iteration first + R". Without ``--flash-recovery`` every hook is a no-op and
 ``iteration`` passes through unchanged.
 
 Megatron-LM's ``train()`` passes ``train_data_iterator`` to ``on_train_start`` (the recipe does
@@ -145,18 +147,21 @@ def on_train_start(model, optimizer, opt_param_scheduler, args, iteration: int =
                          keep=_session.cfg.snapshot_depth + 1)
     if lm is not None:
         progress, progress_attrs = lm.counters, lm.counters.names
-    elif progress is not None:
-        progress_attrs = ("iteration", "consumed_samples")
     else:
-        progress = args
-        progress_attrs = tuple(n for n in _progress_names if hasattr(args, n))
+        if progress is not None:
+            progress_attrs = ("iteration", "consumed_samples")
+        else:
+            progress = args
+            progress_attrs = tuple(n for n in _progress_names if hasattr(args, n))
+        progress = _StartedAt(progress, iteration)
+        progress_attrs = ("start_iteration", *progress_attrs)
     integration = MegatronIntegration(model, optimizer, opt_param_scheduler, progress=progress,
                                       progress_attrs=progress_attrs)
     phases.install(config, optimizer, _mark)
     _session.attach(integration)
     _lm = lm
     step = _session.start()
-    _first_iteration = lm.counters.start_iteration if lm is not None else 0
+    _first_iteration = progress.start_iteration  # a replacement's came from its peers
     first = _first_iteration + step - 1
     if lm is not None and _session.replacement:
         lm.recovered(first, replacement=True)
@@ -234,8 +239,31 @@ def on_train_end() -> None:
 
 
 def history() -> dict:
-    """step -> what on_step_end was given, for every step of the run (replacements included)."""
-    return dict(_session.history) if _session is not None else {}
+    """Iteration (as ``train()`` counts it once the step is done) -> what ``on_step_end`` was
+    given, for every step of the run, a replacement's included (it has its peers' history)."""
+    if _session is None:
+        return {}
+    return {_first_iteration + step: v for step, v in _session.history.items()}
+
+
+class _StartedAt:
+    """A caller's progress object plus ``start_iteration``, the iteration the job started at.
+
+    The integration snapshots ``start_iteration`` with the caller's counters, so it reaches a
+    replacement with them; every other attribute is the caller's own."""
+
+    def __init__(self, inner: Any, start_iteration: int):
+        object.__setattr__(self, "_inner", inner)
+        object.__setattr__(self, "start_iteration", start_iteration)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "start_iteration":
+            object.__setattr__(self, name, value)
+        else:
+            setattr(self._inner, name, value)
 
 
 def _plain(value):

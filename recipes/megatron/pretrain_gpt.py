@@ -142,13 +142,10 @@ def main(argv=None) -> int:
     if args.load and not (session and session.replacement):  # a replacement's state is its peers'
         start = checkpoint.load(job, args.load)
 
-    # the same hook calls as Megatron-LM's train() with patches/megatron-lm applied
+    # the same hook calls as Megatron-LM's train() with patches/megatron-lm applied; a
+    # replacement starts at the recovery point it restored from its peers
     iteration = flash_recovery.on_train_start(job.model, job.optimizer, job.scheduler, args,
                                               start, progress=job)
-    # with --flash-recovery the runtime numbers its steps from the iteration the job started at
-    # (the loaded one); a replacement finds that iteration in the counters it restored
-    offset = job.consumed_samples // job.global_batch_size - iteration if session else 0
-    iteration += offset
     losses: dict[int, float] = {}
     t_last = time.time()
     saved = start
@@ -156,11 +153,11 @@ def main(argv=None) -> int:
         try:
             # begin (a fault notice between steps) and end (the commit and its copies) can fail
             # too: a peer lost there is recovered like one lost inside the step
-            flash_recovery.on_step_begin(iteration - offset)
+            flash_recovery.on_step_begin(iteration)
             loss = job.train_step(iteration + 1)
-            flash_recovery.on_step_end(iteration - offset, loss)
+            flash_recovery.on_step_end(iteration, loss)
         except Exception as exc:
-            iteration = offset + flash_recovery.on_step_failure(exc, iteration - offset)
+            iteration = flash_recovery.on_step_failure(exc, iteration)
             continue
         iteration += 1
         losses[iteration] = loss
@@ -175,13 +172,13 @@ def main(argv=None) -> int:
                     checkpoint.save(job, iteration, args.save)
                 saved = iteration
             except Exception as exc:  # a peer lost while saving: recovered as in a step
-                iteration = offset + flash_recovery.on_step_failure(exc, iteration - offset)
+                iteration = flash_recovery.on_step_failure(exc, iteration)
         if args.exit_interval and iteration % args.exit_interval == 0:
             break
     if args.save and iteration != saved:  # Megatron-LM saves at the end of training too
         with flash_recovery.saving_checkpoint():
             checkpoint.save(job, iteration, args.save)
-    losses = {offset + s: v for s, v in flash_recovery.history().items()} or losses
+    losses = flash_recovery.history() or losses
     flash_recovery.on_train_end()
     if args.out:
         save(args.out, rank, losses, job)
