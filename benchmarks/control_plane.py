@@ -195,6 +195,9 @@ def _rank_entry(rank: int, k: int, interval: float) -> dict:
 
 
 def _sim_main(wid, spec, sh, q):
+    # the simulators stand in for thousands of other machines: on a shared few cores they must
+    # not take the CPU the controller would have on its own host
+    os.nice(spec.get("nice", 0))
     try:
         _Sim(wid, spec, sh, q).run()
     except BaseException:
@@ -236,7 +239,7 @@ def _cpu_threads(proc) -> dict:
 
 def run_scale(nodes: int, *, procs: int = 2, interval: float | None = None,
               node_timeout: float | None = None, window: float = 5.0, spares: int = 1,
-              connect_threads: int = 64, say=print) -> dict:
+              connect_threads: int = 64, sim_nice: int = 10, say=print) -> dict:
     """One scale: controller + simulators, (a) window, (b) node loss, (c) propagation."""
     import psutil
 
@@ -287,7 +290,7 @@ def run_scale(nodes: int, *, procs: int = 2, interval: float | None = None,
         for wid in range(procs):
             spec = {"host": ctl.host, "port": ctl.port, "token": token, "nodes": share[wid],
                     "spare_nodes": [n for n in share[wid] if n in spare_nodes],
-                    "interval": interval,
+                    "interval": interval, "nice": sim_nice,
                     "connect_threads": connect_threads}
             p = ctx.Process(target=_sim_main, args=(wid, spec, sh, q), daemon=True)
             p.start()
@@ -565,6 +568,9 @@ def main(argv=None) -> int:
                    help="heartbeat interval, s (default: the config default)")
     p.add_argument("--node-timeout", type=float, default=None,
                    help="the controller's node timeout, s (default: the config default)")
+    p.add_argument("--sim-nice", type=int, default=10,
+                   help="niceness of the simulator processes (they play remote machines; 0 lets "
+                        "them compete with the controller for this machine's cores)")
     p.add_argument("--spares", type=int, default=1, help="spare nodes (the lost node's ranks go "
                                                          "to one)")
     a = p.parse_args(argv)
@@ -578,7 +584,7 @@ def main(argv=None) -> int:
     for n in nodes:
         procs = a.procs or (2 if n < 1000 else 4)
         row = run_scale(n, procs=procs, interval=a.interval, node_timeout=a.node_timeout,
-                        window=window, spares=a.spares,
+                        window=window, spares=a.spares, sim_nice=a.sim_nice,
                         say=lambda s: print(s, flush=True))
         row["scale"] = f"{n} x {NPROC}"
         row["load_1m"] = round(row["load_before"][0], 1)
@@ -599,7 +605,7 @@ def main(argv=None) -> int:
     plot(rows, png)
     path = write("control_plane", {
         "config": {"nodes": nodes, "nproc_per_node": NPROC, "window_s": window,
-                   "quick": a.quick, "ring": RING,
+                   "quick": a.quick, "ring": RING, "sim_nice": a.sim_nice,
                    "spares": a.spares, "hang_timeout_in_beats_s": HANG_TIMEOUT},
         "targets": {"fault_to_all_agents_s": TARGET_S, "at_ranks": 16384},
         "columns": COLS, "rows": rows, "plot": str(png.name),
