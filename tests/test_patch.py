@@ -216,6 +216,8 @@ def test_check_then_apply_on_real_checkout(megatron_copy, capsys):
         "model, optimizer, opt_param_scheduler, args, iteration,",
         "train_data_iterator=train_data_iterator,",
         "forward_step_func = flash_recovery.wrap_forward_step(forward_step_func)",
+        "global save_checkpoint_and_time",
+        "save_checkpoint_and_time = flash_recovery.checkpoint_phase(save_checkpoint_and_time)",
         "while iteration < args.train_iters:",
         "try:",
         "flash_recovery.on_step_begin(iteration)",
@@ -240,10 +242,10 @@ def test_check_then_apply_on_real_checkout(megatron_copy, capsys):
         "return iteration, num_floating_point_operations_so_far",
     ]
     _assert_in_order(body, hooks, "train()")
-    # on_train_start is the last thing before the loop; on_step_end's guard sits directly before
+    # the hook set-up is the last thing before the loop; on_step_end's guard sits directly before
     # the iteration counter moves on
-    assert re.search(r"wrap_forward_step\(forward_step_func\)\n\n\s+# Run training iterations",
-                     body)
+    assert re.search(r"checkpoint_phase\(save_checkpoint_and_time\)\n\n\s+# Run training "
+                     r"iterations", body)
     assert re.search(r"continue\n\s+iteration \+= 1\n", body)
 
     init = _function((root / INITIALIZE).read_text(), "_initialize_distributed")
@@ -388,7 +390,12 @@ def test_patched_train_loop_redoes_a_failed_step(megatron_copy, monkeypatch):
         log.append(("train_step", iteration, args.consumed_train_samples))
         if iteration == 2 and attempts[iteration] == 1:
             raise RuntimeError(f"injected failure at {iteration}")
-        return ({"lm loss": float(iteration)}, 0, False, False, 0, 1.0, None, 0)
+        # Megatron-LM's train_step asks for a save after iteration 4 (should_checkpoint)
+        return ({"lm loss": float(iteration)}, 0, iteration == 4, False, 0, 1.0, None, 0)
+
+    def checkpoint_phase(save):
+        log.append(("checkpoint_phase",))
+        return lambda iteration, *a, **k: log.append(("save in checkpoint phase", iteration))
 
     def on_step_failure(exc, iteration):
         log.append(("on_step_failure", iteration, str(exc), args_of[0].consumed_train_samples))
@@ -416,6 +423,7 @@ def test_patched_train_loop_redoes_a_failed_step(megatron_copy, monkeypatch):
         on_step_failure=on_step_failure,
         on_step_end=on_step_end,
         on_train_end=lambda: log.append(("on_train_end",)),
+        checkpoint_phase=checkpoint_phase,
     )
     _install_hooks(monkeypatch, hooks)
 
@@ -424,7 +432,8 @@ def test_patched_train_loop_redoes_a_failed_step(megatron_copy, monkeypatch):
     # failed were not counted the first time
     assert result == (5, 5.0)
     assert log[0] == ("on_train_start", 0, ["train_data_iterator"])
-    assert log[1] == ("wrap_forward_step",)
+    assert log[1:3] == [("wrap_forward_step",), ("checkpoint_phase",)]
+    assert ("save in checkpoint phase", 4) in log  # the save went through the wrapped function
     assert log[-1] == ("on_train_end",)
     assert ("on_step_failure", 2, "injected failure at 2", 16) in log
     assert ("on_step_failure", 3, "peer lost during commit", 24) in log
@@ -443,6 +452,24 @@ def test_patched_train_loop_redoes_a_failed_step(megatron_copy, monkeypatch):
     result, _ = _run_patched_train(training_py, train_step, False)
     assert isinstance(result, RuntimeError) and str(result) == "injected failure at 2"
     assert {e[0] for e in log} == {"train_step"}
+
+
+def test_checkpoint_phase_marks_the_save_and_wraps_once(monkeypatch):
+    from fr_megatron.megatron import training_hooks
+
+    phases = []
+    monkeypatch.setattr(training_hooks, "_session",
+                        type("Session", (), {"phase": lambda self, name: phases.append(name)})())
+
+    def save_checkpoint_and_time(iteration, *args, **kwargs):
+        phases.append(f"saving {iteration}")
+        return "saved"
+
+    wrapped = training_hooks.checkpoint_phase(save_checkpoint_and_time)
+    assert training_hooks.checkpoint_phase(wrapped) is wrapped
+    assert wrapped.__name__ == "save_checkpoint_and_time"
+    assert wrapped(7, model=None) == "saved"
+    assert phases == ["checkpoint", "saving 7"]
 
 
 class _FakeIntegration:

@@ -45,6 +45,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import datetime
+import functools
 import logging
 from typing import Any, Callable, Optional
 
@@ -200,6 +201,22 @@ def saving_checkpoint():
     if _session is not None:
         _session.phase("checkpoint")
     yield
+
+
+def checkpoint_phase(save: Callable) -> Callable:
+    """``save`` run inside ``saving_checkpoint``. The Megatron-LM patch wraps
+    ``save_checkpoint_and_time`` with it, the function every save of ``train()`` and
+    ``pretrain()`` goes through."""
+    if getattr(save, "_fr_checkpoint_phase", False):
+        return save
+
+    @functools.wraps(save)
+    def save_as_checkpoint_phase(*args, **kwargs):
+        with saving_checkpoint():
+            return save(*args, **kwargs)
+
+    save_as_checkpoint_phase._fr_checkpoint_phase = True
+    return save_as_checkpoint_phase
 
 
 def on_step_failure(exc: BaseException, iteration: int) -> int:
