@@ -278,25 +278,26 @@ class NodeAgent:
     def _inbox(self):
         """Keeps the newest verified beat of each rank of this node; progress wakes ``_beat``."""
         while not self._done.is_set():
-            raw = self.inbox.receive(0.5)
-            if raw is None:
-                continue
-            try:
-                beat = self.signer.verify(raw)
-                rank = int(beat["rank"])
-            except (AuthError, KeyError, TypeError, ValueError) as e:
-                self._rejected_beats += 1
-                if self._rejected_beats in (1, 10, 100) or self._rejected_beats % 1000 == 0:
-                    log.error("node=%d rejected a rank heartbeat (%d so far): %s", self.node,
-                              self._rejected_beats, e)
-                continue
-            with self._lock:
-                if rank not in self.ranks:
-                    continue  # a rank this node does not host (any more) has nothing to say here
-                entry = node_beats.rank_entry(beat)
-                if node_beats.progressed(self.beats.get(rank), entry):
-                    self._beat_now.set()
-                self.beats[rank] = entry
+            for raw in self.inbox.receive(0.5):
+                self._take_beat(raw)
+
+    def _take_beat(self, raw: bytes):
+        try:
+            beat = self.signer.verify(raw)
+            rank = int(beat["rank"])
+        except (AuthError, KeyError, TypeError, ValueError) as e:
+            self._rejected_beats += 1
+            if self._rejected_beats in (1, 10, 100) or self._rejected_beats % 1000 == 0:
+                log.error("node=%d rejected a rank heartbeat (%d so far): %s", self.node,
+                          self._rejected_beats, e)
+            return
+        with self._lock:
+            if rank not in self.ranks:
+                return  # a rank this node does not host (any more) has nothing to say here
+            entry = node_beats.rank_entry(beat)
+            if node_beats.progressed(self.beats.get(rank), entry):
+                self._beat_now.set()
+            self.beats[rank] = entry
 
     def _beat(self):
         """The node's own heartbeat, with its ranks' newest beats in it: the controller's proof

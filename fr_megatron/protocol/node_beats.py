@@ -1,21 +1,24 @@
 """Rank heartbeats travel to their node's agent, and the agent's node beat carries them all.
 
-A rank sends each signed beat as one datagram on a Unix socket that its agent owns (the path is
+A rank sends each signed beat as one message on a Unix socket that its agent owns (the path is
 in ``FR_AGENT_SOCKET``). The agent verifies it, keeps the newest beat of each of its ranks, and
 publishes them together in its own signed node beat (``keys.agent(node)``). The store and the
 controller so see one key per node instead of one per rank: at 2,048 nodes x 8 ranks the
 controller reads 2,048 keys per sweep instead of 16,384 (and checks 2,048 signatures), and the
 store takes one write per node and beat instead of nine.
 
-Datagrams need no connection state: a rank that dies leaves nothing open, and an agent that is
-gone makes ``send`` fail quietly (the node is then lost to the controller anyway). The socket
-lives in the launcher's private run directory (mode 0700); every datagram is verified all the
+The socket is ``SOCK_SEQPACKET``: message boundaries as with datagrams, but a connection per rank
+with a byte-sized buffer. Datagram sockets queue only ``net.unix.max_dgram_qlen`` messages (10
+here), which a busy agent overflowed at 32 ranks. A rank whose send fails or times out drops
+that beat and reconnects for the next; each beat carries the rank's whole state. The socket
+lives in the launcher's private run directory (mode 0700); every message is verified all the
 same, so a forged one is dropped and logged, never relayed.
 """
 
 from __future__ import annotations
 
 import os
+import selectors
 import socket
 from typing import Optional
 
@@ -35,12 +38,11 @@ def socket_path(run_dir: str) -> str:
 
 
 class BeatSender:
-    """A rank's end: one unbound datagram socket aimed at its agent."""
+    """A rank's end: one connection to its agent, opened again after a failed send."""
 
-    def __init__(self, path: str):
-        self.path = path
-        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self._sock.setblocking(False)  # an agent that stopped reading costs a beat, not a thread
+    def __init__(self, path: str, timeout: float = 1.0):
+        self.path, self.timeout = path, timeout
+        self._sock: Optional[socket.socket] = None
 
     @classmethod
     def from_env(cls, env=os.environ) -> "BeatSender":
@@ -50,39 +52,79 @@ class BeatSender:
         return cls(env[SOCKET_ENV])
 
     def send(self, raw: bytes) -> None:
-        self._sock.sendto(raw, self.path)
+        """Send one beat; raises OSError when the agent cannot be reached (the next send tries
+        a new connection)."""
+        try:
+            if self._sock is None:
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+                sock.settimeout(self.timeout)  # a stalled agent costs a beat, not a thread
+                sock.connect(self.path)
+                self._sock = sock
+            self._sock.send(raw)
+        except OSError:
+            self.close()
+            raise
 
     def close(self) -> None:
-        self._sock.close()
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
 
 
 class BeatInbox:
-    """The agent's end: a bound datagram socket, read by one thread."""
+    """The agent's end: a listening socket and its ranks' connections, read by one thread."""
 
     def __init__(self, path: str):
         if os.path.exists(path):
             os.unlink(path)  # left by a launcher that did not end cleanly
         self.path = path
-        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self._sock.bind(path)
+        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self._listener.bind(path)
         os.chmod(path, 0o600)
-        # a node's ranks beat a few times a second each: room for bursts of pokes
-        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+        self._listener.listen(256)
+        self._listener.setblocking(False)
+        self._sel = selectors.DefaultSelector()
+        self._sel.register(self._listener, selectors.EVENT_READ)
+        self._closed = False
 
-    def receive(self, timeout: float) -> Optional[bytes]:
-        """The next datagram, or None after ``timeout`` seconds."""
+    def receive(self, timeout: float) -> list[bytes]:
+        """The messages that arrive within ``timeout`` seconds (one wait), oldest first."""
+        out: list[bytes] = []
+        if self._closed:
+            return out
         try:
-            self._sock.settimeout(timeout)
-            return self._sock.recv(MAX_MESSAGE_BYTES + 1)
-        except (socket.timeout, BlockingIOError):
-            return None
-        except OSError:
-            if self._sock.fileno() == -1:
-                return None  # closed: the agent is shutting down
-            raise
+            ready = self._sel.select(timeout)
+        except (OSError, ValueError):
+            return out  # closed meanwhile: the agent is shutting down
+        for key, _ in ready:
+            sock = key.fileobj
+            if sock is self._listener:
+                try:
+                    conn, _ = self._listener.accept()
+                except OSError:
+                    continue
+                conn.setblocking(False)
+                self._sel.register(conn, selectors.EVENT_READ)
+                continue
+            while True:  # everything this connection has queued
+                try:
+                    msg = sock.recv(MAX_MESSAGE_BYTES + 1)
+                except BlockingIOError:
+                    break
+                except OSError:
+                    msg = b""
+                if not msg:  # the rank went away
+                    self._sel.unregister(sock)
+                    sock.close()
+                    break
+                out.append(msg)
+        return out
 
     def close(self) -> None:
-        self._sock.close()
+        self._closed = True
+        for key in list(self._sel.get_map().values()):
+            key.fileobj.close()
+        self._sel.close()
         try:
             os.unlink(self.path)
         except OSError:

@@ -14,7 +14,7 @@ import logging
 import os
 import threading
 import time
-from typing import Callable
+from typing import Callable, Optional
 
 from ..protocol import keys
 from ..protocol.auth import AuthError, Signer
@@ -24,13 +24,20 @@ log = logging.getLogger("fr_megatron.runtime")
 
 
 class Heartbeat(threading.Thread):
+    """``orphaned`` is called (from this thread) once no beat has reached the agent for
+    ``orphan_timeout`` seconds: the agent is gone, and with it whoever would replace or stop
+    this rank, so the rank must not train on by itself."""
+
     def __init__(self, send: Callable[[bytes], None], signer: Signer, rank: int, interval: float,
-                 status: Callable[[], dict]):
+                 status: Callable[[], dict], orphan_timeout: Optional[float] = None,
+                 orphaned: Callable[[float], None] = lambda silent_s: None):
         super().__init__(name="fr-heartbeat", daemon=True)
         self.send, self.signer, self.rank = send, signer, rank
         self.interval, self.status = interval, status
+        self.orphan_timeout, self.orphaned = orphan_timeout, orphaned
         self._halt = threading.Event()
         self._changed = threading.Event()
+        self._sent_t = time.time()
 
     def poke(self) -> None:
         """Send a beat now (the step or phase changed), from this thread, not the caller's."""
@@ -39,6 +46,7 @@ class Heartbeat(threading.Thread):
     def beat(self) -> None:
         self.send(self.signer.sign("heartbeat", rank=self.rank, pid=os.getpid(),
                                    hb_interval=self.interval, **self.status()))
+        self._sent_t = time.time()
 
     def run(self) -> None:
         while not self._halt.is_set():
@@ -46,8 +54,12 @@ class Heartbeat(threading.Thread):
             self._changed.clear()
             try:
                 self.beat()
-            except Exception as e:  # the agent may be restarting; keep beating
+            except Exception as e:  # a busy or restarting agent; keep beating
                 log.debug("heartbeat failed: %s", e)
+                silent = time.time() - self._sent_t
+                if self.orphan_timeout is not None and silent > self.orphan_timeout \
+                        and not self._halt.is_set():
+                    self.orphaned(silent)
 
     def stop(self) -> None:
         self._halt.set()

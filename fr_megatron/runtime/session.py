@@ -97,14 +97,19 @@ class Session:
         self._step_t0 = time.time()
         self._pending_report: Optional[dict] = None
         self.recoveries: list[dict] = []
+        # the agent fences a node cut off for twice the node timeout; a rank whose agent is gone
+        # fences itself after the same time (its beats fail: nobody supervises it any more)
         self.heartbeat = Heartbeat(self._beats.send, self.signer, rank, self.cfg.heartbeat_interval,
-                                   self._status)
+                                   self._status, orphan_timeout=2 * self.cfg.node_timeout,
+                                   orphaned=self._orphaned)
         self.sm.on_change = self.heartbeat.poke
         try:
             self.heartbeat.beat()
-        except OSError as e:
+        except (FileNotFoundError, ConnectionRefusedError) as e:  # no agent at all
             raise RuntimeError(f"rank {rank} cannot reach its node agent at {agent_socket}: {e} "
                                "(start this script with `fr-megatron run`)") from e
+        except OSError as e:  # a busy agent: the heartbeat thread sends the next beat
+            log.warning("rank=%d first heartbeat not sent: %s", rank, e)
         self.heartbeat.start()
         self.monitor = PlanMonitor(self._mon_store, self.signer, lambda: self.generation,
                                    self._on_plan)
@@ -120,6 +125,13 @@ class Session:
         for t in (self.heartbeat, self.monitor):
             if t.is_alive() and t is not threading.current_thread():
                 t.join(5)
+        self._beats.close()
+
+    def _orphaned(self, silent_s: float) -> None:
+        log.error("rank=%d generation=%d step=%d phase=%s cannot reach its node agent for %.1f s "
+                  "(twice the node timeout): the agent is gone, exiting; last committed step %d",
+                  self.rank, self.generation, self.step, self.phase_name, silent_s, self.committed)
+        os._exit(EXIT_FAULTY)
 
     @classmethod
     def from_env(cls, config: Optional[FlashRecoveryConfig] = None, env=os.environ) -> "Session":
@@ -533,7 +545,10 @@ class Session:
         self.sm.to(State.FINISHED, self.generation, self.step)
         self.store.set(f"fr/finished/{self.rank}", b"1")
         self.send("finished", step=self.step)
-        self.heartbeat.beat()
+        try:
+            self.heartbeat.beat()
+        except OSError:
+            pass  # the finished mark above is what the agent and controller go by
         self._stop_threads()
         if self.copies is not None:
             self.copies.close()
