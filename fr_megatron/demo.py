@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from .runtime.inject import KINDS, PHASES
+from .runtime.inject import KINDS, STEP_PHASES
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "megatron" / "pretrain_gpt.py"
 PRELOAD = ("torch,torch.distributed,fr_megatron.runtime,megatron.core,megatron.core.models.gpt,"
@@ -37,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fault", default="kill", choices=KINDS, help="fault kind")
     p.add_argument("--fault-rank", type=int, default=5)
     p.add_argument("--fault-step", type=int, default=6)
-    p.add_argument("--fault-phase", default="backward", choices=PHASES)
+    p.add_argument("--fault-phase", default="backward", choices=STEP_PHASES)
     p.add_argument("--spares", type=int, default=1)
     p.add_argument("--out-dir", default="runs/demo")
     p.add_argument("--report", default=None, help="JSON report path (default OUT_DIR/report.json)")

@@ -13,12 +13,14 @@ HANG = ["--hang-timeout", "2", "--heartbeat-interval", "0.2"]
 
 # job name: (faults, expected kinds, spares, extra launcher flags)
 JOBS = {
+    # the replacement of the first rank is killed too, while it restores step 1's state
     "crashes-and-exits": ("kill:rank=2:step=2:phase=forward;"
+                          "kill:rank=2:step=2:phase=restore;"
                           "segv:rank=3:step=3:phase=optimizer;"
                           "exception:rank=1:step=4:phase=backward;"
                           "exit:code=7:rank=2:step=5:phase=grad_reduce;"
                           "exit0:rank=0:step=6:phase=after_step",
-                          ["crash", "segv", "exception", "exit", "exit0_early"], 2, []),
+                          ["crash", "crash", "segv", "exception", "exit", "exit0_early"], 2, []),
     # no spares: every replacement is a freshly spawned process
     "hangs-and-stop-no-spare": ("hang:rank=2:step=3:phase=forward;"
                                 "hang_gil:rank=1:step=5:phase=backward;"
@@ -33,12 +35,12 @@ def test_faults_recovered_bit_exact(tmp_path, torch_baseline, name):
     spec, kinds, spares, extra = JOBS[name]
     job = run_job(tmp_path, TORCH_RECIPE, STEPS, inject=spec, spares=spares, extra=extra)
     assert job.rc == 0, job.failure(4000)
-    faults = {(f["rank"], f["step"]): f for f in job.report["faults"]}
+    faults = {(f["rank"], f["step"], f["phase"]): f for f in job.report["faults"]}
     assert len(faults) == len(kinds), job.report["faults"]
     for part, kind in zip(spec.split(";"), kinds):
         fields = dict(kv.split("=") for kv in part.split(":")[1:])
-        fault = faults[(int(fields["rank"]), int(fields["step"]))]
-        assert (fault["kind"], fault["phase"]) == (kind, fields["phase"])
+        fault = faults[(int(fields["rank"]), int(fields["step"]), fields["phase"])]
+        assert fault["kind"] == kind
         assert fault["replacement"] == ("spare" if spares else "spawn")
         assert fault["survivor_pids_unchanged"] is True
         # faults close together recover together (one generation, or a recovery cut short by

@@ -22,7 +22,10 @@ from dataclasses import dataclass
 log = logging.getLogger("fr_megatron.inject")
 
 KINDS = ("kill", "segv", "exception", "hang", "hang_gil", "stop", "exit", "exit0", "node_crash")
-PHASES = ("forward", "backward", "grad_reduce", "optimizer", "after_step")
+STEP_PHASES = ("forward", "backward", "grad_reduce", "optimizer", "after_step")
+# "restore": inside a recovery, once the state to redo ``step`` has arrived (a replacement dies
+# while it restores)
+PHASES = (*STEP_PHASES, "restore")
 
 
 class InjectedFault(RuntimeError):

@@ -236,12 +236,7 @@ class Session:
         """Mark where in the step this rank is; fires injected faults; notices fault plans."""
         self.phase_name = name
         self.heartbeat.poke()
-        for inj in self.injections:
-            if inj.rank == self.rank and inj.step == self.step and inj.phase == name \
-                    and self._claim(inj):
-                self.inject_t = time.time()
-                self.heartbeat.beat()  # the report must name this step and phase (and when)
-                inject.fire(inj)
+        self._fire_injections()
         if self._notice is not None:
             raise RecoveryRequested(f"generation {self._notice['generation']} opened")
 
@@ -404,6 +399,17 @@ class Session:
             time.sleep(0.002)
         raise RecoveryImpossible(f"no recovery plan from the controller within {timeout:.0f}s")
 
+    def _fire_injections(self) -> None:
+        for inj in self.injections:
+            if inj.rank == self.rank and inj.step == self.step and inj.phase == self.phase_name \
+                    and self._claim(inj):
+                self.inject_t = time.time()
+                try:
+                    self.heartbeat.beat()  # the report must name this step and phase (and when)
+                except OSError:
+                    pass
+                inject.fire(inj)
+
     def _sync(self, plan: dict) -> int:
         """Agree on the recovery point, restore every rank to it, return the step to redo."""
         self.phase_name = "restore"
@@ -446,6 +452,10 @@ class Session:
                 received["replicated"] = transfer.recv(src_rep, self.group)
                 received["unique"] = transfer.recv(src_unique, self.group)
         transfer.wait_all(works)
+        # every rank now restores the state that ends step ``point``, to redo ``point + 1``
+        # (injections at phase "restore" fire here: a replacement lost while it restores)
+        self.step = point + 1
+        self._fire_injections()
         if me_lost:
             try:
                 rep, rep_meta = transfer.unpack(received["replicated"], self.cfg.verify_checksums)
