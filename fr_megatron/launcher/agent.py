@@ -329,11 +329,18 @@ class NodeAgent:
                     pass
 
     def _fence(self):
-        """Cut off from the controller for twice the node timeout: the job has replaced this
-        node's ranks elsewhere by now; its workers must not come back to a stale world."""
+        """Cut off from the controller for twice the node timeout: either the job has replaced
+        this node's ranks elsewhere by now, or the controller (and its store) is gone and the
+        job cannot recover any fault. Either way the workers must not go on in a stale world:
+        they are killed, and the newest step every rank of this node committed is logged, the
+        step to restart the job from (its last checkpoint at or before it)."""
+        with self._lock:
+            committed = [self.beats.get(r, {}).get("committed", -1) for r in sorted(self.ranks)]
         log.error("node=%d has not reached the controller for %.1f s (twice the node timeout): "
-                  "killing its workers; the job goes on without this node", self.node,
-                  time.time() - self._beat_ok_t)
+                  "killing its workers; the job goes on without this node, or, if the "
+                  "controller is gone, stops here: last good step %d (every rank of this node "
+                  "committed it)", self.node, time.time() - self._beat_ok_t,
+                  min(committed, default=-1))
         self.fenced = True
         self._done.set()
 
