@@ -119,7 +119,11 @@ def _run(tmp: Path, how: str) -> tuple[dict, list[dict], dict | None, str]:
 
     write_token_file(str(tmp / "token"), new_token())
     port = _free_port(BRIDGE_ADDR)
-    inject = ["--inject", "node_crash:rank=2:step=3:phase=backward"] if how == "crash" else []
+    # before node 1 crashes, two ranks of different nodes fail at once (rank 1 on node 0, rank 3
+    # on node 1; neither holds the other's copy): each node replaces its own, and the node crash
+    # then takes rank 3's replacement with it
+    inject = ["--inject", "kill:rank=1:step=2:phase=forward;kill:rank=3:step=2:phase=forward;"
+              "node_crash:rank=2:step=3:phase=backward"] if how == "crash" else []
     logs = {n: tmp / f"{n}.log" for n in ("node0", "node1", "spare")}
     procs = {"node0": _launch(tmp, port, None, 0, ["--spares", "1", "--report",
                                                    str(tmp / "report.json"), "--journal",
@@ -152,8 +156,17 @@ def _run(tmp: Path, how: str) -> tuple[dict, list[dict], dict | None, str]:
 @pytest.mark.parametrize("how", ["crash", "partition"])
 def test_lost_node_moves_to_spare_node_bit_exact(tmp_path, hosts, torch_baseline, how):
     rep, journal, result, out = _run(tmp_path, how)
-    faults = sorted(rep["faults"], key=lambda f: f["rank"])
+    pair = sorted((f for f in rep["faults"] if f["kind"] != "node_lost"), key=lambda f: f["rank"])
+    faults = sorted((f for f in rep["faults"] if f["kind"] == "node_lost"), key=lambda f: f["rank"])
     assert [(f["rank"], f["kind"]) for f in faults] == [(2, "node_lost"), (3, "node_lost")], out
+    if how == "crash":
+        assert [(f["rank"], f["kind"], f["step"], f["replacement"]) for f in pair] == [
+            (1, "crash", 2, "spare"), (3, "crash", 2, "spawn")], out  # node 1 has no spares
+        for f in pair:
+            assert (f["recovery_point"], f["steps_lost"]) == (1, 0), out
+            assert f["survivor_pids_unchanged"] is True, out
+    else:
+        assert pair == [], out
     for f in faults:
         assert f["replacement"] == "spare" and f["survivor_pids_unchanged"] is True, out
         assert f["steps_lost"] == 0, out
