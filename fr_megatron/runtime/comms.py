@@ -60,6 +60,10 @@ class Communicators:
             self._rdzv_stores.append(store)
         if superseded():
             raise RendezvousInterrupted(f"generation {generation} superseded before its rendezvous")
+        # torch names groups "0", "1", ... by a counter that only destroying the default group
+        # resets; a rendezvous cut short by a newer plan leaves it advanced, and the group of the
+        # next generation would then be named (and rendezvous) apart from a fresh replacement's
+        dist.distributed_c10d._world.group_count = 0
         try:
             dist.init_process_group(self.backend, store=dist.PrefixStore(
                 keys.generation_prefix(generation), store), rank=self.rank,

@@ -1,0 +1,55 @@
+"""A rendezvous cut short by a newer plan leaves nothing behind that the next generation sees.
+
+Found by the soak benchmark: torch names groups by a counter that only destroying the default
+group resets. A rank whose generation-g rendezvous was interrupted (a newer plan came while it
+waited for a peer) then created generation g+1's group under the name "1", while a fresh
+replacement used "0": the two waited for each other under different keys until the timeout.
+Here one rank of a 2-rank world is interrupted in generation 1, then must publish generation 2's
+rendezvous key under the same name a fresh process would.
+"""
+
+import threading
+import time
+
+import pytest
+import torch.distributed as dist
+
+from fr_megatron.protocol.store import connect_cuttable
+from fr_megatron.runtime.comms import Communicators, RendezvousInterrupted
+
+
+@pytest.mark.timeout(60)
+def test_interrupted_rendezvous_does_not_rename_the_next_generation():
+    server = dist.TCPStore("127.0.0.1", 0, 2, True, wait_for_workers=False)
+    port = server.port
+    comms = Communicators(lambda: connect_cuttable("127.0.0.1", port), port, rank=0,
+                          world_size=2, backend="gloo", timeout_s=30)
+    errors: list = []
+
+    def join(generation: int) -> None:
+        try:
+            comms.init_world(generation, superseded=cut.is_set)
+        except RendezvousInterrupted as e:
+            errors.append(e)
+
+    def published(generation: int) -> list[str]:
+        names = [f"gen{generation}//{n}//cpu//0/0" for n in range(3)]
+        return [k for k in names if server.check([k])]
+
+    cut = threading.Event()
+    try:
+        for generation in (1, 2):
+            cut.clear()
+            t = threading.Thread(target=join, args=(generation,), daemon=True)
+            t.start()
+            deadline = time.time() + 20  # rank 0 publishes its address, then waits for rank 1
+            while not published(generation) and time.time() < deadline:
+                time.sleep(0.05)
+            assert published(generation) == [f"gen{generation}//0//cpu//0/0"]
+            cut.set()  # a newer plan: rank 1 never comes
+            comms.interrupt_rendezvous()
+            t.join(20)
+            assert not t.is_alive() and len(errors) == generation, errors
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
