@@ -74,6 +74,18 @@ def test_hang_blames_the_rank_behind_not_the_one_waiting_longest():
     assert find_hang(views, 0, now) is None
 
 
+def test_hang_blames_the_frozen_rank_that_arrived_last_at_the_same_phase():
+    # all in after_step of step 5: rank 0 got there first and waits (still beating); rank 3 got
+    # there last and froze holding the GIL (found by the soak benchmark)
+    now = 100.0
+    views = {0: _view(0, 97.0, 99.9), 3: _view(3, 97.5, 97.5)}
+    for v in views.values():
+        v.phase = "after_step"
+    assert find_hang(views, 0, now) == (3, "hang_gil")
+    views[3].seen_t = 99.9  # beating: then the one whose progress stopped first
+    assert find_hang(views, 0, now) == (0, "hang")
+
+
 def test_rank_that_ignores_a_new_generation_is_hung():
     views = {0: _view(0, 95.0, 99.9, gen=1), 1: _view(1, 90.0, 99.9, gen=0)}
     views[0].progress_t = 99.0

@@ -78,8 +78,15 @@ def find_hang(views: dict[int, RankView], generation: int, now: float,
         if not any(now - v.progress_t > v.hang_timeout for v in current):
             return None
         stalled = [v for v in current if now - v.progress_t > v.hang_timeout / 2]
-        culprit = min(stalled, key=_position)
+        # a stalled rank whose heartbeat stopped too (the GIL held) is the culprit before any
+        # that still beats: waiting in a collective, a healthy rank keeps beating, and at the same
+        # (step, phase) the culprit is the one that arrived last
+        frozen = [v for v in stalled if _frozen(v, now)]
+        culprit = min(frozen or stalled, key=_position)
         if now - culprit.progress_t <= culprit.hang_timeout:
             return None  # the furthest-behind rank has not passed its own timeout yet
-    frozen = now - culprit.seen_t > max(3 * culprit.hb_interval, 0.5)
-    return culprit.rank, ("hang_gil" if frozen else "hang")
+    return culprit.rank, ("hang_gil" if _frozen(culprit, now) else "hang")
+
+
+def _frozen(v: RankView, now: float) -> bool:
+    return now - v.seen_t > max(3 * v.hb_interval, 0.5)
