@@ -35,13 +35,16 @@ def summary(values: list[float]) -> dict:
 
 
 def run_fr_job(script: Path, args: list[str], *, nproc: int, inject: str | None, spares: int,
-               report: Path, extra: list[str] = (), timeout: float = 900) -> dict:
+               report: Path, extra: list[str] = (), timeout: float = 900,
+               log: Path | None = None) -> dict:
     cmd = [sys.executable, "-m", "fr_megatron.cli", "run", "--nproc-per-node", str(nproc),
            "--spares", str(spares), "--no-wandb", "--report", str(report), *extra]
     if inject:
         cmd += ["--inject", inject]
     cmd += [str(script), *args]
     p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    if log is not None:
+        log.write_text(p.stdout + p.stderr)
     if p.returncode != 0 or not report.exists():
         raise RuntimeError(f"job failed ({p.returncode}): {p.stderr[-2000:]}")
     return json.loads(report.read_text())
