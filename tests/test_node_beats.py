@@ -87,3 +87,21 @@ def test_node_beat_relays_only_genuine_beats_of_the_nodes_own_ranks(tmp_path):
         agent._done.set()
         agent.inbox.close()
         ctl.stop()
+
+
+@pytest.mark.timeout(30)
+def test_rank_whose_agent_is_gone_is_told_once_its_beats_fail_for_the_orphan_timeout():
+    from fr_megatron.runtime.heartbeat import Heartbeat
+
+    gone = BeatSender("/nonexistent/fr-agent.sock")  # every send fails, as after the agent died
+    orphaned: list[float] = []
+    hb = Heartbeat(gone.send, Signer(new_token().encode(), "rank0"), 0, 0.05,
+                   lambda: {"step": 1}, orphan_timeout=0.5, orphaned=orphaned.append)
+    t0 = time.time()
+    hb.start()
+    try:
+        assert _until(lambda: orphaned, 10.0), "the heartbeat never gave up on its agent"
+    finally:
+        hb.stop()
+        hb.join(5)
+    assert 0.5 < orphaned[0] and time.time() - t0 >= 0.5
