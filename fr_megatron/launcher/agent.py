@@ -6,7 +6,7 @@ A blocking ``waitpid`` thread learns of a death the moment it happens; a light p
 plans: it kills a replaced rank that is still alive (a hung one) and hands its rank to a warm
 spare, or spawns a fresh process when none is left. Healthy workers are never touched.
 
-Heartbeats: the node's ranks send theirs to the agent (a local datagram socket); the agent beats
+Heartbeats: the node's ranks send theirs to the agent (a local Unix socket); the agent beats
 its own key with all of them inside (``protocol.node_beats``), so the controller reads one key per
 node. Node liveness: a node whose agent falls silent is lost
 (machine gone, link cut) and its ranks move to a spare node (``--spare-node``), an agent that
@@ -20,7 +20,6 @@ import json
 import logging
 import os
 import signal
-import tempfile
 import subprocess
 import sys
 import threading
@@ -64,7 +63,7 @@ class NodeAgent:
                  script_args: list[str], spares: int, inject: Optional[str] = None,
                  preload: str = DEFAULT_PRELOAD, python: str = sys.executable,
                  extra_env: Optional[dict] = None, connect_timeout: float = 30.0,
-                 spare_node: bool = False, run_dir: Optional[str] = None):
+                 spare_node: bool = False, run_dir: str):
         self.node, self.nnodes, self.nproc = node_rank, nnodes, nproc
         self.spare_node = spare_node
         # the ranks this node hosts: its own, or, for a spare node, those the plans move to it
@@ -91,8 +90,7 @@ class NodeAgent:
         self._beat_ok_t = time.time()
         self.fenced = False
         # the ranks' heartbeats: received here, relayed in the node's own beat
-        self.inbox = node_beats.BeatInbox(node_beats.socket_path(
-            run_dir or tempfile.mkdtemp(prefix="fr-megatron-")))
+        self.inbox = node_beats.BeatInbox(node_beats.socket_path(run_dir))
         self.beats: dict[int, dict] = {}  # rank -> newest verified beat (node_beats.RANK_FIELDS)
         self._beat_now = threading.Event()
         self._rejected_beats = 0

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..protocol.node_beats import PROGRESS_FIELDS
+
 
 @dataclass
 class RankView:
@@ -30,15 +32,13 @@ class RankView:
     progress_t: float = 0.0      # when (step, phase) last changed
     extra: dict = field(default_factory=dict)
 
-    _PROGRESS = ("step", "phase", "pid", "state", "generation")
 
     def update(self, hb: dict, now: float) -> None:
         if hb.get("pid") == self.pid and hb.get("seq", 0) <= self.seq:
             return  # nothing new from this process (or an old beat played again)
-        # any change of step, phase, process, state or generation is progress: a rank that
+        # any change of step, phase, process, state, generation or commit is progress: a rank that
         # comes back from a recovery must not be judged by the clock of its failed step
-        moved = tuple(hb.get(k) for k in self._PROGRESS) != tuple(getattr(self, k)
-                                                                  for k in self._PROGRESS)
+        moved = any(hb.get(k) != getattr(self, k) for k in PROGRESS_FIELDS)
         self.seq, self.seen_t = hb.get("seq", 0), now
         if moved or not self.progress_t:
             self.progress_t = now

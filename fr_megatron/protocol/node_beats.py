@@ -29,7 +29,8 @@ SOCKET_ENV = "FR_AGENT_SOCKET"
 # what the controller reads from a rank's beat (the rest of the signed message stays on the node)
 RANK_FIELDS = ("rank", "pid", "seq", "generation", "step", "phase", "state", "committed",
                "hang_timeout", "hb_interval", "inject_t")
-# a change in any of these is progress: the agent publishes it at once instead of at its next beat
+# a change in any of these is progress: the agent publishes it at once instead of at its next
+# beat, and the controller's hang clock for the rank starts again (``detector.RankView``)
 PROGRESS_FIELDS = ("pid", "generation", "step", "phase", "state", "committed")
 
 
