@@ -30,6 +30,8 @@ pytestmark = pytest.mark.timeout(30)
     ({"replicas": 1.5}, ["flash_recovery.replicas", "integer"]),
     ({"replicas": 9}, ["flash_recovery.replicas", "less than or equal to 8"]),
     ({"snapshot_depth": 1}, ["flash_recovery.snapshot_depth", "greater than or equal to 2"]),
+    ({"node_timeout": 0}, ["flash_recovery.node_timeout", "greater than 0"]),
+    ({"checkpoint_timeout": -1}, ["flash_recovery.checkpoint_timeout", "greater than 0"]),
     ({"spares": -1}, ["flash_recovery.spares", "greater than or equal to 0"]),
     ({"controller": "localhost"}, ["flash_recovery.controller", "HOST:PORT", "'localhost'"]),
     ({"controller": "host:99999"}, ["flash_recovery.controller", "HOST:PORT"]),
@@ -46,6 +48,14 @@ def test_dict_bad_values_name_the_field(data, words):
         FlashRecoveryConfig.from_dict(data)
     for w in words:
         assert w in str(e.value), (w, str(e.value))
+
+
+def test_a_bad_value_for_every_field_names_the_field():
+    for key in FlashRecoveryConfig.model_fields:
+        bad = "on" if key == "wandb" else [1, 2]  # the wrong type for each of them
+        with pytest.raises(ConfigError) as e:
+            FlashRecoveryConfig.from_dict({key: bad})
+        assert str(e.value).startswith(f"flash_recovery.{key}"), str(e.value)
 
 
 def test_dict_unknown_keys_list_the_allowed_ones():

@@ -4,11 +4,13 @@ the job ends with every rank's parameters and optimizer shards torch.equal to a 
 the same loss at every step, the same consumed samples, steps_lost 0, and survivors that kept
 their processes."""
 
+import json
 from pathlib import Path
 
 import pytest
 import torch
 
+from fr_megatron.protocol.auth import new_token, write_token_file
 from fr_megatron.wandb_reader import read_run
 from jobs import REPO, run_job
 
@@ -45,9 +47,10 @@ PRELOAD = ["--preload", "torch,torch.distributed,fr_megatron.runtime,megatron.co
 
 
 def megatron_job(tmp: Path, name: str, args=ARGS, inject=None, nproc=WORLD, spares=1,
-                 wandb_dir=None):
+                 wandb_dir=None, extra=()):
     job = run_job(tmp, RECIPE, [*args, "--out", str(tmp / name)], nproc=nproc, spares=spares,
-                  inject=inject, name=name, timeout=600, extra=PRELOAD, wandb_dir=wandb_dir)
+                  inject=inject, name=name, timeout=600, extra=[*PRELOAD, *extra],
+                  wandb_dir=wandb_dir)
     assert job.rc == 0, job.failure(5000)
     return job
 
@@ -71,7 +74,10 @@ FAULTS = ("kill:rank=5:step=2:phase=optimizer;"
 
 @pytest.mark.timeout(900)
 def test_faults_inside_the_step_and_its_commit_are_recovered_bit_exact(tmp_path, baseline):
-    job = megatron_job(tmp_path, "f", inject=FAULTS, spares=2, wandb_dir=tmp_path)
+    token = new_token()
+    write_token_file(str(tmp_path / "token"), token)
+    job = megatron_job(tmp_path, "f", inject=FAULTS, spares=2, wandb_dir=tmp_path,
+                       extra=["--token-file", str(tmp_path / "token")])
     faults = job.report["faults"]
     expected = [s.split(":") for s in FAULTS.split(";")]
     assert len(faults) == len(expected), faults
@@ -93,3 +99,7 @@ def test_faults_inside_the_step_and_its_commit_are_recovered_bit_exact(tmp_path,
         sorted((f["rank"], f["step"], f["kind"], f["phase"], 0) for f in faults)
     assert all(h["recovery/phase_rebuild_s"] > 0 for h in logged)
     assert run["summary"]["recoveries"] == len(faults) and "flash-recovery" in run["tags"]
+    # the job token is in none of what the job wrote: the wandb run's files, its log, the journal
+    written = [p for p in (tmp_path / "wandb").rglob("*") if p.is_file()]
+    assert written and all(token.encode() not in p.read_bytes() for p in written)
+    assert token not in job.output and token not in json.dumps(job.journal)
