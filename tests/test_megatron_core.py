@@ -83,7 +83,10 @@ def _assert_rebuild_and_restore(reports: list[dict], world: int, rebuilds: int =
         assert rs["loss_first"] == rs["loss_again"] == rs["loss_fresh"]
         assert rs["state_equal_after_restore"] and rs["params_equal"]
         assert rs["fresh_job_differed_before_restore"]
-        # Built as a replacement builds (while its peers wait elsewhere): no collective at all.
+        # Built as a replacement builds (while its peers wait elsewhere): the original's
+        # construction communicated (the optimizer's param-group keys), the fresh one's answers
+        # came from that record and no collective reached c10d.
+        assert "all_gather_object" in r["startup_calls"]
         assert rs["fresh_build_collectives"] == []
         assert rs["unique_keys"] > 0 and rs["unique_numel"] > 0
     assert reports[0]["_launcher"]["returncode"] == 0, reports[0]["_launcher"]["stdout"]

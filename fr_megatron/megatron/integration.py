@@ -18,15 +18,13 @@ State split, for megatron-core 0.16.1 with the DistributedOptimizer:
 Groups: ``teardown``/``rebuild`` replay ``initialize_model_parallel`` through
 ``parallel_state_hook`` (install it before that call, in every process, survivors and replacements
 alike), rebind every cached group (``rebind``) and retire the old ones. A replacement process
-builds its model and optimizer inside ``construction_without_peers()``, because megatron-core
-communicates while it builds and the survivors are not there to answer.
+builds its model and optimizer while the survivors wait in the runtime; megatron-core communicates
+while it builds, and ``runtime.startup_calls`` answers those calls from the replaced rank's record.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import pickle
 import time
 from typing import Any, Iterable
 
@@ -38,71 +36,6 @@ from fr_megatron.megatron import parallel_state_hook, rebind
 from fr_megatron.runtime.integration import Integration, RankState
 
 logger = logging.getLogger(__name__)
-
-
-class _DoneWork:
-    def wait(self, *args, **kwargs):
-        return True
-
-    def is_completed(self):
-        return True
-
-
-def _as_work(async_op):
-    return _DoneWork() if async_op else None
-
-
-@contextlib.contextmanager
-def construction_without_peers():
-    """Build a replacement's model and optimizer while its peers are not in the same code.
-
-    megatron-core 0.16.1 communicates while it builds: ``get_megatron_optimizer`` all-gathers the
-    param-group keys over the whole world, GPTModel all-reduces the tied embedding over the
-    embedding group when PP > 1, ``DDP.broadcast_params`` broadcasts over DP. A replacement process
-    builds its job while the survivors (which keep theirs) wait for it in the runtime, so those
-    collectives would never be matched and the recovery would hang. Inside this context they are
-    answered locally, as if every peer held this rank's values: gathers return copies of the local
-    object, reductions and broadcasts leave tensors as they are. The values they would have
-    produced are overwritten by ``MegatronIntegration.restore``; the structure they decide (e.g.
-    the optimizer's param groups) must not depend on the peers, which holds when every rank has
-    the same kinds of params (a dense GPT). Process-wide while active: build on one thread.
-    """
-    import torch.distributed as tdist
-
-    def all_gather_object(object_list, obj, group=None):
-        blob = pickle.dumps(obj)
-        for i in range(len(object_list)):
-            object_list[i] = pickle.loads(blob)
-
-    def all_gather(tensor_list, tensor, group=None, async_op=False):
-        for t in tensor_list:
-            t.copy_(tensor)
-        return _as_work(async_op)
-
-    def all_gather_into_tensor(output_tensor, input_tensor, group=None, async_op=False):
-        output_tensor.view(-1, input_tensor.numel()).copy_(input_tensor.reshape(1, -1))
-        return _as_work(async_op)
-
-    def unchanged(*args, async_op=False, **kwargs):
-        return _as_work(async_op)
-
-    fakes = {
-        "all_gather_object": all_gather_object,
-        "all_gather": all_gather,
-        "all_gather_into_tensor": all_gather_into_tensor,
-        "all_reduce": unchanged,
-        "broadcast": unchanged,
-        "broadcast_object_list": unchanged,
-        "barrier": unchanged,
-    }
-    saved = {name: getattr(tdist, name) for name in fakes}
-    try:
-        for name, fake in fakes.items():
-            setattr(tdist, name, fake)
-        yield
-    finally:
-        for name, fn in saved.items():
-            setattr(tdist, name, fn)
 
 
 def sub_optimizers(optimizer) -> list:

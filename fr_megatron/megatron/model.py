@@ -9,7 +9,6 @@ recovery sees exactly the same micro-batches and two runs with the same seed are
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
 
 import torch
@@ -102,15 +101,12 @@ class TinyGPTJob:
     """Model chunks (DDP-wrapped), DistributedOptimizer, LR scheduler and ``train_step``.
 
     Call ``initialize_parallel`` first. ``iteration`` counts finished steps. A replacement
-    process passes ``replacement=True``: it builds without its peers (see
-    ``integration.construction_without_peers``) and then gets its state restored.
+    process builds it as every rank does (its collectives are answered from the replaced rank's
+    start-up record, ``runtime.startup_calls``) and then gets its state restored.
     """
 
-    def __init__(self, cfg: TinyGPTConfig, replacement: bool = False):
-        from fr_megatron.megatron.integration import construction_without_peers
-
-        with construction_without_peers() if replacement else contextlib.nullcontext():
-            self._build(cfg)
+    def __init__(self, cfg: TinyGPTConfig):
+        self._build(cfg)
         self.iteration = 0
         self.consumed_samples = 0
 

@@ -41,6 +41,8 @@ from typing import Any
 import torch.distributed as dist
 from torch.distributed import distributed_c10d as c10d
 
+from fr_megatron.runtime import startup_calls
+
 logger = logging.getLogger(__name__)
 
 _STATE: dict[str, Any] = {
@@ -90,7 +92,9 @@ def install(local_sync: bool | None = None) -> None:
 
         def initialize_model_parallel(*args, **kwargs):
             _STATE["call"] = (args, dict(kwargs))
-            return orig(*args, **kwargs)
+            # a replacement's peers build these groups too, in their rebuild: never replayed
+            with startup_calls.passthrough():
+                return orig(*args, **kwargs)
 
         initialize_model_parallel.__wrapped__ = orig
         initialize_model_parallel.__doc__ = orig.__doc__

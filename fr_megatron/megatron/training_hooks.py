@@ -49,6 +49,8 @@ import functools
 import logging
 from typing import Any, Callable, Optional
 
+from fr_megatron.runtime import startup_calls
+
 log = logging.getLogger("fr_megatron.megatron.hooks")
 
 _session = None
@@ -92,6 +94,12 @@ def init_process_group(backend: str, args=None, **_ignored):
     minutes = getattr(args, "distributed_timeout_minutes", None)
     if minutes:
         _set_world_timeout(datetime.timedelta(minutes=minutes))
+    # from here to on_train_start the script starts up; a replacement's collectives are answered
+    # from the replaced rank's record, since the survivors wait in the runtime
+    how = startup_calls.begin(_session.store, _session.signer, _session.rank,
+                              _session.replacement)
+    log.info("rank=%d generation=%d step=0 phase=startup start-up collectives: %s",
+             _session.rank, _session.generation, how)
     return _session
 
 
@@ -140,6 +148,8 @@ def on_train_start(model, optimizer, opt_param_scheduler, args, iteration: int =
     from . import phases
     from .integration import MegatronIntegration
 
+    startup_calls.end(lambda record: record.publish(_session.store, _session.signer,
+                                                    _session.rank))
     model = list(model) if isinstance(model, (list, tuple)) else [model]
     config = get_model_config(model[0])
     lm = None

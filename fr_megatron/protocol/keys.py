@@ -28,3 +28,13 @@ def injection_fired(index: int) -> str:
 def generation_prefix(generation: int) -> str:
     """Prefix of the process-group rendezvous of ``generation``."""
     return f"gen{generation}/"
+
+
+def startup_record(rank: int) -> str:
+    """What ``rank``'s start-up collectives returned (``runtime.startup_calls``), pickled."""
+    return f"fr/startup/{rank}"
+
+
+def startup_digest(rank: int) -> str:
+    """Signed SHA-256 of ``startup_record(rank)``: a replacement verifies it before unpickling."""
+    return f"fr/startup/{rank}/digest"

@@ -263,11 +263,12 @@ class _CollectiveRecorder:
         self._mode.__exit__(*exc)
 
 
-def _restore_check(integ, job, step: int, cfg):
+def _restore_check(integ, job, step: int, cfg, startup):
     """Replay ``step`` from a captured state: in the same job, and in a freshly built one.
 
-    The fresh job is initialised from another seed and built as a replacement process builds it
-    (no collectives: ``construction_without_peers``), so it only trains like the original if
+    The fresh job is initialised from another seed and built as a replacement process builds it:
+    its collectives answered from ``startup``, the record of the original job's construction
+    (``runtime.startup_calls``), none reaching c10d. It only trains like the original if
     ``capture()`` holds every bit of state that matters. Returns the fresh job (training goes on
     with it), its integration, the loss and the findings.
     """
@@ -275,6 +276,7 @@ def _restore_check(integ, job, step: int, cfg):
 
     from fr_megatron.megatron.integration import MegatronIntegration
     from fr_megatron.megatron.model import TinyGPTJob
+    from fr_megatron.runtime import startup_calls
 
     snapshot = _clone_state(integ.capture())
     loss_first = job.train_step(step)
@@ -285,8 +287,12 @@ def _restore_check(integ, job, step: int, cfg):
     params_equal = _states_equal(after_first, integ.capture())
 
     torch.manual_seed(cfg.seed + 7919)  # a different initialisation for the fresh job
-    with _CollectiveRecorder() as recorder:
-        fresh = TinyGPTJob(cfg, replacement=True)
+    replayer = startup_calls.Replayer(startup, int(os.environ["FR_SMOKE_RANK"]))
+    try:
+        with _CollectiveRecorder() as recorder:
+            fresh = TinyGPTJob(cfg)
+    finally:
+        replayer.close()
     fresh_integ = MegatronIntegration.from_job(fresh)
     differs_before = not _states_equal(fresh_integ.capture(), snapshot)
     fresh_integ.restore(snapshot)
@@ -315,6 +321,7 @@ def run_rank(args) -> dict:
     from fr_megatron.megatron import parallel_state_hook
     from fr_megatron.megatron.integration import MegatronIntegration
     from fr_megatron.megatron.model import TinyGPTConfig, TinyGPTJob, initialize_parallel, seed_rngs
+    from fr_megatron.runtime import startup_calls
 
     rank = int(os.environ["FR_SMOKE_RANK"])
     world = int(os.environ["FR_SMOKE_WORLD"])
@@ -336,7 +343,12 @@ def run_rank(args) -> dict:
         del job
         seed_rngs(cfg)
 
-    job = TinyGPTJob(cfg)
+    recorder = startup_calls.Recorder()  # what a replacement of this rank would replay
+    try:
+        job = TinyGPTJob(cfg)
+    finally:
+        recorder.close()
+    report["startup_calls"] = [e["op"] for e in recorder.entries]
     integ = MegatronIntegration.from_job(job)
     report["replica_ranks"] = integ.replica_ranks()
     losses = []
@@ -346,7 +358,7 @@ def run_rank(args) -> dict:
             generation = len(report.setdefault("rebuilds", [])) + 1
             report["rebuilds"].append(_rebuild_in_place(integ, store, rank, world, generation))
         if step == args.restore_check_at:
-            job, integ, loss, report["restore"] = _restore_check(integ, job, step, cfg)
+            job, integ, loss, report["restore"] = _restore_check(integ, job, step, cfg, recorder.entries)
         else:
             loss = job.train_step(step)
         losses.append(loss)

@@ -136,7 +136,7 @@ def main(argv=None) -> int:
 
     cfg = tiny_config(args, world)
     initialize_parallel(cfg)
-    job = TinyGPTJob(cfg, replacement=bool(session and session.replacement))
+    job = TinyGPTJob(cfg)
     job._forward_step = flash_recovery.wrap_forward_step(job._forward_step)
     start = 0
     if args.load and not (session and session.replacement):  # a replacement's state is its peers'
