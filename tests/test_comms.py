@@ -53,3 +53,39 @@ def test_interrupted_rendezvous_does_not_rename_the_next_generation():
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _native_threads() -> int:
+    import os
+
+    return len(os.listdir("/proc/self/task"))
+
+
+@pytest.mark.timeout(120)
+def test_old_generations_groups_are_released_not_piled_up():
+    """Each gloo group holds three native threads and its sockets. The world's groups are kept
+    one generation (a destructor can block while an abandoned op fails), then released: over
+    many recoveries a rank's thread count stays flat instead of growing by every group."""
+    server = dist.TCPStore("127.0.0.1", 0, 1, True, wait_for_workers=False)
+    port = server.port
+    comms = Communicators(lambda: connect_cuttable("127.0.0.1", port), port, rank=0,
+                          world_size=1, backend="gloo", timeout_s=30)
+    counts = []
+    try:
+        for generation in range(1, 8):
+            comms.init_world(generation)
+            extra = [dist.new_group([0], backend="gloo") for _ in range(4)]  # framework groups
+            for g in extra:
+                dist.barrier(group=g)
+            del extra, g
+            comms.destroy_world()
+            for t in threading.enumerate():
+                if t.name == "fr-release-groups":
+                    t.join(30)
+            counts.append(_native_threads())
+        # generation 1's groups are still held after its destroy; from then on, one generation
+        assert max(counts[2:]) <= counts[1], counts
+        assert len(comms.graveyard) == 5  # the last world's: default group and its 4 subgroups
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

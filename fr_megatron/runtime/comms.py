@@ -5,8 +5,10 @@ raise. gloo has no working abort (``abort()``/``shutdown()`` leave an in-flight 
 gloo the process shuts down its own peer sockets: its in-flight op raises at once and every peer
 blocked on it sees the connection close. Store connections are never touched.
 
-Rebuild: the old world is destroyed, but the old group objects are kept alive (destroying a gloo
-group with a failed op in flight blocks for ~20 s); a new default group is initialised on
+Rebuild: the old world is destroyed, but its group objects are kept alive for one more
+generation (destroying a gloo group with a failed op in flight blocks for ~20 s) and then dropped
+on a background thread: each gloo group holds three threads and its sockets, which would
+otherwise pile up with every recovery. A new default group is initialised on
 ``PrefixStore("gen{g}/")`` because gloo cannot reuse a prefix on which a peer died.
 
 Interrupt: a peer can die while a generation's groups are being built; the rendezvous would then
@@ -43,7 +45,7 @@ class Communicators:
         self.rank, self.world_size, self.backend = rank, world_size, backend
         self.timeout = datetime.timedelta(seconds=timeout_s)
         self.generation = -1
-        self.graveyard: list = []  # old groups, kept referenced on purpose (see module doc)
+        self.graveyard: list = []  # the last world's groups, kept one generation (module doc)
         self._baseline = tcp_fds()
         self._rdzv_lock = threading.Lock()
         self._rdzv_fds: set[int] = set()
@@ -92,14 +94,20 @@ class Communicators:
         return shutdown_sockets(peers)
 
     def destroy_world(self) -> list:
-        """Destroy every group of the current world; returns the old group objects."""
+        """Destroy every group of the current world; returns the old group objects.
+
+        They stay referenced until the next call, which drops them on a background thread."""
         old = []
         if dist.is_initialized():
             old = list(dist.distributed_c10d._world.pg_map.keys())
-            self.graveyard.extend(old)
             try:
                 dist.destroy_process_group()
             except Exception as e:
                 log.warning("destroy_process_group: %s", e)
+        previous, self.graveyard = self.graveyard, list(old)
+        if previous:
+            # not a daemon: a destructor cut short at interpreter exit aborts the process
+            threading.Thread(target=previous.clear, name="fr-release-groups").start()
+        del previous
         return old
 
