@@ -5,6 +5,8 @@ their PIDs, and training ends bit-identical to a fault-free run.
 Several faults share a job (one per step, each its own generation), so the suite pays for a few
 process start-ups instead of one per kind."""
 
+import re
+
 import pytest
 
 from jobs import TORCH_RECIPE, TORCH_STEPS as STEPS, assert_same_training, run_job
@@ -56,6 +58,9 @@ def test_faults_recovered_bit_exact(tmp_path, torch_baseline, name):
         (reported,) = [e for e in job.journal
                        if e["event"] == "fault_reported" and e["kind"] == "exception"]
         assert "InjectedFault: injected exception at step 4" in reported["traceback"]
+    if spares:  # the pool is topped up after the recovery, not while it competes with it
+        assert re.search(r"spare pool refilled with \d+ after the replacement committed step \d+",
+                         job.output), job.failure()
     assert job.report["finished_ranks"] == 4
     assert job.report["generations"] == len({f["generation"] for f in faults.values()})
     assert_same_training(torch_baseline, job.result)
