@@ -235,7 +235,7 @@ def main(argv=None) -> int:
         mem = memory_rows(job["probes"])
         print("\n(b) Host memory per rank held by flash recovery, next to the state it protects "
               "(ring: depth 2 x params+optimizer shard; copies: 1 replica x depth 2 of each ward's "
-              "optimizer shard, + its header with the pickled RNG/scheduler meta)\n")
+              "optimizer shard and pickled RNG/scheduler meta, + its header)\n")
         print(table(mem, ["rank", "params_KiB", "optim_shard_KiB", "ring_KiB", "ring_x_state",
                           "ring_meta_KiB", "copies_KiB", "copies_header_KiB", "wards",
                           "copies_x_optim", "total_KiB", "total_x_state", "rss_MiB"]))

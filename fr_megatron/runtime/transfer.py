@@ -1,8 +1,10 @@
 """Moving state between ranks: packing, checksums, and point-to-point transfer.
 
-State travels as one flat byte buffer plus a small header (names, dtypes, shapes, offsets, the
-pickled meta and a BLAKE2b checksum of the buffer). The receiver recomputes the checksum before
-anything is restored: a mismatch raises ``ChecksumError`` and training never runs on wrong state.
+State travels as one flat byte buffer (the tensors, then the pickled meta) plus a small header
+(names, dtypes, shapes, offsets and a BLAKE2b checksum of the buffer). The receiver recomputes the
+checksum before anything is restored: a mismatch raises ``ChecksumError`` and training never runs
+on wrong state. Tensors inside the meta (RNG states) are pickled as raw bytes: torch's own
+pickling of a tensor goes through ``torch.save`` and made up most of a commit's cost.
 Transfers go over the runtime's own gloo group (CPU tensors), so they never interleave with the
 framework's collectives; CUDA state is staged through host memory.
 """
@@ -10,6 +12,7 @@ framework's collectives; CUDA state is staged through host memory.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import pickle
@@ -33,17 +36,44 @@ def checksum(data: torch.Tensor) -> str:
     return hashlib.blake2b(data.numpy().tobytes(), digest_size=16).hexdigest()
 
 
+class _MetaPickler(pickle.Pickler):
+    """Pickles plain CPU tensors as (dtype, shape, bytes) instead of through ``torch.save``."""
+
+    def reducer_override(self, obj):
+        if (type(obj) is torch.Tensor and obj.device.type == "cpu" and obj.layout == torch.strided
+                and not obj.requires_grad):
+            raw = obj.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+            return _tensor_from_bytes, (str(obj.dtype).removeprefix("torch."),
+                                        tuple(obj.shape), raw)
+        return NotImplemented
+
+
+def _tensor_from_bytes(dtype: str, shape: tuple, raw: bytes) -> torch.Tensor:
+    flat = torch.frombuffer(bytearray(raw), dtype=torch.uint8) if raw else \
+        torch.empty(0, dtype=torch.uint8)
+    return flat.view(getattr(torch, dtype)).reshape(shape)
+
+
+def dumps_meta(meta: dict) -> bytes:
+    buf = io.BytesIO()
+    _MetaPickler(buf, protocol=pickle.HIGHEST_PROTOCOL).dump(meta)
+    return buf.getvalue()
+
+
 def pack(tensors: dict[str, torch.Tensor], meta: dict, step: int) -> Packed:
     entries, total = [], 0
     for name, t in tensors.items():
         n = t.numel() * t.element_size()
         entries.append([name, str(t.dtype).removeprefix("torch."), list(t.shape), total, n])
         total += n
-    data = torch.empty(total, dtype=torch.uint8)
+    meta_raw = dumps_meta(meta)
+    data = torch.empty(total + len(meta_raw), dtype=torch.uint8)
     for (name, _, _, off, n), t in zip(entries, tensors.values()):
         if n:
             data[off:off + n].copy_(t.detach().contiguous().reshape(-1).view(torch.uint8).cpu())
-    header = {"step": step, "entries": entries, "meta": pickle.dumps(meta).hex(),
+    if meta_raw:
+        data[total:].copy_(torch.frombuffer(bytearray(meta_raw), dtype=torch.uint8))
+    header = {"step": step, "entries": entries, "meta": [total, len(meta_raw)],
               "checksum": checksum(data)}
     if os.environ.get("FR_CORRUPT_TRANSFER") == "1" and total:
         data[total // 2] ^= 0xFF  # test hook: corrupt after checksumming, as a bad link would
@@ -60,7 +90,8 @@ def unpack(p: Packed, verify: bool = True) -> tuple[dict[str, torch.Tensor], dic
     for name, dtype, shape, off, n in p.header["entries"]:
         dt = getattr(torch, dtype)
         out[name] = p.data[off:off + n].view(dt).reshape(shape) if n else torch.empty(shape, dtype=dt)
-    return out, pickle.loads(bytes.fromhex(p.header["meta"]))
+    off, n = p.header["meta"]
+    return out, pickle.loads(p.data[off:off + n].numpy().tobytes())
 
 
 def send(p: Packed, dst: int, group) -> list:
