@@ -105,3 +105,32 @@ def test_rank_whose_agent_is_gone_is_told_once_its_beats_fail_for_the_orphan_tim
         hb.stop()
         hb.join(5)
     assert 0.5 < orphaned[0] and time.time() - t0 >= 0.5
+
+
+@pytest.mark.timeout(30)
+def test_changes_close_together_share_a_beat_and_the_last_one_is_sent():
+    """A step marks several phases per micro-batch; each would be a signed beat relayed by the
+    agent and written to the store. Changes within a quarter interval share one beat, and the
+    newest status still goes out promptly, long before the next regular beat."""
+    from fr_megatron.runtime.heartbeat import Heartbeat
+
+    sent: list[dict] = []
+    signer = Signer(new_token().encode(), "rank0")
+    status = {"step": 0, "phase": "forward"}
+    hb = Heartbeat(lambda raw: sent.append(signer.verify(raw)), signer, 0, 2.0,
+                   lambda: dict(status))
+    hb.start()
+    try:
+        assert _until(lambda: sent, 5.0)  # the first beat
+        first = len(sent)
+        t0 = time.time()
+        for i in range(1, 41):  # 40 changes in about 0.2 s
+            status.update(step=i, phase=("forward", "backward")[i % 2])
+            hb.poke()
+            time.sleep(0.005)
+        assert _until(lambda: sent[-1]["step"] == 40, 5.0), sent[-3:]
+        assert time.time() - t0 < 1.5  # not left for the regular beat 2 s later
+        assert len(sent) - first <= 4, [b["step"] for b in sent]
+    finally:
+        hb.stop()
+        hb.join(5)

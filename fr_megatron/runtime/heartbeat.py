@@ -39,8 +39,12 @@ class Heartbeat(threading.Thread):
         self._changed = threading.Event()
         self._sent_t = time.time()
 
+    # changes closer together than this share one beat: a step has several phases per
+    # micro-batch, and each beat is signed, relayed by the agent and written to the store
+    MIN_GAP_FRACTION = 0.25
+
     def poke(self) -> None:
-        """Send a beat now (the step or phase changed), from this thread, not the caller's."""
+        """Send a beat soon (the step or phase changed), from this thread, not the caller's."""
         self._changed.set()
 
     def beat(self) -> None:
@@ -51,6 +55,9 @@ class Heartbeat(threading.Thread):
     def run(self) -> None:
         while not self._halt.is_set():
             self._changed.wait(self.interval)
+            gap = self._sent_t + self.interval * self.MIN_GAP_FRACTION - time.time()
+            if gap > 0:
+                self._halt.wait(gap)
             self._changed.clear()
             try:
                 self.beat()

@@ -234,8 +234,9 @@ class Session:
     # ---- the step transaction --------------------------------------------------------------
     def phase(self, name: str) -> None:
         """Mark where in the step this rank is; fires injected faults; notices fault plans."""
-        self.phase_name = name
-        self.heartbeat.poke()
+        if name != self.phase_name:
+            self.phase_name = name
+            self.heartbeat.poke()
         self._fire_injections()
         if self._notice is not None:
             raise RecoveryRequested(f"generation {self._notice['generation']} opened")
@@ -261,6 +262,7 @@ class Session:
     def begin_step(self, step: int) -> None:
         self.step = step
         self._step_t0 = time.time()
+        self.heartbeat.poke()  # a new step is progress even if the phase name is the same
         self.phase("forward")
 
     def commit(self, step: int, output: Any = None) -> None:
