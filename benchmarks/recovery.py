@@ -183,9 +183,10 @@ def overhead(on_jobs: list[dict], off_jobs: list[dict], pairs: list[tuple], skip
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--trials", type=int, default=2, help="faults in the recovery job")
+    p.add_argument("--trials", type=int, default=3, help="faults in the recovery job")
     p.add_argument("--first-fault", type=int, default=4, help="step of the first fault")
-    p.add_argument("--spacing", type=int, default=4, help="steps between faults")
+    p.add_argument("--spacing", type=int, default=30,
+                   help="steps between faults (enough for the refilled spare to warm up)")
     p.add_argument("--spares", type=int, default=None,
                    help="warm spares in the recovery job (default: one per fault, so every "
                         "replacement is warm)")
