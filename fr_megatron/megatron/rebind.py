@@ -21,7 +21,6 @@ import functools
 import logging
 import os
 import sys
-import threading
 import types
 import weakref
 from collections import deque
@@ -30,6 +29,8 @@ from typing import Any, Callable, Iterable
 
 import torch
 import torch.distributed as dist
+
+from fr_megatron.runtime.comms import defer_release
 
 logger = logging.getLogger(__name__)
 
@@ -349,8 +350,8 @@ class _RefusingStore(dist.Store):
 
 # Backends replaced by the last retire_groups() call. Dropping a gloo backend runs its destructor:
 # ~15 ms each with live peers (0.33 s for 20, measured), ~19 s when an op on it was abandoned
-# mid-flight. They are kept alive for one generation and then dropped on a background thread
-# (the destructor releases the GIL), off the recovery path.
+# mid-flight. They are kept alive for one generation and then handed to the runtime's
+# defer_release, which drops them on a background thread once that recovery is over.
 _RETIRED_BACKENDS: list[Any] = []
 
 
@@ -388,10 +389,7 @@ def retire_groups(groups: Iterable[Any], reason: str = "process group retired") 
         except Exception:  # noqa: BLE001 - retiring is best effort, never fatal to recovery
             logger.warning("could not retire group %s", group.group_desc, exc_info=True)
     _RETIRED_BACKENDS = batch
-    if previous:
-        # Not a daemon: a destructor cut short at interpreter exit aborts the process.
-        threading.Thread(target=previous.clear, name="fr-release-retired").start()
-    del previous
+    defer_release(previous)
     return count
 
 

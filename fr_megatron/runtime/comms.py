@@ -7,8 +7,9 @@ blocked on it sees the connection close. Store connections are never touched.
 
 Rebuild: the old world is destroyed, but its group objects are kept alive for one more
 generation (destroying a gloo group with a failed op in flight blocks for ~20 s) and then dropped
-on a background thread: each gloo group holds three threads and its sockets, which would
-otherwise pile up with every recovery. A new default group is initialised on
+on a background thread once the recovery after that is over (``defer_release``): each gloo group
+holds three threads and its sockets, which would otherwise pile up with every recovery, and
+destroying them during a rebuild slowed it down. A new default group is initialised on
 ``PrefixStore("gen{g}/")`` because gloo cannot reuse a prefix on which a peer died.
 
 Interrupt: a peer can die while a generation's groups are being built; the rendezvous would then
@@ -29,6 +30,26 @@ from ..protocol import keys
 from ..protocol.store import shutdown_sockets, tcp_fds
 
 log = logging.getLogger("fr_megatron.comms")
+
+
+_DEFERRED: list = []  # batches of old groups and backends waiting for release_deferred()
+
+
+def defer_release(objs: list) -> None:
+    """Keep ``objs`` (old groups or gloo backends) until ``release_deferred``: their destructors
+    join threads and close sockets, which must not compete with a rebuild."""
+    if objs:
+        _DEFERRED.append(objs)
+
+
+def release_deferred() -> None:
+    """Drop what ``defer_release`` kept, on a background thread (the runtime calls this once a
+    recovery has committed its first step)."""
+    batches = list(_DEFERRED)
+    _DEFERRED.clear()
+    if batches:
+        # not a daemon: a destructor cut short at interpreter exit aborts the process
+        threading.Thread(target=batches.clear, name="fr-release-groups").start()
 
 
 class RendezvousInterrupted(ConnectionError):
@@ -96,7 +117,7 @@ class Communicators:
     def destroy_world(self) -> list:
         """Destroy every group of the current world; returns the old group objects.
 
-        They stay referenced until the next call, which drops them on a background thread."""
+        They stay referenced until the next call, which hands them to ``defer_release``."""
         old = []
         if dist.is_initialized():
             old = list(dist.distributed_c10d._world.pg_map.keys())
@@ -104,10 +125,7 @@ class Communicators:
                 dist.destroy_process_group()
             except Exception as e:
                 log.warning("destroy_process_group: %s", e)
-        previous, self.graveyard = self.graveyard, list(old)
-        if previous:
-            # not a daemon: a destructor cut short at interpreter exit aborts the process
-            threading.Thread(target=previous.clear, name="fr-release-groups").start()
-        del previous
+        defer_release(self.graveyard)
+        self.graveyard = list(old)
         return old
 

@@ -36,7 +36,7 @@ from ..protocol.auth import Signer, read_token
 from ..protocol.node_beats import BeatSender
 from ..protocol.store import connect, connect_cuttable, shutdown_sockets
 from . import failure_domains, inject, transfer
-from .comms import Communicators, RendezvousInterrupted
+from .comms import Communicators, RendezvousInterrupted, release_deferred
 from .heartbeat import Heartbeat, PlanMonitor
 from .integration import Integration, RankState
 from .redundancy import CopyExchange
@@ -288,6 +288,7 @@ class Session:
             self.send("recovered", generation=self.generation, pid=os.getpid(),
                       first_step_t=now, **rep)
             self.recoveries.append(rep)
+            release_deferred()  # the groups of older generations, now that the rebuild is over
 
     def run(self, train_step: Callable[[int], Any], num_steps: int) -> dict[int, Any]:
         """Train steps 1..num_steps, recovering from faults; returns step -> output."""
