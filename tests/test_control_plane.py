@@ -169,3 +169,45 @@ def test_unchanged_torchrun_script_runs_and_ends(tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     rep = json.loads(report.read_text())
     assert rep["faults"] == [] and rep["generations"] == 0
+
+
+@pytest.mark.timeout(60)
+def test_recovery_finished_but_for_ranks_the_next_fault_took_keeps_its_own_report(tmp_path):
+    """Ranks 0-2 report the first step after generation 1's recovery; rank 3 dies (its node
+    crashes) before it can. That recovery is complete, with its own recovery point, instead of
+    being merged into generation 2's (found by test_node_loss: the node crash came right after
+    the first step, and the earlier faults were reported with the later recovery point)."""
+    from fr_megatron.config import FlashRecoveryConfig
+    import time
+
+    from fr_megatron.launcher.controller import Controller
+
+    cfg = FlashRecoveryConfig(wandb={"enabled": False}, journal=str(tmp_path / "j.jsonl"))
+    ctl = Controller(4, 1, 4, "127.0.0.1", 0, b"token", cfg)
+    try:
+        now = time.time()
+
+        def fault(rank, generation, step):
+            ctl._on_event({"kind": "fault", "rank": rank, "fault": "crash", "pid": 100 + rank,
+                           "generation": generation, "step": step, "phase": "forward",
+                           "fault_t": now, "ts": now})
+            ctl._decide()
+
+        def recovered(rank, generation, point):
+            ctl._on_event({"kind": "recovered", "rank": rank, "generation": generation,
+                           "pid": 200 + rank, "first_step_t": now + generation,
+                           "phases": {"rebuild": 0.5}, "recovery_point": point,
+                           "steps_lost": 0, "ts": now})
+
+        fault(1, 0, 2)
+        for rank in (0, 1, 2):
+            recovered(rank, 1, 1)
+        fault(3, 1, 3)
+        for rank in range(4):
+            recovered(rank, 2, 2)
+        faults = {f["rank"]: f for f in ctl.report()["faults"]}
+        assert (faults[1]["recovery_point"], faults[1]["resumed_generation"]) == (1, 1)
+        assert (faults[3]["recovery_point"], faults[3]["resumed_generation"]) == (2, 2)
+        assert faults[1]["steps_lost"] == faults[3]["steps_lost"] == 0
+    finally:
+        ctl.stop()

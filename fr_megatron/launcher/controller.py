@@ -404,6 +404,13 @@ class Controller:
             f.decision_t, f.new_generation = now, g
             self.replaced_pids.add(f.pid)
         replaced = sorted(f.rank for f in faults)
+        # a recovery every rank finished, but for ranks this fault took before they reported
+        # it, is complete with its own reports instead of merging into the next one
+        lost = frozenset(replaced)
+        for rec in self.recoveries:
+            if rec.summary is None and rec.reports and \
+                    set(range(self.world_size)) <= set(rec.reports) | lost:
+                self._recovery_complete(rec, rec.generation, excused=lost)
         open_recoveries = [r for r in self.recoveries if r.summary is None]
         for f in faults:
             # a rank whose replacement keeps failing before it recovers is not restarted forever
