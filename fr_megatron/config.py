@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Literal, Optional, Union
+from typing import ClassVar, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -94,6 +94,23 @@ class FlashRecoveryConfig(BaseModel):
     def from_env(cls, env=os.environ) -> "FlashRecoveryConfig":
         raw = env.get("FR_CONFIG")
         return cls.from_dict(json.loads(raw), "FR_CONFIG") if raw else cls()
+
+    # the first step after a recovery: survivors wait in it for a replacement's one-off costs
+    # (first calls into everything, on a busy node); at 32 ranks on 2 cores it took longer than
+    # 10x a steady step, and survivors were blamed for hangs one after another
+    RESUME_HANG_FACTOR: ClassVar[float] = 3.0
+
+    def step_hang_timeout(self, phase: str, step_times: list[float], resuming: bool) -> float:
+        """The hang timeout a rank reports for where it is: ``checkpoint_timeout`` in the
+        "checkpoint" phase; unbounded before its first step has finished (start-up, a
+        replacement's first step); else the hang timeout, ``RESUME_HANG_FACTOR`` times it in
+        the first step after a recovery."""
+        if phase == "checkpoint":
+            return self.checkpoint_timeout
+        if not step_times:
+            return 1e9
+        timeout = self.resolved_hang_timeout(step_times[-50:])
+        return timeout * self.RESUME_HANG_FACTOR if resuming else timeout
 
     def resolved_hang_timeout(self, step_times: list[float]) -> float:
         """The hang timeout in seconds: fixed, or 'auto' = 10x the median observed step time."""

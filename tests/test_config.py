@@ -204,3 +204,18 @@ def test_unknown_flash_recovery_flag_is_refused_by_argparse(capsys):
     with pytest.raises(SystemExit):
         parse("--flash-recovery-heartbeat 1")  # Megatron disables abbreviations
     assert "unrecognized arguments: --flash-recovery-heartbeat" in capsys.readouterr().err
+
+
+def test_hang_timeout_a_rank_reports_where_it_is():
+    """Start-up and a replacement's first step are never judged; the first step after a
+    recovery gets three times the hang timeout (survivors wait there for a replacement's
+    one-off costs); a checkpoint save gets its own timeout."""
+    auto = FlashRecoveryConfig(hang_timeout="auto", hang_timeout_min=5, checkpoint_timeout=600)
+    steps = [1.0] * 10
+    assert auto.step_hang_timeout("forward", [], resuming=False) == 1e9
+    assert auto.step_hang_timeout("forward", steps, resuming=False) == 10.0
+    assert auto.step_hang_timeout("grad_reduce", steps, resuming=True) == 30.0
+    assert auto.step_hang_timeout("checkpoint", steps, resuming=True) == 600
+    fixed = FlashRecoveryConfig(hang_timeout=2)
+    assert fixed.step_hang_timeout("backward", [0.1], resuming=False) == 2.0
+    assert fixed.step_hang_timeout("backward", [0.1], resuming=True) == 6.0

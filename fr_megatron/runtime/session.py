@@ -160,9 +160,8 @@ class Session:
         return {"generation": self.generation, "step": self.step, "phase": self.phase_name,
                 "state": self.sm.state.value, "committed": self.committed,
                 "inject_t": self.inject_t,
-                "hang_timeout": self.cfg.checkpoint_timeout if self.phase_name == "checkpoint"
-                else self.cfg.resolved_hang_timeout(self.step_times[-50:])
-                if self.step_times else 1e9}
+                "hang_timeout": self.cfg.step_hang_timeout(
+                    self.phase_name, self.step_times, resuming=self._pending_report is not None)}
 
     def send(self, kind: str, **body) -> None:
         try:
