@@ -134,3 +134,36 @@ def test_changes_close_together_share_a_beat_and_the_last_one_is_sent():
     finally:
         hb.stop()
         hb.join(5)
+
+
+@pytest.mark.timeout(60)
+def test_agent_fences_when_cut_off_but_not_in_the_controllers_own_process(tmp_path):
+    """A node agent that has not reached the controller for twice the node timeout kills its
+    workers. The agent that runs in the controller's process cannot be cut off from it: there
+    a long stall of the process (6 s with 32 ranks on 2 cores) killed every rank of node 0."""
+    token = new_token().encode()
+    cfg = FlashRecoveryConfig(wandb={"enabled": False}, journal=str(tmp_path / "j.jsonl"),
+                              node_timeout=1.0)
+    ctl = Controller(4, 2, 2, "127.0.0.1", 0, token, cfg)
+    agents = []
+    try:
+        for node, with_controller in ((0, True), (1, False)):
+            run_dir = tmp_path / f"node{node}"
+            run_dir.mkdir()
+            agents.append(NodeAgent(node_rank=node, nnodes=2, nproc=2,
+                                    controller=(ctl.host, ctl.port), token=token,
+                                    token_file=str(tmp_path / "token"), cfg=cfg,
+                                    script="unused.py", script_args=[], spares=0,
+                                    run_dir=str(run_dir), with_controller=with_controller))
+        now = time.time()
+        for agent in agents:
+            agent._beat_ok_t = now - 2.5  # no beat through for 2.5 s: over twice the timeout
+        assert [a.cut_off(now) for a in agents] == [False, True]
+        for agent in agents:
+            agent._beat_ok_t = now - 1.5
+        assert [a.cut_off(now) for a in agents] == [False, False]
+    finally:
+        for agent in agents:
+            agent._done.set()
+            agent.inbox.close()
+        ctl.stop()

@@ -132,7 +132,7 @@ def main(argv=None) -> int:
                           script=a.script, script_args=a.script_args, spares=cfg.spares,
                           inject=a.inject, preload=a.preload,
                           connect_timeout=a.connect_timeout, spare_node=a.spare_node,
-                          run_dir=run_dir)
+                          run_dir=run_dir, with_controller=ctl is not None)
     except ConnectionError as e:
         print(f"fr-megatron run: error: --controller: {e}", file=sys.stderr)
         shutil.rmtree(run_dir, ignore_errors=True)
