@@ -6,7 +6,9 @@ step 4 of 6; a second job loads the latest checkpoint and trains steps 5-6, with
 on and rank 1 killed in step 6: its replacement loads nothing, and must take the iteration the
 job started at (4) from its peers with the rest of its state. Both jobs together must equal one
 uninterrupted 6-step job bit for bit: losses, every rank's parameters and optimizer shards,
-consumed samples. Before the second job starts, the directory also holds an incomplete
+consumed samples. The recipe reads its data as Megatron-LM does (a loader built at the consumed
+samples, ``--dataloader-type single``), so the replacement must also move its loader to its
+peers' position. Before the second job starts, the directory also holds an incomplete
 ``iter_0000006`` (a save that crashed before the tracker file was written), which must be ignored.
 
 The same checkpoints are flash recovery's fallback: under ``fr-megatron run --flash-recovery``,
@@ -87,6 +89,9 @@ def test_save_at_4_load_and_continue_to_6_is_bit_identical(tmp_path, whole):
                   inject="kill:rank=1:step=2:phase=forward")  # runtime step 2 = iteration 6
     assert job.rc == 0, job.failure(5000)
     assert "loaded checkpoint of step 4" in job.output
+    # the replacement's loader starts at sample 0 (it loads no checkpoint); its peers' were
+    # built at sample 32 and had read 2 micro-batches (4 samples each) by the recovery point
+    assert "training data iterator 0 moved from micro-batch 0 to 10 " in job.output
     assert [(f["rank"], f["recovery_point"], f["steps_lost"])
             for f in job.report["faults"]] == [(1, 1, 0)], job.report["faults"]
     second = [torch.load(tmp_path / f"second.rank{r}.pt", weights_only=False)
@@ -119,6 +124,9 @@ def test_rank_lost_with_every_copy_falls_back_to_the_checkpoint_bit_exact(tmp_pa
         assert f["fallback_to_checkpoint"] is True, f
         assert (f["recovery_point"], f["steps_lost"]) == (4, 1), f  # step 5 redone
     (fb,) = [e for e in job.journal if e["event"] == "fallback_to_checkpoint"]
+    # the replacements' loaders start at sample 0: the checkpoint's 32 samples put them at
+    # micro-batch 8; the survivors queue again what they read since then
+    assert job.output.count("training data iterator 0 moved from micro-batch 0 to 8 ") == 2
     assert (fb["checkpoint_step"], fb["steps_lost"], fb["lost"]) == (4, 1, [2, 3])
     for r in range(WORLD):
         got = torch.load(tmp_path / f"fb.rank{r}.pt", weights_only=False)

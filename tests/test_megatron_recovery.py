@@ -2,7 +2,8 @@
 DistributedOptimizer), faults inside the optimizer step, the gradient reduction and the commit:
 the job ends with every rank's parameters and optimizer shards torch.equal to a fault-free run,
 the same loss at every step, the same consumed samples, steps_lost 0, and survivors that kept
-their processes."""
+their processes. The recipe reads its data through a loader built at start-up, as Megatron-LM
+does, so the replacements must also put their loaders at the recovery point."""
 
 import json
 from pathlib import Path
@@ -90,6 +91,11 @@ def test_faults_inside_the_step_and_its_commit_are_recovered_bit_exact(tmp_path,
         assert set(f["phases"]) >= {"detect", "abort", "rebuild", "restore", "resume"}
         assert f["steps_lost"] == 0 and f["recovery_point"] == f["step"] - 1, f
         assert f["fallback_to_checkpoint"] is False
+    # the recipe reads its data as Megatron-LM does, from a loader built at start-up: each
+    # replacement read its loader ahead to the recovery point (2 micro-batches a step)
+    for f in faults:
+        assert (f"training data iterator 0 moved from micro-batch 0 to {2 * f['recovery_point']} "
+                in job.output), f
     assert_ranks_equal(baseline, load_ranks(tmp_path, "f"))
     # every recovery is an event in the offline wandb run, read back from the file wandb wrote
     run = read_run(str(tmp_path / "wandb"))

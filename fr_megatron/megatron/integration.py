@@ -290,6 +290,9 @@ class MegatronIntegration(Integration):
             return None
         view = _CheckpointView(self)
         iteration = checkpoint.load(view, directory)
+        from_checkpoint = getattr(self.progress, "from_checkpoint", None)
+        if from_checkpoint is not None:  # counters under other names (Megatron-LM's args)
+            from_checkpoint(view)
         for attr in self.progress_attrs:  # the counters the checkpoint restored
             if self.progress is not None and hasattr(view, attr):
                 setattr(self.progress, attr, getattr(view, attr))

@@ -16,6 +16,7 @@ import torch.distributed as dist
 
 from fr_megatron.megatron import parallel_state_hook
 from fr_megatron.megatron.cpu import enable_cpu_mode
+from fr_megatron.megatron.data import learnable_labels, micro_batch
 
 @dataclass
 class TinyGPTConfig:
@@ -191,16 +192,9 @@ class TinyGPTJob:
         gen = torch.Generator().manual_seed(
             ((cfg.seed * 1_000_003 + step) * 1009 + microbatch) * 1013 + dp_rank
         )
-        b, s = cfg.micro_batch_size, cfg.seq_length
-        tokens = torch.randint(0, cfg.vocab_size, (b, s), generator=gen)
-        labels = (tokens * 3 + 1) % cfg.vocab_size  # a learnable rule, so the loss goes down
-        return {
-            "tokens": tokens,
-            "labels": labels,
-            "loss_mask": torch.ones(b, s, dtype=torch.float32),
-            "position_ids": torch.arange(s).unsqueeze(0).expand(b, s).contiguous(),
-            "attention_mask": torch.triu(torch.ones(1, 1, s, s, dtype=torch.bool), diagonal=1),
-        }
+        tokens = torch.randint(0, cfg.vocab_size, (cfg.micro_batch_size, cfg.seq_length),
+                               generator=gen)
+        return micro_batch(tokens, learnable_labels(tokens, cfg.vocab_size))
 
     def _forward_step(self, data_iterator, model):
         batch = next(data_iterator)
@@ -222,29 +216,38 @@ class TinyGPTJob:
 
     # ------------------------------------------------------------------ training
 
-    def train_step(self, step: int) -> float:
-        """One optimizer step on the micro-batches of ``step``; the global mean token loss.
+    def train_step(self, step: int, data_iterator=None) -> float:
+        """One optimizer step; the global mean token loss.
 
-        The value is reduced over data-parallel ranks and broadcast from the last pipeline stage,
-        so every rank returns the same float.
+        The micro-batches are those of ``step`` (``batch``), or the next ``num_microbatches`` of
+        ``data_iterator`` (a ``RerunDataIterator``, read inside the rerun state machine's loop as
+        Megatron-LM's ``train_step`` does). The loss is reduced over data-parallel ranks and
+        broadcast from the last pipeline stage, so every rank returns the same float.
         """
         from megatron.core import parallel_state
         from megatron.core.pipeline_parallel import get_forward_backward_func
+        from megatron.core.rerun_state_machine import get_rerun_state_machine
 
         cfg = self.cfg
-        for chunk in self.model:
-            chunk.zero_grad_buffer()
-        self.optimizer.zero_grad()
-        microbatches = iter([self.batch(step, m) for m in range(cfg.num_microbatches)])
-        losses = get_forward_backward_func()(
-            forward_step_func=self._forward_step,
-            data_iterator=microbatches,
-            model=self.model,
-            num_microbatches=cfg.num_microbatches,
-            seq_length=cfg.seq_length,
-            micro_batch_size=cfg.micro_batch_size,
-            forward_only=False,
-        )
+        if data_iterator is None:
+            data_iterator = iter([self.batch(step, m) for m in range(cfg.num_microbatches)])
+            rerun = iter((True, False)).__next__
+        else:
+            rsm = get_rerun_state_machine()
+            rerun = lambda: rsm.should_run_forward_backward(data_iterator)  # noqa: E731
+        while rerun():
+            for chunk in self.model:
+                chunk.zero_grad_buffer()
+            self.optimizer.zero_grad()
+            losses = get_forward_backward_func()(
+                forward_step_func=self._forward_step,
+                data_iterator=data_iterator,
+                model=self.model,
+                num_microbatches=cfg.num_microbatches,
+                seq_length=cfg.seq_length,
+                micro_batch_size=cfg.micro_batch_size,
+                forward_only=False,
+            )
         ok, _grad_norm, _ = self.optimizer.step()
         if not ok:
             raise RuntimeError(f"optimizer step {step} was skipped")

@@ -319,13 +319,27 @@ class _Counters:
     have once it has counted iteration ``i`` (``count_step``), computed the way ``train()`` does;
     they are what ``args`` must hold when iteration ``i + 1`` begins. ``start_iteration`` travels
     with them so that a replacement maps runtime steps to the same iterations as its peers.
+
+    ``data_start`` and ``data_positions`` say where this rank's training data stood: its loaders
+    were built at ``data_start`` consumed samples, and had handed out ``data_positions[j]``
+    micro-batches each when the step was committed (``_DataLog.delivered``). A rank restored
+    from them reads on from the same micro-batch, whatever position its own loaders started at.
+    A disk checkpoint keeps no positions (None): they follow from the consumed samples then.
     """
 
-    names = ("start_iteration", "consumed_train_samples", "skipped_train_samples")
+    names = ("start_iteration", "consumed_train_samples", "skipped_train_samples",
+             "data_start", "data_positions")
 
-    def __init__(self, args, start_iteration: int):
+    def __init__(self, args, start_iteration: int, loaders: int):
         self.start_iteration = start_iteration
         self.read(args)
+        self.data_start = self.consumed_train_samples
+        self.data_positions: Optional[list[int]] = [0] * loaders
+
+    def from_checkpoint(self, view) -> None:
+        """The counters a disk checkpoint restored (``MegatronIntegration.load_checkpoint``)."""
+        self.consumed_train_samples = getattr(view, "consumed_samples", 0) or 0
+        self.data_positions = None
 
     def read(self, args) -> None:
         self.consumed_train_samples = getattr(args, "consumed_train_samples", 0) or 0
@@ -352,6 +366,13 @@ class _Counters:
         self.skipped_train_samples += (get_current_global_batch_size()
                                        - get_current_running_global_batch_size())
 
+    @staticmethod
+    def samples_per_micro_batch(args) -> int:
+        """How far one micro-batch moves Megatron-LM's pretraining samplers."""
+        from megatron.core import parallel_state
+
+        return parallel_state.get_data_parallel_world_size() * args.micro_batch_size
+
 
 class _DataLog:
     """Stands in for a ``RerunDataIterator``'s source: keeps what was fetched since the start of
@@ -367,6 +388,7 @@ class _DataLog:
         self.fetched: list = []
         self.marks: dict[int, int] = {}  # iteration -> len(fetched) at on_step_begin(iteration)
         self.queued: collections.deque = collections.deque()
+        self.delivered = 0  # micro-batches handed out since the loader was built, net of rewinds
 
     def __iter__(self):
         return self
@@ -374,10 +396,11 @@ class _DataLog:
     def __next__(self):
         item = self.queued.popleft() if self.queued else next(self.source)
         self.fetched.append(item)
+        self.delivered += 1
         return item
 
     def __getattr__(self, name):
-        if name in ("source", "fetched", "marks", "queued"):
+        if name in ("source", "fetched", "marks", "queued", "delivered"):
             raise AttributeError(name)
         return getattr(self.source, name)
 
@@ -389,16 +412,25 @@ class _DataLog:
             del self.fetched[:start]
             self.marks = {i: p - start for i, p in self.marks.items()}
 
-    def rewind(self, iteration: int) -> bool:
-        """Queue again all that was fetched since ``on_step_begin(iteration)``; False when that
-        is no longer known."""
-        if iteration not in self.marks:
-            # the iteration after the newest begun one: the stream is already there
-            return not self.marks or iteration > max(self.marks)
-        pos = self.marks[iteration]
-        self.queued.extendleft(reversed(self.fetched[pos:]))
-        del self.fetched[pos:]
-        self.marks = {i: p for i, p in self.marks.items() if i <= iteration}
+    def seek(self, position: int) -> bool:
+        """Hand out micro-batch ``position`` next: queue again what was fetched since then, or
+        read ahead and drop; False when that lies before what is kept."""
+        if position < self.delivered:
+            back = self.delivered - position
+            if back > len(self.fetched):
+                return False
+            self.queued.extendleft(reversed(self.fetched[-back:]))
+            del self.fetched[-back:]
+        else:
+            for _ in range(position - self.delivered):
+                if self.queued:
+                    self.queued.popleft()
+                else:
+                    next(self.source)
+            self.fetched.clear()
+        self.delivered = position
+        self.marks = {i: p for i, p in self.marks.items() if p <= len(self.fetched)} \
+            if self.fetched else {}
         return True
 
 
@@ -411,15 +443,17 @@ class _MegatronLM:
       ``INITIAL_RUN`` (or a rerun state), and the redo would then skip forward/backward; it goes
       back to ``NOT_RUNNING_YET`` with ``current_iteration = r``, as ``train()`` sets it up.
     * the training data iterator(s) (``RerunDataIterator``, a list of them with virtual
-      pipelining): every micro-batch fetched since ``on_step_begin(r)`` is queued again
-      (``_DataLog``), and the wrapper's own replay buffer is dropped.
+      pipelining) go back to the micro-batch iteration ``r`` began with: a survivor queues again
+      what it fetched since then (``_DataLog``); a replacement, whose loaders were built at its
+      own start-up position, reads ahead to its peers' position (``_Counters.data_positions``);
+      after a disk-checkpoint fallback the position follows from the consumed samples. The
+      wrapper's own replay buffer is dropped.
     * timers a failed step left started (``Timer.start`` asserts otherwise); ``interval-time``
       runs across steps and is left alone. ``stop()`` is not called: it synchronises the device.
     """
 
     def __init__(self, args, iteration: int, train_data_iterator, timers, keep: int):
         self.args, self.timers, self.keep = args, timers, keep
-        self.counters = _Counters(args, iteration)
         self.iterators: list = []
         self.logs: list[_DataLog] = []
         its = train_data_iterator
@@ -435,6 +469,8 @@ class _MegatronLM:
                 log.warning("flash recovery cannot rewind a training data iterator of type %s (not "
                             "a RerunDataIterator): a redone step will read new micro-batches",
                             type(it).__name__)
+        self.counters = _Counters(args, iteration, loaders=len(self.logs))
+        self.own_start = self.counters.data_start  # where this process's loaders were built
 
     def begin(self, iteration: int) -> None:
         self.counters.read(self.args)
@@ -443,27 +479,46 @@ class _MegatronLM:
 
     def end(self) -> None:
         self.counters.count_step(self.args)
+        self.counters.data_positions = [dl.delivered for dl in self.logs]
 
     def recovered(self, redo: int, failed: Optional[int] = None, replacement: bool = False) -> None:
-        before = getattr(self.args, "consumed_train_samples", None)
         self.counters.write(self.args)
         self._reset_rerun_state_machine(redo)
-        if replacement:
-            if self.logs and before != self.counters.consumed_train_samples:
-                log.warning("replacement: the training data loader was built at "
-                            "consumed_train_samples=%s, the recovery point is at %s; this "
-                            "rank's micro-batches will not match its peers'", before,
-                            self.counters.consumed_train_samples)
-        else:
-            for it, dl in zip(self.iterators, self.logs):
-                if not dl.rewind(redo):
-                    log.error("flash recovery: cannot rewind the training data from iteration %s "
-                              "to %s (only the last %d iterations are kept); the redone steps "
-                              "read new micro-batches", failed, redo, self.keep)
-                it.saved_microbatches = []
-                it.replaying = False
-                it.replay_pos = 0
+        targets = self._data_targets()
+        for j, (it, dl) in enumerate(zip(self.iterators, self.logs)):
+            was = dl.delivered
+            if targets is None or not dl.seek(targets[j]):
+                log.error("flash recovery: cannot put training data iterator %d back to iteration "
+                          "%s (from micro-batch %d; only the last %d iterations are kept); the "
+                          "redone steps read other micro-batches", j, redo, was, self.keep)
+            elif replacement and targets[j] != was:
+                log.info("replacement: training data iterator %d moved from micro-batch %d to %d "
+                         "(consumed_train_samples=%s)", j, was, targets[j],
+                         self.counters.consumed_train_samples)
+            it.saved_microbatches = []
+            it.replaying = False
+            it.replay_pos = 0
+        self.counters.data_start = self.own_start
+        self.counters.data_positions = [dl.delivered for dl in self.logs]
         self._stop_timers()
+
+    def _data_targets(self) -> Optional[list[int]]:
+        """Each loader's micro-batch at the start of the redone iteration, counted from its own
+        first one; None when they cannot be told."""
+        c, per = self.counters, _Counters.samples_per_micro_batch(self.args)
+        if c.data_positions is None:  # restored from a disk checkpoint
+            ahead, rest = divmod(c.consumed_train_samples - self.own_start, per)
+            return None if rest or ahead < 0 else [ahead] * len(self.logs)
+        if len(c.data_positions) != len(self.logs):
+            return None
+        behind, rest = divmod(self.own_start - c.data_start, per)
+        if rest:
+            return None
+        targets = [p - behind for p in c.data_positions]
+        if any(t < 0 < p for t, p in zip(targets, c.data_positions)):
+            return None  # this process's loaders start past the redone iteration
+        # an iterator nobody has read (a middle virtual-pipeline chunk) may stay where it is
+        return [max(t, 0) for t in targets]
 
     @staticmethod
     def _reset_rerun_state_machine(redo: int) -> None:

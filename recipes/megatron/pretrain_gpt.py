@@ -7,8 +7,12 @@
         --use-distributed-optimizer --flash-recovery
 
 Runs on CPU (gloo, megatron-core's CPU mode switched on explicitly) and on GPUs (NCCL). The data
-is synthetic and a pure function of (step, micro-batch, data-parallel rank), so a step redone
-after a recovery sees the same micro-batches. ``--out PREFIX`` writes, per rank, the losses, the
+is synthetic. With ``--dataloader-type single`` (the default, as in Megatron-LM) it is read the way
+Megatron-LM's ``train()`` reads it: a loader built once at ``args.consumed_train_samples``, wrapped
+in a ``RerunDataIterator`` and handed to the hooks as ``train_data_iterator``, so flash recovery
+must put the stream back itself (``fr_megatron.megatron.data``). ``--dataloader-type synthetic``
+makes each micro-batch a pure function of (step, micro-batch, data-parallel rank) instead.
+``--out PREFIX`` writes, per rank, the losses, the
 parameters and the optimizer's state, to compare runs bit for bit. ``--save DIR --save-interval K``
 and ``--load DIR`` checkpoint to disk as Megatron-LM does (``fr_megatron.megatron.checkpoint``:
 megatron-core dist_checkpointing, ``DIR/iter_0000010/``, ``DIR/latest_checkpointed_iteration.txt``);
@@ -61,6 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--use-distributed-optimizer", action="store_true",
                    help="accepted for Megatron-LM compatibility; the distributed optimizer is "
                         "always on here")
+    g.add_argument("--dataloader-type", choices=("single", "synthetic"), default="single",
+                   help="single: a loader from the consumed samples, read through a "
+                        "RerunDataIterator as in Megatron-LM; synthetic: each micro-batch a "
+                        "function of the step")
     g.add_argument("--distributed-backend", choices=("gloo", "nccl"), default=None)
     g.add_argument("--log-interval", type=int, default=1)
     g.add_argument("--exit-interval", type=int, default=None,
@@ -116,6 +124,29 @@ def _optimizer_tensors(job) -> dict:
     return st.unique
 
 
+def megatron_lm_data(args, job, cfg, rank: int):
+    """Megatron-LM's start of ``train()``'s data: the micro-batch calculator, the rerun state
+    machine, ``args.consumed_train_samples`` (from the checkpoint loaded, if any) and a training
+    iterator built at that position."""
+    from megatron.core.num_microbatches_calculator import init_num_microbatches_calculator
+    from megatron.core.rerun_state_machine import RerunMode, initialize_rerun_state_machine
+
+    from fr_megatron.megatron.data import train_data_iterator
+
+    gbs = job.global_batch_size
+    init_num_microbatches_calculator(rank, None, gbs, cfg.micro_batch_size,
+                                     gbs // (cfg.micro_batch_size * cfg.num_microbatches),
+                                     False)
+    # "disabled": the other modes reduce a flag on the GPU after every forward-backward
+    initialize_rerun_state_machine(mode=RerunMode.DISABLED)
+    args.consumed_train_samples = job.consumed_samples
+    args.skipped_train_samples = 0
+    return train_data_iterator(consumed_samples=args.consumed_train_samples,
+                               total_samples=args.train_iters * gbs,
+                               micro_batch_size=cfg.micro_batch_size,
+                               seq_length=cfg.seq_length, vocab_size=cfg.vocab_size, seed=cfg.seed)
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -142,10 +173,15 @@ def main(argv=None) -> int:
     if args.load and not (session and session.replacement):  # a replacement's state is its peers'
         start = checkpoint.load(job, args.load)
 
+    data_iterator = None
+    hook_kwargs = {"progress": job}
+    if args.dataloader_type == "single":
+        data_iterator = megatron_lm_data(args, job, cfg, rank)
+        hook_kwargs = {"train_data_iterator": data_iterator}
     # the same hook calls as Megatron-LM's train() with patches/megatron-lm applied; a
     # replacement starts at the recovery point it restored from its peers
     iteration = flash_recovery.on_train_start(job.model, job.optimizer, job.scheduler, args,
-                                              start, progress=job)
+                                              start, **hook_kwargs)
     losses: dict[int, float] = {}
     t_last = time.time()
     saved = start
@@ -154,12 +190,15 @@ def main(argv=None) -> int:
             # begin (a fault notice between steps) and end (the commit and its copies) can fail
             # too: a peer lost there is recovered like one lost inside the step
             flash_recovery.on_step_begin(iteration)
-            loss = job.train_step(iteration + 1)
+            loss = job.train_step(iteration + 1, data_iterator)
             flash_recovery.on_step_end(iteration, loss)
         except Exception as exc:
             iteration = flash_recovery.on_step_failure(exc, iteration)
             continue
         iteration += 1
+        if data_iterator is not None:  # counted after the step, as Megatron-LM's train() does
+            args.consumed_train_samples += job.global_batch_size
+            job.consumed_samples = args.consumed_train_samples
         losses[iteration] = loss
         if rank == 0 and iteration % args.log_interval == 0:
             now = time.time()
