@@ -1,6 +1,8 @@
 """Units of the control plane that need no training job: signing, injection specs, hang blame,
 failure domains, and the launcher's input checks (real CLI processes, exit code 2)."""
 
+import hashlib
+import hmac
 import json
 import subprocess
 import sys
@@ -21,12 +23,18 @@ def test_signed_message_round_trip_and_rejections():
     assert (body["kind"], body["rank"], body["step"], body["from"]) == ("fault", 3, 7, "a")
     with pytest.raises(AuthError, match="HMAC"):
         Signer(b"x" * 32, "evil").verify(raw)  # wrong token
-    tampered = json.loads(raw)
-    tampered["body"] = tampered["body"].replace('"rank":3', '"rank":4')
+    tampered = raw.replace(b'"rank":3', b'"rank":4')
+    assert tampered != raw
     with pytest.raises(AuthError, match="HMAC"):
-        b.verify(json.dumps(tampered).encode())
+        b.verify(tampered)
+    with pytest.raises(AuthError, match="HMAC"):
+        b.verify(raw[:-1])  # cut short
     with pytest.raises(AuthError, match="malformed"):
         b.verify(b"not json")
+    # a correct tag over a body that is not a message: refused all the same
+    body_tag = hmac.new(b"k" * 32, b"[1, 2]", hashlib.sha256).hexdigest().encode()
+    with pytest.raises(AuthError, match="malformed message body"):
+        b.verify(body_tag + b"[1, 2]")
     with pytest.raises(AuthError, match="oversized"):
         b.verify(b"x" * (65 * 1024))
     guard = ReplayGuard()

@@ -196,6 +196,8 @@ class Controller:
             # a key, once written, stays: only the nodes not heard of yet are probed one by one
             present = [k for k in map(keys.agent, nodes) if k in last_raw or client.check([k])]
             values = client.multi_get(present) if present else []
+            read_t = time.time()  # what this read saw is at least this old, however long the
+            # signature checks below take
             beats = []
             for k, raw in zip(present, values):
                 if last_raw.get(k) == raw:
@@ -213,7 +215,7 @@ class Controller:
                         self.journal.write("message_rejected", generation=self.generation,
                                            reason=f"node heartbeat {k}: {hb}")
                         continue
-                    self._on_node_beat(int(k.rsplit("/", 1)[1]), hb, now)
+                    self._on_node_beat(int(k.rsplit("/", 1)[1]), hb, read_t)
                 self._find_lost_nodes(now)
                 if not self.pending:
                     self._judge_hangs(now)

@@ -31,23 +31,28 @@ class RankView:
     seen_t: float = 0.0          # when the last new heartbeat arrived
     progress_t: float = 0.0      # when (step, phase) last changed
     extra: dict = field(default_factory=dict)
-
+    _progress: tuple = ()         # the progress fields of the last beat taken
 
     def update(self, hb: dict, now: float) -> None:
-        if hb.get("pid") == self.pid and hb.get("seq", 0) <= self.seq:
+        """Take one relayed beat seen at ``now``. Called for every rank of every node beat in a
+        sweep (16,384 times at 2,048 nodes), so the usual beat, with no progress in it, costs a
+        tuple comparison."""
+        seq = hb.get("seq", 0)
+        if hb.get("pid") == self.pid and seq <= self.seq:
             return  # nothing new from this process (or an old beat played again)
+        self.seq, self.seen_t = seq, now
         # any change of step, phase, process, state, generation or commit is progress: a rank that
         # comes back from a recovery must not be judged by the clock of its failed step
-        moved = any(hb.get(k) != getattr(self, k) for k in PROGRESS_FIELDS)
-        self.seq, self.seen_t = hb.get("seq", 0), now
-        if moved or not self.progress_t:
-            self.progress_t = now
+        progress = tuple(map(hb.get, PROGRESS_FIELDS))
+        if progress != self._progress or not self.progress_t:
+            self._progress, self.progress_t = progress, now
+            for k, v in zip(PROGRESS_FIELDS, progress):
+                if v is not None:
+                    setattr(self, k, v)
         if hb.get("inject_t"):
             self.extra["inject_t"] = hb["inject_t"]
-        for k in ("pid", "generation", "step", "phase", "state", "committed", "hang_timeout",
-                  "hb_interval"):
-            if k in hb:
-                setattr(self, k, hb[k])
+        self.hang_timeout = hb.get("hang_timeout", self.hang_timeout)
+        self.hb_interval = hb.get("hb_interval", self.hb_interval)
 
 
 PHASE_ORDER = {"init": 0, "forward": 1, "backward": 2, "grad_reduce": 3, "optimizer": 4,

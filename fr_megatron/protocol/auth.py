@@ -45,7 +45,15 @@ def read_token(env=os.environ) -> bytes:
 
 
 class Signer:
-    """Signs and verifies control messages with the job token."""
+    """Signs and verifies control messages with the job token.
+
+    A signed message is the HMAC-SHA256 tag in hex (``TAG_BYTES`` ASCII bytes) followed by the
+    body as compact JSON. The tag is checked before the body is parsed, and the body is parsed
+    once: the controller verifies one node beat per node and sweep (2,048 of them at 16,384
+    ranks), where a JSON envelope around the body as an escaped string cost a third of the time.
+    """
+
+    TAG_BYTES = 64
 
     def __init__(self, token: bytes | str, sender: str):
         self._key = token.encode() if isinstance(token, str) else token
@@ -56,9 +64,8 @@ class Signer:
         self._seq += 1
         body = {"kind": kind, "from": self.sender, "seq": self._seq, "ts": time.time(),
                 "nonce": secrets.token_hex(8), **body}
-        payload = json.dumps(body, sort_keys=True, separators=(",", ":"))
-        mac = hmac.new(self._key, payload.encode(), hashlib.sha256).hexdigest()
-        raw = json.dumps({"body": payload, "mac": mac}).encode()
+        payload = json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+        raw = hmac.new(self._key, payload, hashlib.sha256).hexdigest().encode() + payload
         if len(raw) > MAX_MESSAGE_BYTES:
             raise AuthError(f"message {kind} is {len(raw)} bytes, over {MAX_MESSAGE_BYTES}")
         return raw
@@ -66,15 +73,16 @@ class Signer:
     def verify(self, raw: bytes) -> dict:
         if len(raw) > MAX_MESSAGE_BYTES:
             raise AuthError(f"oversized message ({len(raw)} bytes)")
-        try:
-            outer = json.loads(raw)
-            payload, mac = outer["body"], outer["mac"]
-        except (ValueError, KeyError, TypeError):
-            raise AuthError("malformed message") from None
-        want = hmac.new(self._key, str(payload).encode(), hashlib.sha256).hexdigest()
-        if not isinstance(mac, str) or not hmac.compare_digest(want, mac):
+        if not isinstance(raw, (bytes, bytearray)) or len(raw) <= self.TAG_BYTES:
+            raise AuthError("malformed message")
+        tag, payload = bytes(raw[:self.TAG_BYTES]), bytes(raw[self.TAG_BYTES:])
+        want = hmac.new(self._key, payload, hashlib.sha256).hexdigest().encode()
+        if not hmac.compare_digest(want, tag):
             raise AuthError("bad HMAC tag")
-        body = json.loads(payload)
+        try:
+            body = json.loads(payload)
+        except ValueError:
+            raise AuthError("malformed message body") from None
         if not isinstance(body, dict) or "kind" not in body:
             raise AuthError("malformed message body")
         return body
