@@ -29,6 +29,20 @@ to; the earliest group in that order with a waiting member has all its members w
 It is switched off (plain megatron behaviour) where it cannot hold: TorchComms, MPI, a
 device-bound default group (NCCL split needs every parent rank) or a torch without
 ``distributed_c10d._process_group_name``.
+
+One gloo group per member set
+-----------------------------
+Many of megatron's groups have the same members when a dimension is 1: with CP=1 and EP=1 the
+data-parallel group equals the data-parallel-with-CP group and the expert data-parallel group,
+the tensor group equals the expert tensor group, and so on; ``create_gloo_process_groups`` adds
+gloo copies of the data-parallel groups, which on a gloo world are copies of gloo groups. Each
+gloo group connects a TCP pair to every other member and starts its own threads when it is
+created, which is most of a recovery's rebuild on CPU. So a member asking for a gloo group
+whose members, timeout and options equal one it already joined in this world gets that group
+again (same object, so ``rebind`` maps both roles to one new group). Sharing is safe because a
+gloo group runs its collectives in the order each member issues them, and megatron issues
+them in program order on every member. Groups of other backends (NCCL) are never shared: there a
+group is also a stream that overlaps with others.
 """
 
 from __future__ import annotations
@@ -40,6 +54,7 @@ from typing import Any
 
 import torch.distributed as dist
 from torch.distributed import distributed_c10d as c10d
+from torch.distributed.constants import default_pg_timeout
 
 from fr_megatron.runtime import startup_calls
 
@@ -51,6 +66,7 @@ _STATE: dict[str, Any] = {
     "orig_initialize": None,
     "orig_create_group": None,
     "call": None,  # (args, kwargs) of the last initialize_model_parallel call
+    "shared": (None, {}),  # (default group, {(members, timeout): gloo group}) of this world
 }
 
 # Module globals of parallel_state that destroy_model_parallel() (0.16.1) leaves set.
@@ -238,10 +254,31 @@ def _local_sync_create_group(
     orig = _STATE["orig_create_group"]
     if ranks is None or not local_sync_supported():
         return orig(ranks, timeout, backend, pg_options, use_local_synchronization, group_desc)
-    if c10d._get_default_group().rank() not in ranks:
+    default = c10d._get_default_group()
+    if default.rank() not in ranks:
         return c10d.GroupMember.NON_GROUP_MEMBER
+    key = _gloo_share_key(default, ranks, timeout, backend, pg_options)
+    world, shared = _STATE["shared"]
+    if world is not default:  # a new world: nothing of the old one is shared
+        shared = {}
+        _STATE["shared"] = (default, shared)
+    if key is not None and key in shared:
+        return shared[key]
     with _group_name(_member_name(ranks, backend, group_desc)):
-        return orig(ranks, timeout, backend, pg_options, True, group_desc)
+        group = orig(ranks, timeout, backend, pg_options, True, group_desc)
+    if key is not None:
+        shared[key] = group
+    return group
+
+
+def _gloo_share_key(default, ranks, timeout, backend, pg_options):
+    """What makes two gloo groups interchangeable, or None for a group never shared (see "One
+    gloo group per member set" in the module docstring)."""
+    resolved = str(backend or dist.get_backend(default)).lower()
+    if resolved != "gloo" or pg_options is not None:
+        return None
+    # no timeout means gloo's default one (megatron passes none for its expert gloo groups)
+    return tuple(sorted(ranks)), default_pg_timeout if timeout is None else timeout
 
 
 __all__ = [
