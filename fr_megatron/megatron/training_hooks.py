@@ -488,9 +488,10 @@ class _MegatronLM:
         for j, (it, dl) in enumerate(zip(self.iterators, self.logs)):
             was = dl.delivered
             if targets is None or not dl.seek(targets[j]):
-                log.error("flash recovery: cannot put training data iterator %d back to iteration "
-                          "%s (from micro-batch %d; only the last %d iterations are kept); the "
-                          "redone steps read other micro-batches", j, redo, was, self.keep)
+                log.error("flash recovery: cannot put training data iterator %d at iteration %s "
+                          "(it is at micro-batch %d%s; only the last %d iterations are kept); "
+                          "the redone steps read other micro-batches", j, redo, was,
+                          "" if failed is None else f", in iteration {failed}", self.keep)
             elif replacement and targets[j] != was:
                 log.info("replacement: training data iterator %d moved from micro-batch %d to %d "
                          "(consumed_train_samples=%s)", j, was, targets[j],
