@@ -185,14 +185,15 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--trials", type=int, default=3, help="faults in the recovery job")
     p.add_argument("--first-fault", type=int, default=4, help="step of the first fault")
-    p.add_argument("--spacing", type=int, default=30,
-                   help="steps between faults (enough for the refilled spare to warm up)")
+    p.add_argument("--spacing", type=int, default=80,
+                   help="steps between faults (~20 s here: the spares refilled after a fault "
+                        "import torch and megatron-core meanwhile, on the same cores)")
     p.add_argument("--spares", type=int, default=None,
                    help="warm spares in the recovery job (default: one per fault, so every "
                         "replacement is warm)")
-    p.add_argument("--reps", type=int, default=2, help="runs per mode for the overhead")
-    p.add_argument("--steady-iters", type=int, default=10, help="steps per overhead run")
-    p.add_argument("--skip", type=int, default=2, help="first steps left out of the step time")
+    p.add_argument("--reps", type=int, default=3, help="runs per mode for the overhead")
+    p.add_argument("--steady-iters", type=int, default=25, help="steps per overhead run")
+    p.add_argument("--skip", type=int, default=3, help="first steps left out of the step time")
     p.add_argument("--hidden-size", type=int, default=32)
     p.add_argument("--num-layers", type=int, default=2)
     p.add_argument("--no-recovery", action="store_true", help="skip (a) and (b)")
