@@ -305,10 +305,19 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true",
                    help="one trial, 8 ranks, fault in step 4, checkpoints every 2 steps")
     p.add_argument("--keep", default=None, help="keep the jobs' logs here")
+    p.add_argument("--methods", default="fr_megatron,restart",
+                   help="which recoveries to run (both by default; one alone gives no ratio)")
+    p.add_argument("--name", default="restart_baseline",
+                   help="results file name (benchmarks/results/NAME.json and .png); another name "
+                        "keeps the full sweep's files as they are")
     a = p.parse_args(argv)
     if a.quick:
         a.trials, a.ranks, a.fault_step, a.save_interval = 1, str(TARGET_RANKS), 4, 2
     a.iters = a.iters or a.fault_step + 2
+    methods = {"fr_megatron": run_fr, "restart": run_restart}
+    chosen = [m.strip() for m in a.methods.split(",") if m.strip()]
+    if not chosen or any(m not in methods for m in chosen):
+        p.error(f"--methods: choose from {', '.join(methods)} (comma-separated), got {a.methods!r}")
     sizes = [int(x) for x in a.ranks.split(",")]
     if any(w < 4 or w % 4 for w in sizes):
         p.error("--ranks: every size must be a multiple of 4 (TP=2 x PP=2 x DP; 4: 2 x 1 x 2)")
@@ -322,7 +331,7 @@ def main(argv=None) -> int:
         failed = False
         for t in range(a.trials):
             rank = FAULT_RANKS[t % len(FAULT_RANKS)] % world or 1
-            order = (run_fr, run_restart) if t % 2 == 0 else (run_restart, run_fr)
+            order = [methods[m] for m in (chosen if t % 2 == 0 else chosen[::-1])]
             for fn in order:
                 name = "fr_megatron" if fn is run_fr else "restart"
                 try:
@@ -369,7 +378,7 @@ def main(argv=None) -> int:
         print(f"\ntarget at {TARGET_RANKS} ranks: not measured")
     for e in errors:
         print(f"error: {e.splitlines()[0]}")
-    png = RESULTS / "restart_baseline.png"
+    png = RESULTS / f"{a.name}.png"
     if summary:
         plot(summary, png)
     data = {"config": {**vars(a), "sizes": sizes, "omp_num_threads": _omp(),
@@ -378,7 +387,7 @@ def main(argv=None) -> int:
                        "ratio_measured": ratio, "met": met},
             "summary": summary, "rows": rows, "errors": errors,
             "wall_s": time.time() - t_all}
-    path = write("restart_baseline", data)
+    path = write(a.name, data)
     print(f"\nwrote {path} and {png} (job logs in {base})")
     return 0
 
