@@ -174,10 +174,11 @@ def _run_python(code: str, timeout: float = 180) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.timeout(240)
-def test_member_only_group_creation_does_not_grow_with_the_world():
-    """On a fake world of 64 and of 1024 ranks, a rank makes the same few torch group calls."""
-    result = _run_python(
+@pytest.fixture(scope="module")
+def group_creation():
+    """What ``parallel_state_hook`` makes of megatron's group creation, measured in one
+    subprocess (a fresh torch and megatron-core): see the two tests below."""
+    return _run_python(
         """
         import json, warnings
         warnings.filterwarnings("ignore")
@@ -192,19 +193,41 @@ def test_member_only_group_creation_does_not_grow_with_the_world():
             calls.append(k.get("use_local_synchronization"))
             return orig(*a, **k)
         dist.new_group = counting
-        out = {}
+        member_only = {}
         for world in (64, 1024):
             rank = world // 2 + 3
             dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world)
             calls.clear()
             ps.initialize_model_parallel(4, 2, create_gloo_process_groups=False)
             tp_ranks = dist.get_process_group_ranks(ps.get_tensor_model_parallel_group())
-            out[world] = {"calls": len(calls), "all_local": all(calls), "tp": tp_ranks}
+            member_only[world] = {"calls": len(calls), "all_local": all(calls), "tp": tp_ranks}
             hook.teardown()
             dist.destroy_process_group()
-        print(json.dumps(out))
+        dist.new_group = orig
+
+        sharing = {}
+        for name, backend, store, local_sync in (
+                ("gloo", "gloo", dist.HashStore(), True),
+                ("gloo_all_ranks_call", "gloo", dist.HashStore(), False),
+                ("fake", "fake", FakeStore(), True)):
+            hook.install(local_sync=local_sync)
+            dist.init_process_group(backend, store=store, rank=0, world_size=1)
+            # megatron's gloo copies of the data-parallel groups (gloo cannot use a FakeStore)
+            ps.initialize_model_parallel(1, 1, create_gloo_process_groups=backend == "gloo")
+            roles = hook.group_roles()
+            groups = {id(g) for k, g in roles.items() if k != "WORLD"}
+            sharing[name] = {"roles": len(roles) - 1, "groups": len(groups)}
+            hook.teardown()
+            dist.destroy_process_group()
+        print(json.dumps({"member_only": member_only, "sharing": sharing}))
         """
     )
+
+
+@pytest.mark.timeout(240)
+def test_member_only_group_creation_does_not_grow_with_the_world(group_creation):
+    """On a fake world of 64 and of 1024 ranks, a rank makes the same few torch group calls."""
+    result = group_creation["member_only"]
     small, large = result["64"], result["1024"]
     assert small["calls"] == large["calls"] < 20
     assert small["all_local"] and large["all_local"]
@@ -212,33 +235,15 @@ def test_member_only_group_creation_does_not_grow_with_the_world():
 
 
 @pytest.mark.timeout(240)
-def test_gloo_groups_with_the_same_members_are_one_group():
+def test_gloo_groups_with_the_same_members_are_one_group(group_creation):
     """On a gloo world every role with the same members, timeout and options is one group (a
-    group with no timeout has gloo's default one); on another backend nothing is shared."""
-    result = _run_python(
-        """
-        import json, warnings
-        warnings.filterwarnings("ignore")
-        import torch.distributed as dist
-        from torch.testing._internal.distributed.fake_pg import FakeStore
-        from megatron.core import parallel_state as ps
-        from fr_megatron.megatron import parallel_state_hook as hook
-
-        hook.install(local_sync=True)
-        out = {}
-        for backend, store in (("gloo", dist.HashStore()), ("fake", FakeStore())):
-            dist.init_process_group(backend, store=store, rank=0, world_size=1)
-            # megatron's gloo copies of the data-parallel groups (gloo cannot use a FakeStore)
-            ps.initialize_model_parallel(1, 1, create_gloo_process_groups=backend == "gloo")
-            roles = hook.group_roles()
-            groups = {id(g) for k, g in roles.items() if k != "WORLD"}
-            out[backend] = {"roles": len(roles) - 1, "groups": len(groups)}
-            hook.teardown()
-            dist.destroy_process_group()
-        print(json.dumps(out))
-        """
-    )
+    group with no timeout has gloo's default one), with or without member-only creation; on
+    another backend nothing is shared."""
+    result = group_creation["sharing"]
     assert result["gloo"]["roles"] > 20 and result["gloo"]["groups"] == 1
+    # without local synchronisation (every rank calls torch for every group) too, so a world
+    # built either way has the groups the other's roles map to
+    assert result["gloo_all_ranks_call"] == result["gloo"]
     assert result["fake"]["groups"] > 10
 
 

@@ -20,7 +20,7 @@ PP=2 only first-stage ranks are in the position-embedding group, and the later
 expert-tensor-model-pipeline and distributed-optimizer-instance groups span both stages), so they
 compute different names, rendezvous under different store prefixes and hang.
 
-``install(local_sync=True)`` therefore wraps ``parallel_state.create_group``: a non-member returns
+``install(local_sync=True)`` therefore makes ``parallel_state.create_group`` behave so: a non-member returns
 at once (no torch call, no counter), a member creates the group with
 ``use_local_synchronization=True`` under a name derived only from (description, backend, ranks,
 how many such groups already exist in this world), identical on every member. Deadlock freedom:
@@ -39,7 +39,8 @@ gloo copies of the data-parallel groups, which on a gloo world are copies of glo
 gloo group connects a TCP pair to every other member and starts its own threads when it is
 created, which is most of a recovery's rebuild on CPU. So a member asking for a gloo group
 whose members, timeout and options equal one it already joined in this world gets that group
-again (same object, so ``rebind`` maps both roles to one new group). Sharing is safe because a
+again (same object, so ``rebind`` maps both roles to one new group), with or without local
+synchronisation, so worlds built either way have the same groups. Sharing is safe because a
 gloo group runs its collectives in the order each member issues them, and megatron issues
 them in program order on every member. Groups of other backends (NCCL) are never shared: there a
 group is also a stream that overlaps with others.
@@ -92,7 +93,7 @@ def _ps():
 
 
 def install(local_sync: bool | None = None) -> None:
-    """Wrap ``initialize_model_parallel`` (and, with ``local_sync``, ``create_group``). Idempotent.
+    """Wrap ``initialize_model_parallel`` and ``create_group``. Idempotent.
 
     ``local_sync``: member-only group creation (see the module docstring); None keeps the current
     choice (on by default). Install before the first ``initialize_model_parallel`` call, and before
@@ -116,13 +117,9 @@ def install(local_sync: bool | None = None) -> None:
         initialize_model_parallel.__doc__ = orig.__doc__
         ps.initialize_model_parallel = initialize_model_parallel
         _STATE["orig_create_group"] = ps.create_group
+        ps.create_group = _create_group
         _STATE["installed"] = True
-    if local_sync and not _STATE["local_sync"]:
-        ps.create_group = _local_sync_create_group
-        _STATE["local_sync"] = True
-    elif not local_sync and _STATE["local_sync"]:
-        ps.create_group = _STATE["orig_create_group"]
-        _STATE["local_sync"] = False
+    _STATE["local_sync"] = bool(local_sync)
 
 
 def recorded_call() -> tuple[tuple, dict] | None:
@@ -242,7 +239,7 @@ def _member_name(ranks, backend, group_desc) -> str:
     return f"{base}_{k}"
 
 
-def _local_sync_create_group(
+def _create_group(
     ranks=None,
     timeout=None,
     backend=None,
@@ -250,13 +247,18 @@ def _local_sync_create_group(
     use_local_synchronization=False,
     group_desc=None,
 ):
-    """``parallel_state.create_group`` that only members call into torch (see module docstring)."""
+    """``parallel_state.create_group`` that gives a gloo group already joined with the same
+    members again, and with local synchronisation only lets members call into torch (see the
+    module docstring).
+
+    The sharing decision depends only on the call's arguments, which megatron passes alike on
+    every rank, so every rank skips the same calls and torch's per-process group counter (used
+    without local synchronisation) stays in step. It holds with and without local
+    synchronisation, so a world built either way has the same groups for ``rebind`` to map."""
     orig = _STATE["orig_create_group"]
-    if ranks is None or not local_sync_supported():
+    if ranks is None:
         return orig(ranks, timeout, backend, pg_options, use_local_synchronization, group_desc)
     default = c10d._get_default_group()
-    if default.rank() not in ranks:
-        return c10d.GroupMember.NON_GROUP_MEMBER
     key = _gloo_share_key(default, ranks, timeout, backend, pg_options)
     world, shared = _STATE["shared"]
     if world is not default:  # a new world: nothing of the old one is shared
@@ -264,8 +266,13 @@ def _local_sync_create_group(
         _STATE["shared"] = (default, shared)
     if key is not None and key in shared:
         return shared[key]
-    with _group_name(_member_name(ranks, backend, group_desc)):
-        group = orig(ranks, timeout, backend, pg_options, True, group_desc)
+    if not (_STATE["local_sync"] and local_sync_supported()):
+        group = orig(ranks, timeout, backend, pg_options, use_local_synchronization, group_desc)
+    elif default.rank() not in ranks:
+        group = c10d.GroupMember.NON_GROUP_MEMBER
+    else:
+        with _group_name(_member_name(ranks, backend, group_desc)):
+            group = orig(ranks, timeout, backend, pg_options, True, group_desc)
     if key is not None:
         shared[key] = group
     return group
