@@ -58,9 +58,10 @@ class PretrainingSampler:
 
     def __init__(self, total_samples: int, consumed_samples: int, micro_batch_size: int,
                  data_parallel_rank: int, data_parallel_size: int):
-        if consumed_samples >= total_samples:
-            raise ValueError(f"no samples left: consumed_samples={consumed_samples} of "
-                             f"{total_samples}")
+        if not 0 <= consumed_samples <= total_samples:
+            raise ValueError(f"consumed_samples={consumed_samples} is outside the dataset's "
+                             f"{total_samples} samples: load a checkpoint of this run, or raise "
+                             "--train-iters")
         self.total, self.consumed = total_samples, consumed_samples
         self.mbs, self.rank, self.size = micro_batch_size, data_parallel_rank, data_parallel_size
 
