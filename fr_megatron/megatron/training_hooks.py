@@ -353,7 +353,6 @@ class _Counters:
     def count_step(self, args) -> None:
         """The counters after ``train()`` has counted the current iteration (training.py, after
         ``iteration += 1``; the RL sequence-packing path is not covered)."""
-        from megatron.core import parallel_state
         from megatron.core.num_microbatches_calculator import (
             get_current_global_batch_size,
             get_current_running_global_batch_size,
@@ -361,8 +360,7 @@ class _Counters:
         )
 
         self.read(args)
-        self.consumed_train_samples += (parallel_state.get_data_parallel_world_size()
-                                        * args.micro_batch_size * get_num_microbatches())
+        self.consumed_train_samples += self.samples_per_micro_batch(args) * get_num_microbatches()
         self.skipped_train_samples += (get_current_global_batch_size()
                                        - get_current_running_global_batch_size())
 

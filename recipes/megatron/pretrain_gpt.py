@@ -133,10 +133,11 @@ def megatron_lm_data(args, job, cfg, rank: int):
 
     from fr_megatron.megatron.data import train_data_iterator
 
+    from megatron.core import parallel_state
+
     gbs = job.global_batch_size
     init_num_microbatches_calculator(rank, None, gbs, cfg.micro_batch_size,
-                                     gbs // (cfg.micro_batch_size * cfg.num_microbatches),
-                                     False)
+                                     parallel_state.get_data_parallel_world_size(), False)
     # "disabled": the other modes reduce a flag on the GPU after every forward-backward
     initialize_rerun_state_machine(mode=RerunMode.DISABLED)
     args.consumed_train_samples = job.consumed_samples
