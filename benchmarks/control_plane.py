@@ -7,9 +7,9 @@ runs the real ``Controller`` (in this process, in its own threads, with the TCPS
 loopback) against a few simulator processes that each play many nodes: per node one store
 connection for the node beat (``NodeAgent._beat``: a signed ``agent_heartbeat`` with an
 increasing ``seq`` and the 8 rank entries the agent relays) and one connection on which a thread
-waits for the next plan exactly as the agent's ``_plan_watch`` does (``wait_key`` with a 1 s
-timeout, then ``check(DONE)``, ``get``, ``verify``). One extra agent is a spare node. The ranks'
-own datagrams to their agent stay on their node and are not simulated.
+waits for the next plan exactly as the agent's ``_plan_watch`` does (``agent.watch_plan``: one
+long ``wait`` on the generation's wake key, then ``get`` and ``verify``). One extra agent is a spare
+node. The ranks' own beats to their agent stay on their node and are not simulated.
 
 (a) heartbeat load: store requests/s and key writes/s the simulators send over a steady window,
     the beat interval they achieved, the time of one ``multi_get`` of every node beat key,
@@ -116,8 +116,9 @@ class _Sim:
             c.queue_push(keys.EVENTS, sg.sign("agent_started", node=n, spare=n in self.spare,
                                               pid=pid))
         self.beat(hb, ring, agents, keys, pid)
+        until = time.time() + 3.0  # watchers still in their long wait are daemons: let them be
         for t in watchers:
-            t.join(3.0)
+            t.join(max(0.0, until - time.time()))
         with self.lock:
             self.q.put(("done", self.wid, {"seen": list(self.seen), "errors": self.errors[:5]}))
 
@@ -157,24 +158,27 @@ class _Sim:
                 sh["watch_req"][w] = self.watch_req
 
     def watch(self, node, client, signer, keys):
-        """The agent's ``_plan_watch``: wait for plan g, check DONE, get, verify."""
-        from fr_megatron.protocol.store import wait_key
+        """The agent's ``_plan_watch``: its own turn (``agent.watch_plan``), then verify."""
+        from fr_megatron.launcher.agent import watch_plan
 
         g = 1
         while not self.sh["shutdown"].value and not self.dead(node):
             try:
-                ok = wait_key(client, keys.plan(g), 1.0)
+                raw = watch_plan(client, g)
                 t_wake = time.time()
-                done = client.check([keys.DONE])
-                nreq = 2 if ok else 3
-                if ok and not done:
-                    body = signer.verify(client.get(keys.plan(g)))
-                    t_seen = time.time()
-                    nreq += 1
-                    with self.lock:
-                        self.seen.append((node, g, t_wake, t_seen, body.get("decided_t")))
-                        self.sh["seen"][self.wid] += 1
-                    g += 1
+                if self.dead(node):
+                    return  # a lost node's agent sees nothing
+                nreq = 2  # the wait and its cancel, or the wait and the get
+                done = False
+                if raw is not None:
+                    body = signer.verify(raw)
+                    done = body["kind"] == "done"
+                    if not done:
+                        t_seen = time.time()
+                        with self.lock:
+                            self.seen.append((node, g, t_wake, t_seen, body.get("decided_t")))
+                            self.sh["seen"][self.wid] += 1
+                        g += 1
                 with self.lock:
                     self.watch_req += nreq
                 if done:

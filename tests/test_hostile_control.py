@@ -50,7 +50,9 @@ def test_forged_and_replayed_messages_are_rejected(tmp_path):
     genuine = store.get(keys.GENERATION)
     store.queue_push(keys.EVENTS, genuine)
     store.queue_push(keys.EVENTS, genuine)
-    store.set(keys.plan(1), forger.sign("plan", generation=1, replaced=[0, 1], faults=[]))
+    forged_plan = forger.sign("plan", generation=1, replaced=[0, 1], faults=[])
+    store.set(keys.plan(1), forged_plan)  # where the workers wait
+    store.set(keys.agent_wake(1), forged_plan)  # where the agent waits
     out, err = proc.communicate(timeout=240)
     assert proc.returncode == 0, err[-4000:]
     rep = json.loads(report.read_text())
@@ -59,6 +61,8 @@ def test_forged_and_replayed_messages_are_rejected(tmp_path):
     reasons = [r["reason"] for r in Journal.read(str(journal)) if r["event"] == "message_rejected"]
     assert any("HMAC" in r for r in reasons) and any("malformed" in r for r in reasons)
     assert any("oversized" in r for r in reasons) and any("replayed" in r for r in reasons)
-    assert "rejected plan for generation 1" in err  # workers and agent ignored the forged plan
+    # the agent and both workers ignored the forged plan
+    assert "node=0 rejected plan for generation 1" in err
+    assert err.count("rejected plan for generation 1") >= 3, err[-4000:]
     for text in (out, err, journal.read_text(), report.read_text()):
         assert token not in text

@@ -57,6 +57,20 @@ def classify_exit(status: int) -> tuple[str, dict]:
     return ("exit" if code else "exit0_early"), {"exit_code": code}
 
 
+WAKE_WAIT_S = 30.0  # an idle agent's one wait; it ends early when a plan or the end comes
+
+
+def watch_plan(store, g: int) -> Optional[bytes]:
+    """One turn of an agent's plan watch: the raw message at ``keys.agent_wake(g)`` (the plan of
+    generation ``g``, or ``done``), or None when ``WAKE_WAIT_S`` passed without either.
+
+    Idle, an agent costs the store two messages (a wait and its cancel) per ``WAKE_WAIT_S``;
+    a wake costs two (the wait, the get)."""
+    if wait_key(store, keys.agent_wake(g), WAKE_WAIT_S):
+        return store.get(keys.agent_wake(g))
+    return None
+
+
 class NodeAgent:
     def __init__(self, *, node_rank: int, nnodes: int, nproc: int, controller: tuple[str, int],
                  token: bytes, token_file: str, cfg: FlashRecoveryConfig, script: str,
@@ -241,17 +255,20 @@ class NodeAgent:
         while not self._done.is_set():
             g = self.generation + 1
             try:
-                if not wait_key(watcher, keys.plan(g), 1.0) or watcher.check([keys.DONE]):
-                    if watcher.check([keys.DONE]):
-                        self._done.set()
+                raw = watch_plan(watcher, g)
+                if raw is None:
                     continue
-                raw = watcher.get(keys.plan(g))
             except Exception as e:  # store unreachable: the heartbeat decides about fencing
                 log.warning("node=%d plan watch: %s", self.node, e)
                 time.sleep(0.2)
                 continue
             try:
                 plan = self.signer.verify(raw)
+                if plan["kind"] == "done":
+                    self._done.set()
+                    return
+                if plan["kind"] != "plan":
+                    raise AuthError(f"a {plan['kind']!r} message where a plan belongs")
             except AuthError as e:
                 if raw not in rejected:  # a forged plan is logged once, then waited out
                     rejected.add(raw)

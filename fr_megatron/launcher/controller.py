@@ -126,7 +126,9 @@ class Controller:
     def _publish_generation(self, plan: Optional[dict] = None):
         g = self.generation
         plan = plan or {"generation": g, "replaced": [], "faults": []}
-        self.store.set(keys.plan(g), self.signer.sign("plan", **plan))
+        raw = self.signer.sign("plan", **plan)
+        self.store.set(keys.plan(g), raw)
+        self.store.set(keys.agent_wake(g), raw)
         self.store.set(keys.GENERATION, self.signer.sign("generation", generation=g))
 
     def _receive(self, raw: bytes) -> Optional[dict]:
@@ -528,7 +530,9 @@ class Controller:
             with open(tmp, "w") as f:
                 json.dump(rep, f, indent=2)
             os.replace(tmp, self.report_path)
-        self.store.set(keys.DONE, self.signer.sign("done", fatal=self.fatal or ""))
+        done = self.signer.sign("done", fatal=self.fatal or "")
+        self.store.set(keys.DONE, done)
+        self.store.set(keys.agent_wake(self.generation + 1), done)  # no plan comes after this
         if self.wandb:
             self.wandb.close()
         self._stop.set()

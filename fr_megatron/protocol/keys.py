@@ -15,6 +15,13 @@ def plan(generation: int) -> str:
     return f"fr/plan/{generation}"
 
 
+def agent_wake(generation: int) -> str:
+    """What an agent waits on: the signed plan of ``generation``, or the signed ``done`` when the
+    job ends first. One key for both lets an idle agent block in one long wait instead of
+    polling DONE (three store messages a second per node, the bulk of a big job's idle load)."""
+    return f"fr/agent_wake/{generation}"
+
+
 def agent(node: int) -> str:
     """The node's beat: its agent's liveness and its ranks' newest heartbeats
     (``protocol.node_beats``); the only heartbeat key a node writes."""

@@ -15,7 +15,7 @@ import os
 import socket
 
 import psutil
-from torch.distributed import TCPStore
+from torch.distributed import DistStoreError, TCPStore
 
 
 def host_store(host: str, port: int) -> tuple[TCPStore, socket.socket]:
@@ -41,12 +41,15 @@ def connect(host: str, port: int, timeout: float = 30.0) -> TCPStore:
 
 
 def wait_key(store: TCPStore, key: str, timeout: float) -> bool:
-    """Block until ``key`` exists or ``timeout`` seconds pass; True if it exists."""
+    """Block until ``key`` exists (True) or ``timeout`` seconds pass (False).
+
+    A timed-out wait costs the store two messages (the wait and its cancel); a caller that loops
+    waits again, so no ``check`` follows it. A lost connection raises as it would elsewhere."""
     try:
         store.wait([key], datetime.timedelta(seconds=timeout))
         return True
-    except Exception:
-        return store.check([key])
+    except DistStoreError:
+        return False
 
 
 def tcp_fds(port: int | None = None) -> set[int]:
