@@ -167,11 +167,17 @@ def overhead(on_jobs: list[dict], off_jobs: list[dict], pairs: list[tuple], skip
         pooled = [t for j in jobs for t in step_times(j, skip)]
         medians = [statistics.median(step_times(j, skip)) for j in jobs]
         rss = [p["rss_bytes"] / 2**20 for j in jobs for p in j["probes"]]
+        # CPU of the runtime's own threads (heartbeat, plan monitor, copy exchange) per rank and
+        # step; the commit itself runs on the training thread and shows in the step time
+        fr_ms = [1e3 * sum(v for pr in j["probes"] for k, v in pr.get("thread_cpu_s", {}).items()
+                           if k.startswith("fr-")) / max(1, len(j["probes"]) * len(j["lines"]))
+                 for j in jobs]
         res[name] = {"steps": len(pooled), "median_s": statistics.median(pooled),
                      "p25_s": percentile(pooled, 0.25), "p75_s": percentile(pooled, 0.75),
                      "min_s": min(pooled), "max_s": max(pooled),
                      "run_medians_s": medians, "rss_median_MiB": statistics.median(rss)
-                     if rss else None, "load_1m": [j["load_after"][0] for j in jobs]}
+                     if rss else None, "fr_threads_ms_per_rank_step": statistics.median(fr_ms),
+                     "load_1m": [j["load_after"][0] for j in jobs]}
     pooled = res["on"]["median_s"] / res["off"]["median_s"] - 1
     paired = [statistics.median(step_times(on, skip)) / statistics.median(step_times(off, skip)) - 1
               for on, off in pairs]
@@ -270,6 +276,7 @@ def main(argv=None) -> int:
                  "max_s": ov[m]["max_s"],
                  "run_medians_s": " ".join(f"{x:.3f}" for x in ov[m]["run_medians_s"]),
                  "rss_median_MiB": ov[m]["rss_median_MiB"],
+                 "fr_threads_ms_per_rank_step": ov[m]["fr_threads_ms_per_rank_step"],
                  "load_1m": " ".join(f"{x:.1f}" for x in ov[m]["load_1m"])}
                 for m in ("on", "off")]
         print(f"\n(c) Steady-state step time, recovery on vs off, {a.reps} interleaved runs each "

@@ -4,7 +4,8 @@ Run under ``fr-megatron run`` in place of the recipe (same arguments); ``benchma
 does. It changes nothing while training: just before ``on_train_end`` it reads, from the live
 runtime objects of this rank, the bytes held by the snapshot ring (``Session.ring``) and by the
 redundant copies this rank keeps for its wards (``Session.copies``), next to the size of the state
-they protect (``MegatronIntegration.capture()``), plus the process's resident memory, and writes
+they protect (``MegatronIntegration.capture()``), plus the process's resident memory and the CPU
+seconds of each of its threads (``thread_cpu``: the runtime's ``fr-*`` threads), and writes
 them as JSON to ``$FR_BENCH_PROBE_DIR/rank<R>.json`` (a replacement process overwrites its
 predecessor's file when it finishes). Without ``--flash-recovery`` only the resident memory is
 recorded, and the rank marks itself finished in the controller's store (see ``_mark_finished``).
@@ -38,6 +39,30 @@ def _rss_bytes() -> int:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def thread_cpu() -> dict[str, float]:
+    """CPU seconds of this process so far by thread name (Python's name where the thread is
+    Python's, the kernel's otherwise, e.g. gloo's), same names summed."""
+    import threading
+
+    try:
+        import psutil
+    except ImportError:
+        return {}
+    names = {t.native_id: t.name for t in threading.enumerate()}
+    out: dict[str, float] = {}
+    for t in psutil.Process().threads():
+        name = names.get(t.id)
+        if name is None:
+            try:
+                with open(f"/proc/self/task/{t.id}/comm") as f:
+                    name = f.read().strip()
+            except OSError:
+                name = "?"
+        name = name.split("_")[0] if name.startswith("fr-copies") else name
+        out[name] = round(out.get(name, 0.0) + t.user_time + t.system_time, 3)
+    return out
+
+
 def read_out(hooks) -> dict:
     """What this rank's runtime holds now (called before the session closes)."""
     import torch.distributed as dist
@@ -46,7 +71,7 @@ def read_out(hooks) -> dict:
            "replacement": os.environ.get("FR_REPLACEMENT") == "1",
            "rss_bytes": _rss_bytes(),
            "max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-           "flash_recovery": False}
+           "flash_recovery": False, "thread_cpu_s": thread_cpu()}
     session = hooks.session()
     if session is None:
         return out

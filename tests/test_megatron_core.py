@@ -254,7 +254,7 @@ def test_cpu_mode_bridges():
         import json, warnings
         warnings.filterwarnings("ignore")
         import torch
-        from fr_megatron.megatron.cpu import enable_cpu_mode, cpu_mode_enabled
+        from fr_megatron.megatron.cpu import bypassed, enable_cpu_mode, cpu_mode_enabled
         from megatron.core.tensor_parallel import random as mrandom
 
         assert not cpu_mode_enabled()
@@ -271,7 +271,10 @@ def test_cpu_mode_bridges():
             inside2 = torch.rand(1).item()
         expected = torch.Generator().manual_seed(7)
         e = torch.rand(2, generator=expected)
+        with bypassed():  # the commit's copies go straight to torch: nothing is mapped there
+            bypassed_type = torch.zeros(1).type()
         print(json.dumps({
+            "bypassed_type": bypassed_type, "type_after": torch.zeros(1).type(),
             "first": first, "second": second, "enabled": cpu_mode_enabled(),
             "devices": [str(x.device), str(y.device)],
             "type": torch.zeros(1).type(), "bf16": torch.zeros(1, dtype=torch.bfloat16).type(),
@@ -284,6 +287,8 @@ def test_cpu_mode_bridges():
     assert result["devices"] == ["cpu", "cpu"]
     assert result["type"] == "torch.cuda.FloatTensor"
     assert result["bf16"] == "torch.cuda.BFloat16Tensor"
+    assert result["bypassed_type"] == "torch.FloatTensor"
+    assert result["type_after"] == "torch.cuda.FloatTensor"
     assert result["tracker"] == "CpuRNGStatesTracker"
     # The tracker's named state advances across forks and follows its own seed.
     assert result["fork"] == pytest.approx(result["expected"], abs=0)

@@ -172,3 +172,16 @@ def enable_cpu_mode() -> bool:
 def cpu_mode_enabled() -> bool:
     """Whether ``enable_cpu_mode()`` is active on the calling thread."""
     return getattr(_THREAD, "mode", None) is not None
+
+
+@contextlib.contextmanager
+def bypassed():
+    """Run torch calls without the CPU mode's ``__torch_function__`` (no-op when it is off).
+
+    For code that only copies CPU tensors it never maps (the runtime's commit): every torch call
+    through the mode is a Python round trip, and a commit makes hundreds of them."""
+    if getattr(_THREAD, "mode", None) is None:
+        yield
+        return
+    with torch._C.DisableTorchFunction():
+        yield

@@ -49,6 +49,7 @@ import functools
 import logging
 from typing import Any, Callable, Optional
 
+from fr_megatron.megatron import cpu
 from fr_megatron.runtime import startup_calls
 
 log = logging.getLogger("fr_megatron.megatron.hooks")
@@ -201,7 +202,8 @@ def on_step_end(iteration: int, loss_dict: Any = None) -> None:
     if _session is not None:
         if _lm is not None:
             _lm.end()
-        _session.commit(iteration - _first_iteration + 1, _plain(loss_dict))
+        with cpu.bypassed():  # the commit copies CPU tensors only: no CUDA call to map
+            _session.commit(iteration - _first_iteration + 1, _plain(loss_dict))
 
 
 @contextlib.contextmanager
