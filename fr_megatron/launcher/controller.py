@@ -530,9 +530,9 @@ class Controller:
             with open(tmp, "w") as f:
                 json.dump(rep, f, indent=2)
             os.replace(tmp, self.report_path)
-        done = self.signer.sign("done", fatal=self.fatal or "")
-        self.store.set(keys.DONE, done)
-        self.store.set(keys.agent_wake(self.generation + 1), done)  # no plan comes after this
+        # the job's end, where every agent waits for the next plan: no plan comes after this
+        self.store.set(keys.agent_wake(self.generation + 1),
+                       self.signer.sign("done", fatal=self.fatal or ""))
         if self.wandb:
             self.wandb.close()
         self._stop.set()

@@ -7,7 +7,6 @@ because gloo cannot reuse a prefix once a peer of it has died.
 
 EVENTS = "fr/events"                 # queue: agents and workers -> controller (signed messages)
 GENERATION = "fr/generation"         # the current generation, a signed plan summary
-DONE = "fr/done"                     # set by the controller when the job ends
 
 
 def plan(generation: int) -> str:
@@ -18,7 +17,8 @@ def plan(generation: int) -> str:
 def agent_wake(generation: int) -> str:
     """What an agent waits on: the signed plan of ``generation``, or the signed ``done`` when the
     job ends first. One key for both lets an idle agent block in one long wait instead of
-    polling DONE (three store messages a second per node, the bulk of a big job's idle load)."""
+    polling for the end (five store messages a second per node before, the bulk of a big job's
+    idle load)."""
     return f"fr/agent_wake/{generation}"
 
 
