@@ -251,11 +251,18 @@ def test_gloo_groups_with_the_same_members_are_one_group(group_creation):
 def test_cpu_mode_bridges():
     result = _run_python(
         """
-        import json, warnings
+        import json, sys, warnings
         warnings.filterwarnings("ignore")
         import torch
-        from fr_megatron.megatron.cpu import bypassed, enable_cpu_mode, cpu_mode_enabled
+        from fr_megatron.megatron.cpu import (bypassed, enable_cpu_mode, cpu_mode_enabled,
+                                              import_megatron_core)
+        compile_ = torch.compile
+        import_megatron_core()
+        from megatron.core import jit
         from megatron.core.tensor_parallel import random as mrandom
+        import_time = {"dynamo": "torch._dynamo" in sys.modules,
+                       "fuser_compiles": jit.jit_fuser is compile_,
+                       "compile_restored": torch.compile is compile_}
 
         assert not cpu_mode_enabled()
         first, second = enable_cpu_mode(), enable_cpu_mode()
@@ -275,6 +282,7 @@ def test_cpu_mode_bridges():
             bypassed_type = torch.zeros(1).type()
         print(json.dumps({
             "bypassed_type": bypassed_type, "type_after": torch.zeros(1).type(),
+            "import_time": import_time,
             "first": first, "second": second, "enabled": cpu_mode_enabled(),
             "devices": [str(x.device), str(y.device)],
             "type": torch.zeros(1).type(), "bf16": torch.zeros(1, dtype=torch.bfloat16).type(),
@@ -287,6 +295,9 @@ def test_cpu_mode_bridges():
     assert result["devices"] == ["cpu", "cpu"]
     assert result["type"] == "torch.cuda.FloatTensor"
     assert result["bf16"] == "torch.cuda.BFloat16Tensor"
+    # megatron-core loaded without torch.compile's machinery; torch.compile itself untouched
+    assert result["import_time"] == {"dynamo": False, "fuser_compiles": False,
+                                     "compile_restored": True}
     assert result["bypassed_type"] == "torch.FloatTensor"
     assert result["type_after"] == "torch.cuda.FloatTensor"
     assert result["tracker"] == "CpuRNGStatesTracker"

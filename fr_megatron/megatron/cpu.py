@@ -149,6 +149,32 @@ def _patch_torch_cuda() -> None:
     torch.cuda.synchronize = lambda device=None: None
 
 
+def _eager(model=None, **_options):
+    """``torch.compile``'s signature, compiling nothing (used as a decorator or called)."""
+    return model if model is not None else (lambda fn: fn)
+
+
+def import_megatron_core() -> None:
+    """Import megatron-core; on a CPU-only build without its import-time ``torch.compile``.
+
+    megatron-core wraps its fusion kernels in ``torch.compile`` when its modules load
+    (``megatron.core.jit.jit_fuser``), which imports dynamo and inductor: about 2.7 s of CPU in
+    every process, paid by each rank of a CPU job at start-up. The CPU models turn those fusions
+    off (``TinyGPTJob``), so there they stay plain functions. With CUDA, or when megatron-core is
+    already loaded, this is a plain import."""
+    import sys
+
+    if torch.cuda.is_available() or "megatron.core" in sys.modules:
+        import megatron.core  # noqa: F401
+        return
+    compile_ = torch.compile
+    torch.compile = _eager
+    try:
+        import megatron.core  # noqa: F401
+    finally:
+        torch.compile = compile_
+
+
 def enable_cpu_mode() -> bool:
     """Bridge megatron-core's CUDA assumptions to the CPU for the calling thread.
 

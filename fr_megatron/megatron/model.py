@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from fr_megatron.megatron import parallel_state_hook
-from fr_megatron.megatron.cpu import enable_cpu_mode
+from fr_megatron.megatron.cpu import enable_cpu_mode, import_megatron_core
 from fr_megatron.megatron.data import learnable_labels, micro_batch
 
 @dataclass
@@ -46,6 +46,7 @@ class TinyGPTConfig:
 
 def initialize_parallel(cfg: TinyGPTConfig) -> None:
     """CPU mode (if no CUDA), the parallel_state hook, megatron groups and the RNG seeds."""
+    import_megatron_core()
     from megatron.core import parallel_state
 
     enable_cpu_mode()

@@ -39,6 +39,7 @@ The default marks it just before ``engine.step()``.
 """
 
 import argparse
+import gc
 import json
 import logging
 import os
@@ -243,3 +244,4 @@ def main():
 
 if __name__ == "__main__":
     main()
+    gc.freeze()  # no last full collection at exit (see recipes/megatron/pretrain_gpt.py)

@@ -8,6 +8,7 @@ optimizer state and per-step losses for comparison.
 """
 
 import argparse
+import gc
 import logging
 import os
 
@@ -73,3 +74,4 @@ def main():
 
 if __name__ == "__main__":
     main()
+    gc.freeze()  # no last full collection at exit (see recipes/megatron/pretrain_gpt.py)
