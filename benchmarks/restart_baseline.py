@@ -50,8 +50,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "recipes" / "megatron" / "pretrain_gpt.py"
-PRELOAD = ("torch,torch.distributed,fr_megatron.runtime,megatron.core,megatron.core.models.gpt,"
-           "megatron.core.optimizer")
+PRELOAD = "torch,torch.distributed,fr_megatron.runtime,fr_megatron.megatron.preload"
 FAULT_RANKS = (5, 2, 6, 1, 7, 3)  # both pipeline stages, both TP positions; never rank 0
 TARGET_RATIO = 20.0
 TARGET_RANKS = 8

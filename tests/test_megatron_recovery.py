@@ -43,8 +43,8 @@ def assert_ranks_equal(base: list[dict], got: list[dict]) -> None:
 
 
 # a warm spare has megatron-core imported too, not only torch
-PRELOAD = ["--preload", "torch,torch.distributed,fr_megatron.runtime,megatron.core,"
-                        "megatron.core.models.gpt,megatron.core.optimizer"]
+PRELOAD = ["--preload", "torch,torch.distributed,fr_megatron.runtime,"
+                        "fr_megatron.megatron.preload"]
 
 
 def megatron_job(tmp: Path, name: str, args=ARGS, inject=None, nproc=WORLD, spares=1,
