@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sys
 import threading
 
 import torch
@@ -162,8 +163,6 @@ def import_megatron_core() -> None:
     every process, paid by each rank of a CPU job at start-up. The CPU models turn those fusions
     off (``TinyGPTJob``), so there they stay plain functions. With CUDA, or when megatron-core is
     already loaded, this is a plain import."""
-    import sys
-
     if torch.cuda.is_available() or "megatron.core" in sys.modules:
         import megatron.core  # noqa: F401
         return
