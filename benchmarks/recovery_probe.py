@@ -44,10 +44,8 @@ def thread_cpu() -> dict[str, float]:
     Python's, the kernel's otherwise, e.g. gloo's), same names summed."""
     import threading
 
-    try:
-        import psutil
-    except ImportError:
-        return {}
+    import psutil
+
     names = {t.native_id: t.name for t in threading.enumerate()}
     out: dict[str, float] = {}
     for t in psutil.Process().threads():

@@ -20,8 +20,8 @@ PP=2 only first-stage ranks are in the position-embedding group, and the later
 expert-tensor-model-pipeline and distributed-optimizer-instance groups span both stages), so they
 compute different names, rendezvous under different store prefixes and hang.
 
-``install(local_sync=True)`` therefore makes ``parallel_state.create_group`` behave so: a non-member returns
-at once (no torch call, no counter), a member creates the group with
+``install(local_sync=True)`` therefore makes ``parallel_state.create_group`` behave so: a
+non-member returns at once (no torch call, no counter), a member creates the group with
 ``use_local_synchronization=True`` under a name derived only from (description, backend, ranks,
 how many such groups already exist in this world), identical on every member. Deadlock freedom:
 every rank walks megatron's single global creation order and only waits in groups it belongs

@@ -1,4 +1,6 @@
-"""What a warm spare imports for a megatron-core job: ``--preload ...,fr_megatron.megatron.preload``.
+"""What a warm spare imports for a megatron-core job (``--preload``).
+
+Use ``--preload torch,torch.distributed,fr_megatron.runtime,fr_megatron.megatron.preload``.
 
 A spare imports its preload list by module name. Naming ``megatron.core`` there would load it
 with the real ``torch.compile`` around the fusion kernels, while the CPU ranks it may replace load

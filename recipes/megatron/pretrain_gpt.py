@@ -129,12 +129,11 @@ def megatron_lm_data(args, job, cfg, rank: int):
     """Megatron-LM's start of ``train()``'s data: the micro-batch calculator, the rerun state
     machine, ``args.consumed_train_samples`` (from the checkpoint loaded, if any) and a training
     iterator built at that position."""
+    from megatron.core import parallel_state
     from megatron.core.num_microbatches_calculator import init_num_microbatches_calculator
     from megatron.core.rerun_state_machine import RerunMode, initialize_rerun_state_machine
 
     from fr_megatron.megatron.data import train_data_iterator
-
-    from megatron.core import parallel_state
 
     gbs = job.global_batch_size
     init_num_microbatches_calculator(rank, None, gbs, cfg.micro_batch_size,
