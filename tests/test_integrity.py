@@ -5,6 +5,8 @@ import pytest
 
 from jobs import TORCH_RECIPE, run_job
 
+from fr_megatron.launcher.controller import MAX_FAILED_RESTARTS
+
 
 @pytest.mark.timeout(300)
 def test_corrupted_state_transfer_stops_the_job(tmp_path):
@@ -32,4 +34,20 @@ def test_rank_and_holder_of_its_copy_lost_together_stops_cleanly(tmp_path):
     stopped = [e for e in job.journal if e["event"] == "job_stopped"]
     assert stopped and stopped[0]["last_good_step"] == 2
     assert not any(e["event"] == "recovered" for e in job.journal)
+    assert job.result is None
+
+
+@pytest.mark.timeout(300)
+def test_rank_that_fails_every_restart_stops_the_job_and_every_process(tmp_path):
+    # rank 1 raises in step 3 again and again, in every replacement (each spec fires once):
+    # the controller gives up after MAX_FAILED_RESTARTS and the whole job must end, not wait
+    specs = ";".join(["exception:rank=1:step=3:phase=forward"] * (MAX_FAILED_RESTARTS + 2))
+    job = run_job(tmp_path, TORCH_RECIPE, ["--steps", "6"], inject=specs, timeout=150)
+    assert job.rc == 1, job.failure(3000)
+    assert f"failed {MAX_FAILED_RESTARTS + 1} times in a row" in (job.report["fatal"] or "")
+    stopped = [e for e in job.journal if e["event"] == "job_stopped"]
+    assert stopped and stopped[0]["rank"] == 1
+    # the job stopped in the last generation it published: no generation without a plan
+    assert job.report["generations"] == max(e["generation"] for e in job.journal
+                                            if e["event"] == "fault_decided")
     assert job.result is None

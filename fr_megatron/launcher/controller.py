@@ -402,8 +402,10 @@ class Controller:
         faults = list(self.pending.values())
         self.pending.clear()
         now = time.time()
-        self.generation += 1
-        g = self.generation
+        # the new generation exists once its plan is published: a decision that stops the job
+        # instead leaves the agents waiting at the next generation's wake key, where the job's
+        # end is then written (``_finish``)
+        g = self.generation + 1
         for f in faults:
             f.decision_t, f.new_generation = now, g
             self.replaced_pids.add(f.pid)
@@ -426,8 +428,8 @@ class Controller:
                               f"before recovering (last: {f.kind} at step {f.step}); not "
                               "restarting it again: see its traceback in the journal")
                 self.exit_code = 1
-                self.journal.write("job_stopped", generation=g, rank=f.rank, step=f.step,
-                                   phase=f.phase, reason=self.fatal)
+                self.journal.write("job_stopped", generation=self.generation, rank=f.rank,
+                                   step=f.step, phase=f.phase, reason=self.fatal)
                 return
         # a replacement that has not joined its generation yet waits in a rendezvous that can no
         # longer complete (a member just died): it is replaced again in the new generation
@@ -457,6 +459,7 @@ class Controller:
         for f in faults:
             self.journal.write("fault_decided", generation=g, rank=f.rank, step=f.step,
                                phase=f.phase, kind=f.kind, detect_s=round(now - f.fault_t, 4))
+        self.generation = g
         self._publish_generation(plan)
 
     def _recovery_complete(self, rec: Recovery, resumed: int, excused: frozenset = frozenset()):
