@@ -90,3 +90,35 @@ def test_old_generations_groups_are_released_not_piled_up():
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+@pytest.mark.timeout(60)
+def test_socket_scan_finds_exactly_the_connected_tcp_sockets():
+    # tcp_peers reads /proc/self/fd; psutil, which parses the machine's whole socket table, is
+    # the reference it must agree with (listening and Unix sockets excluded)
+    import socket
+
+    import psutil
+
+    from fr_megatron.protocol.store import shutdown_sockets, tcp_fds, tcp_peers
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    clients = [socket.create_connection(("127.0.0.1", port)) for _ in range(3)]
+    accepted = [listener.accept()[0] for _ in clients]
+    unix = socket.socketpair()
+    try:
+        want = {c.fd: c.raddr.port for c in psutil.Process().net_connections(kind="tcp")
+                if c.raddr and c.fd >= 0}
+        assert tcp_peers() == want
+        assert tcp_fds(port) == {c.fileno() for c in clients}
+        store = dist.TCPStore("127.0.0.1", 0, 1, True, wait_for_workers=False)
+        client, fds = connect_cuttable("127.0.0.1", store.port)
+        assert fds and fds <= tcp_fds(store.port)
+        client.set("k", b"v")
+        assert shutdown_sockets(fds) == len(fds)
+        with pytest.raises(Exception):
+            client.get("k")  # a cut client fails at once
+    finally:
+        for s in (listener, *clients, *accepted, *unix):
+            s.close()

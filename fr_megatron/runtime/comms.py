@@ -27,7 +27,7 @@ from typing import Callable
 import torch.distributed as dist
 
 from ..protocol import keys
-from ..protocol.store import shutdown_sockets, tcp_fds
+from ..protocol.store import shutdown_sockets, tcp_fds, tcp_peers
 
 log = logging.getLogger("fr_megatron.comms")
 
@@ -111,8 +111,8 @@ class Communicators:
                 dist.distributed_c10d._abort_process_group()
             except Exception as e:
                 log.warning("NCCL abort: %s", e)
-        peers = tcp_fds() - tcp_fds(self.store_port) - self._baseline
-        return shutdown_sockets(peers)
+        peers = {fd for fd, port in tcp_peers().items() if port != self.store_port}
+        return shutdown_sockets(peers - self._baseline)
 
     def destroy_world(self) -> list:
         """Destroy every group of the current world; returns the old group objects.
