@@ -101,6 +101,7 @@ class NodeAgent:
         self.generation = 0
         self.workers: dict[int, Worker] = {}      # pid -> worker
         self.spares: list[subprocess.Popen] = []
+        self._held: set[int] = set()  # spares started during a recovery, stopped until its end
         self.finished: set[int] = set()
         self._lock = threading.RLock()
         self._done = threading.Event()
@@ -158,6 +159,7 @@ class NodeAgent:
             spare = self.spares.pop(0)
             if spare.poll() is not None:
                 continue
+            self._wake_held([spare], f"handed rank {rank}")  # it must load now
             try:
                 assignment = {"env": self._env(rank, generation, True),
                               "argv": [self.script, *self.script_args]}
@@ -394,13 +396,17 @@ class NodeAgent:
     REFILL_WAIT_S = 30.0
 
     def _refill(self, rank: int, g: int):
-        """Top the spare pool up, mostly after the recovery that used a spare.
+        """Top the spare pool up after the recovery that used a spare.
 
         A new spare imports torch and the framework: seconds of CPU that, started at the fault,
-        compete with the recovery (on 2 cores the redone step took 1.9 s instead of 0.3 s). So
-        only an empty pool gets one spare at once; the rest waits until rank ``rank`` has
-        committed a step in generation ``g`` after its restore (at most ``REFILL_WAIT_S``)."""
-        self._spawn_spares(1)
+        compete with the recovery (on 2 cores the redone step took 1.9 s instead of 0.3 s with
+        the pool refilled at once; a single spare still took 0.6 of the 2.6 CPU-s the node spent
+        in a 1.4 s recovery). So the pool waits until rank ``rank`` has committed a step in
+        generation ``g`` after its restore (at most ``REFILL_WAIT_S``). An empty pool gets one
+        spare at once all the same, so that the next fault finds a process to hand its rank,
+        but held stopped (SIGSTOP) until then: it loads when the recovery is over, or at once
+        if a fault comes first and makes it a rank (``_replace``)."""
+        held = self._spawn_spares(1, hold=True)
         restored, committed = None, None
         deadline = time.time() + self.REFILL_WAIT_S
         while time.time() < deadline and not self._done.wait(0.05):
@@ -412,19 +418,42 @@ class NodeAgent:
             elif beat.get("committed", -1) > restored:
                 committed = beat["committed"]
                 break
-        n = self._spawn_spares(self.n_spares)
+        if self._done.is_set():
+            return  # the job is over: its spares are killed, held or not
+        with self._lock:
+            self._wake_held(held, f"generation {g} recovered" if committed is not None
+                            else f"{self.REFILL_WAIT_S:.0f} s after generation {g}")
+        n = len(self._spawn_spares(self.n_spares))
         if n:
             log.info("node=%d generation=%d rank=%d spare pool refilled with %d after %s",
                      self.node, g, rank, n, f"the replacement committed step {committed}"
                      if committed is not None else f"{self.REFILL_WAIT_S:.0f} s")
 
-    def _spawn_spares(self, at_least: int) -> int:
-        n = 0
+    def _spawn_spares(self, at_least: int, hold: bool = False) -> list[subprocess.Popen]:
+        """Start spares until the pool holds ``at_least`` (at most ``n_spares``); ``hold``
+        stops each at once (SIGSTOP) until ``_wake_held``."""
+        started = []
         with self._lock:
             while not self._done.is_set() and len(self.spares) < min(at_least, self.n_spares):
-                self.spares.append(self._spawn_spare())
-                n += 1
-        return n
+                spare = self._spawn_spare()
+                if hold:
+                    os.kill(spare.pid, signal.SIGSTOP)
+                    self._held.add(spare.pid)
+                    log.info("node=%d spare pid=%d started held (stopped) until the recovery is "
+                             "over", self.node, spare.pid)
+                self.spares.append(spare)
+                started.append(spare)
+        return started
+
+    def _wake_held(self, spares: list[subprocess.Popen], why: str) -> None:
+        for spare in spares:
+            if spare.pid in self._held:
+                self._held.discard(spare.pid)
+                try:
+                    os.kill(spare.pid, signal.SIGCONT)
+                except ProcessLookupError:
+                    continue
+                log.info("node=%d spare pid=%d woken: %s", self.node, spare.pid, why)
 
     # ---- main --------------------------------------------------------------------------
     def run(self) -> int:
