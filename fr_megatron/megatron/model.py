@@ -59,6 +59,11 @@ def initialize_parallel(cfg: TinyGPTConfig) -> None:
     seed_rngs(cfg)
 
 
+def _device():
+    """Where the job's tensors live: the current GPU, or the CPU without CUDA (CPU mode)."""
+    return torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
+
+
 def seed_rngs(cfg: TinyGPTConfig) -> None:
     """Seed the CPU generator and megatron's RNG tracker as Megatron-LM does.
 
@@ -198,7 +203,9 @@ class TinyGPTJob:
         return micro_batch(tokens, learnable_labels(tokens, cfg.vocab_size))
 
     def _forward_step(self, data_iterator, model):
-        batch = next(data_iterator)
+        # batches are made on the CPU (the same tokens on any machine) and used where the model
+        # is, as Megatron-LM's get_batch moves each one to the GPU
+        batch = {k: v.to(_device(), non_blocking=True) for k, v in next(data_iterator).items()}
         output = model(
             batch["tokens"],
             batch["position_ids"],
@@ -256,7 +263,7 @@ class TinyGPTJob:
         self.iteration = step + 1
         self.consumed_samples += self.global_batch_size
 
-        summed = torch.zeros(2, dtype=torch.float64)
+        summed = torch.zeros(2, dtype=torch.float64, device=_device())  # NCCL reduces on the GPU
         if parallel_state.is_pipeline_last_stage():
             for item in losses:
                 summed += item["lm loss"].double()
