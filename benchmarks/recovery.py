@@ -40,10 +40,11 @@ import tempfile
 import time
 from pathlib import Path
 
+from fr_megatron.launcher.spare import MEGATRON_PRELOAD as PRELOAD
+
 from .common import REPO, percentile, summary, table, write
 
 PROBE = REPO / "benchmarks" / "recovery_probe.py"
-PRELOAD = "torch,torch.distributed,fr_megatron.runtime,fr_megatron.megatron.preload"
 WORLD = 8
 FAULT_RANKS = (5, 2, 6, 1, 7, 3, 4, 0)  # both pipeline stages, both TP and DP positions
 RECOVERY_TARGET_S = 1.5

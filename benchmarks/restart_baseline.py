@@ -48,9 +48,10 @@ import time
 from datetime import datetime
 from pathlib import Path
 
+from fr_megatron.launcher.spare import MEGATRON_PRELOAD as PRELOAD
+
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "recipes" / "megatron" / "pretrain_gpt.py"
-PRELOAD = "torch,torch.distributed,fr_megatron.runtime,fr_megatron.megatron.preload"
 FAULT_RANKS = (5, 2, 6, 1, 7, 3)  # both pipeline stages, both TP positions; never rank 0
 TARGET_RATIO = 20.0
 TARGET_RANKS = 8

@@ -18,10 +18,10 @@ import sys
 import time
 from pathlib import Path
 
+from .launcher.spare import MEGATRON_PRELOAD as PRELOAD
 from .runtime.inject import KINDS, STEP_PHASES
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "megatron" / "pretrain_gpt.py"
-PRELOAD = "torch,torch.distributed,fr_megatron.runtime,fr_megatron.megatron.preload"
 _EVENT = re.compile(r"event=(fault_reported|fault_decided|replacement_started|recovered|"
                     r"job_stopped)\s+(.*)")
 _ITER = re.compile(r"iteration (\d+)/(\d+) \| lm loss ([0-9.]+)")

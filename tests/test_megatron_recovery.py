@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from fr_megatron.launcher.spare import MEGATRON_PRELOAD
 from fr_megatron.protocol.auth import new_token, write_token_file
 from fr_megatron.wandb_reader import read_run
 from jobs import REPO, run_job
@@ -43,8 +44,7 @@ def assert_ranks_equal(base: list[dict], got: list[dict]) -> None:
 
 
 # a warm spare has megatron-core imported too, not only torch
-PRELOAD = ["--preload", "torch,torch.distributed,fr_megatron.runtime,"
-                        "fr_megatron.megatron.preload"]
+PRELOAD = ["--preload", MEGATRON_PRELOAD]
 
 
 def megatron_job(tmp: Path, name: str, args=ARGS, inject=None, nproc=WORLD, spares=1,

@@ -16,6 +16,8 @@ import sys
 
 
 DEFAULT_PRELOAD = "torch,torch.distributed,fr_megatron.runtime"
+# a spare for a megatron-core job: megatron-core loaded as its peers load it (``megatron.preload``)
+MEGATRON_PRELOAD = f"{DEFAULT_PRELOAD},fr_megatron.megatron.preload"
 
 
 def preload(modules: str) -> None:

@@ -1,6 +1,7 @@
 """What a warm spare imports for a megatron-core job (``--preload``).
 
-Use ``--preload torch,torch.distributed,fr_megatron.runtime,fr_megatron.megatron.preload``.
+Use ``--preload torch,torch.distributed,fr_megatron.runtime,fr_megatron.megatron.preload``
+(``launcher.spare.MEGATRON_PRELOAD``).
 
 A spare imports its preload list by module name. Naming ``megatron.core`` there would load it
 with the real ``torch.compile`` around the fusion kernels, while the CPU ranks it may replace load
