@@ -172,6 +172,10 @@ def import_megatron_core() -> None:
         import megatron.core  # noqa: F401
     finally:
         torch.compile = compile_
+    # a warm spare that learns this process's modules loads megatron-core the same way
+    from fr_megatron.protocol import modules
+
+    modules.loaded_through("megatron", "fr_megatron.megatron.preload")
 
 
 def enable_cpu_mode() -> bool:

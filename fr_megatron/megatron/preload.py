@@ -1,9 +1,10 @@
-"""What a warm spare imports for a megatron-core job (``--preload``).
+"""How a warm spare imports megatron-core: as the job's CPU ranks do.
 
-Use ``--preload torch,torch.distributed,fr_megatron.runtime,fr_megatron.megatron.preload``
-(``launcher.spare.MEGATRON_PRELOAD``).
+A spare learns the modules its job's ranks imported (``protocol.modules``) and imports this
+module in megatron-core's place (``cpu.import_megatron_core`` registers it); ``--preload
+fr_megatron.megatron.preload`` imports it at the spare's start already.
 
-A spare imports its preload list by module name. Naming ``megatron.core`` there would load it
+A spare imports by module name. Naming ``megatron.core`` there would load it
 with the real ``torch.compile`` around the fusion kernels, while the CPU ranks it may replace load
 it through ``cpu.import_megatron_core`` (eager kernels): a replacement must run the code its
 peers run. Importing this module loads megatron-core the way the ranks do, with the parts a GPT

@@ -45,3 +45,7 @@ def startup_record(rank: int) -> str:
 def startup_digest(rank: int) -> str:
     """Signed SHA-256 of ``startup_record(rank)``: a replacement verifies it before unpickling."""
     return f"fr/startup/{rank}/digest"
+
+
+MODULES = "fr/modules"               # what rank 0 had imported once training started (zlib JSON)
+MODULES_DIGEST = "fr/modules/digest"  # signed SHA-256 of MODULES: an agent checks it before use
