@@ -46,6 +46,9 @@ class FlashRecoveryConfig(BaseModel):
     checkpoint_timeout: float = Field(
         1800.0, gt=0, description="seconds a disk checkpoint save may take before the rank saving "
                                   "it counts as hung (the hang timeout is for steps)")
+    stop_timeout: float = Field(
+        120.0, ge=0, description="seconds ranks that save a checkpoint when the job is stopped "
+                                 "(SIGTERM, Ctrl-C) get before they are killed")
     replicas: int = Field(1, ge=1, le=8, description="redundant copies of each rank's unique state")
     snapshot_depth: int = Field(2, ge=2, le=4, description="committed steps kept for rollback")
     spares: int = Field(1, ge=0, le=64, description="warm spare processes per node")

@@ -1,8 +1,14 @@
 """Recovery events: one record per event, to the JSON-lines journal, the log and wandb.
 
-The controller is the one writer. Every record carries time, generation, rank, step and phase,
-so the journal alone can replay what happened to the job. wandb is optional and lives behind
-a queue on its own thread: a missing or failing wandb never blocks or breaks training.
+The controller is the one writer of the journal. Every record carries time, generation, rank,
+step and phase, so the journal alone can replay what happened to the job. wandb is optional: the
+controller's run lives behind a queue on its own thread, and a missing or failing wandb never
+blocks or breaks training.
+
+A training script that logs its metrics to a wandb run of its own (Megatron-LM's
+``--wandb-project``, written by the last rank) also gets each recovery in that run, at the
+iteration training resumed from (``log_to_script_run``), so the loss curve and its faults are
+on one page; the launcher's run is in the same wandb group (``WANDB_RUN_GROUP``).
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ import json
 import logging
 import os
 import queue
+import sys
 import threading
 import time
 from typing import Any, Optional
@@ -47,7 +54,7 @@ class Journal:
                 self._file.write(json.dumps(rec, default=str) + "\n")
         log.info("event=%s generation=%s rank=%s step=%s phase=%s %s", event, generation, rank,
                  step, phase, " ".join(f"{k}={v}" for k, v in _clean(fields).items()
-                                       if k not in ("traceback",)))
+                                       if k not in ("traceback", "stderr")))
         return rec
 
     def close(self):
@@ -65,11 +72,13 @@ class Journal:
 class WandbSink:
     """Logs recoveries to wandb from a background thread; never raises into the caller."""
 
-    def __init__(self, cfg, run_name: str, config: dict | None = None):
+    def __init__(self, cfg, run_name: str, config: dict | None = None,
+                 group: Optional[str] = None):
         self._q: queue.Queue = queue.Queue()
         self.cfg = cfg
         self.run_name = run_name
         self.config = config or {}
+        self.group = group
         self.run_dir: Optional[str] = None
         self.error: Optional[str] = None
         self._counts: dict[str, int] = {}
@@ -96,7 +105,7 @@ class WandbSink:
 
             run = wandb.init(project=self.cfg.project, name=self.run_name, dir=self.cfg.dir,
                              tags=["flash-recovery", *self.cfg.tags], config=self.config,
-                             reinit=True)
+                             group=self.group, reinit=True)
             self.run_dir = getattr(run, "dir", None)
         except Exception as e:  # wandb missing or broken: recoveries still go to the journal
             self.error = f"{type(e).__name__}: {e}"
@@ -113,12 +122,9 @@ class WandbSink:
                 f = item["fault"]
                 kind_key = f"recovery/faults_{f.get('kind')}"
                 self._counts[kind_key] = self._counts.get(kind_key, 0) + 1
-                row = {"recovery/index": n, "recovery/generation": item["generation"],
-                       "recovery/rank": f.get("rank"), "recovery/fault_step": f.get("step"),
-                       "recovery/kind": f.get("kind"), "recovery/fault_phase": f.get("phase"),
-                       "recovery/steps_lost": item["steps_lost"],
+                row = {"recovery/index": n, **recovery_row(f, item["phases"], item["steps_lost"],
+                                                            item["generation"]),
                        "recovery/replacement_spare": int(item["replacement"] == "spare")}
-                row.update({f"recovery/phase_{k}_s": v for k, v in item["phases"].items()})
                 run.log(row)
                 run.summary["recoveries"] = n
                 run.summary.update(self._counts)
@@ -131,3 +137,44 @@ class WandbSink:
                 run.finish()
         except Exception as e:
             log.warning("wandb finish failed: %s", e)
+
+
+def recovery_row(fault: dict, phases: dict, steps_lost: int, generation: int) -> dict:
+    """One recovery as wandb metrics (``recovery/...``): the fault, each phase's seconds, the
+    steps lost."""
+    row = {"recovery/generation": generation, "recovery/rank": fault.get("rank"),
+           "recovery/fault_step": fault.get("step"), "recovery/kind": fault.get("kind"),
+           "recovery/fault_phase": fault.get("phase"), "recovery/steps_lost": steps_lost}
+    row.update({f"recovery/phase_{k}_s": v for k, v in phases.items() if v is not None})
+    return row
+
+
+def log_recovery_to_script_run(rep: dict, faults: list[dict], generation: int,
+                               iteration: int) -> bool:
+    """A rank's report of a recovery (``Session``) in the script's own wandb run, if it has one:
+    the fault (the first, when several were recovered together) with its detection time from
+    the plan, the phases, the steps lost."""
+    f = (faults or [{}])[0]
+    row = {**recovery_row(f, {"detect": f.get("detect_s"), **rep.get("phases", {})},
+                          rep.get("steps_lost", 0), generation),
+           "recovery/faults": len(faults), "recovery/recovery_point": rep.get("recovery_point")}
+    return log_to_script_run(row, iteration)
+
+
+def log_to_script_run(row: dict, iteration: int) -> bool:
+    """Log ``row`` into the wandb run this process's training script opened, if it has one, at
+    ``iteration`` (or the run's current step, when it is already past it: wandb drops rows
+    logged at an older step), uncommitted, so that the script's own metrics of that iteration
+    join the same row. wandb is never imported here; any error is logged, not raised. Returns
+    whether the row went to a run."""
+    wandb = sys.modules.get("wandb")
+    run = getattr(wandb, "run", None) if wandb is not None else None
+    if run is None:
+        return False
+    try:
+        step = max(int(iteration), int(getattr(run, "step", 0) or 0))
+        run.log({**row, "recovery/iteration": iteration}, step=step, commit=False)
+        return True
+    except Exception as e:  # noqa: BLE001 - the script's run must never break training
+        log.warning("could not log the recovery into the script's wandb run: %s", e)
+        return False

@@ -45,7 +45,8 @@ def _records(path: str):
 
 
 def read_run(run_dir_or_file: str) -> dict:
-    """{'history': [row, ...], 'summary': {...}, 'tags': [...], 'name': str} of an offline run."""
+    """{'history': [row, ...], 'summary': {...}, 'tags': [...], 'name': str, 'group': str} of an
+    offline run."""
     from wandb.proto import wandb_internal_pb2 as pb
 
     path = run_dir_or_file
@@ -54,7 +55,7 @@ def read_run(run_dir_or_file: str) -> dict:
         if not found:
             raise FileNotFoundError(f"no run-*.wandb under {path}")
         path = found[-1]
-    out: dict = {"history": [], "summary": {}, "tags": [], "name": None}
+    out: dict = {"history": [], "summary": {}, "tags": [], "name": None, "group": None}
     for raw in _records(path):
         rec = pb.Record()
         rec.ParseFromString(raw)
@@ -68,4 +69,5 @@ def read_run(run_dir_or_file: str) -> dict:
         elif kind == "run":
             out["tags"] = list(rec.run.tags)
             out["name"] = rec.run.display_name
+            out["group"] = rec.run.run_group or None
     return out
