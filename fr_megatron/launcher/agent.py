@@ -31,10 +31,12 @@ import psutil
 
 from ..config import FlashRecoveryConfig
 from ..protocol import keys
+from ..protocol import modules as learned_modules
 from ..protocol import node_beats
 from ..protocol.auth import AuthError, Signer
+from ..protocol.stderr_tail import STDERR_FD_ENV, StderrTail
 from ..protocol.store import connect, wait_key
-from .spare import DEFAULT_PRELOAD
+from .spare import DEFAULT_PRELOAD, MODULES_ENV, SCRIPT_ENV
 
 log = logging.getLogger("fr_megatron.agent")
 
@@ -46,18 +48,36 @@ class Worker:
     generation: int
     how: str = "initial"
     expected_exit: bool = False  # killed by a plan: its death is not a new fault
+    stderr: Optional[StderrTail] = None  # its start-up output, for a start-up failure's report
+
+
+# a worker ended by one of these was told to stop (by a user or a scheduler): the job stops
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 def classify_exit(status: int) -> tuple[str, dict]:
-    """waitpid status → (fault kind, detail)."""
+    """waitpid status → (fault kind, detail); kind "stop_signal" for ``STOP_SIGNALS``."""
     if os.WIFSIGNALED(status):
         sig = os.WTERMSIG(status)
+        if sig in STOP_SIGNALS:
+            return "stop_signal", {"signal": signal.Signals(sig).name}
         return ("segv" if sig == signal.SIGSEGV else "crash"), {"signal": signal.Signals(sig).name}
     code = os.WEXITSTATUS(status)
     return ("exit" if code else "exit0_early"), {"exit_code": code}
 
 
 WAKE_WAIT_S = 30.0  # an idle agent's one wait; it ends early when a plan or the end comes
+
+
+def popen_without_sigint(cmd: list[str], **kwargs) -> subprocess.Popen:
+    """Start a job process with SIGINT blocked (a signal mask is inherited): a Ctrl-C in the
+    terminal reaches every process of the foreground group, and the launcher, not each rank,
+    turns it into the job's orderly stop."""
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        return subprocess.Popen(cmd, **kwargs)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def watch_plan(store, g: int) -> Optional[bytes]:
@@ -75,7 +95,7 @@ class NodeAgent:
     def __init__(self, *, node_rank: int, nnodes: int, nproc: int, controller: tuple[str, int],
                  token: bytes, token_file: str, cfg: FlashRecoveryConfig, script: str,
                  script_args: list[str], spares: int, inject: Optional[str] = None,
-                 preload: str = DEFAULT_PRELOAD, python: str = sys.executable,
+                 preload: str = "", python: str = sys.executable,
                  extra_env: Optional[dict] = None, connect_timeout: float = 30.0,
                  spare_node: bool = False, run_dir: str, with_controller: bool = False):
         self.node, self.nnodes, self.nproc = node_rank, nnodes, nproc
@@ -94,7 +114,12 @@ class NodeAgent:
         self.script, self.script_args = os.path.abspath(script), list(script_args)
         self.n_spares = max(spares, nproc) if spare_node else spares
         self.inject = inject
-        self.preload = preload
+        # the spares' start: the default list and the --preload additions; the job's own
+        # modules follow once rank 0 has published them (``_learn_modules``)
+        self.preload = ",".join(dict.fromkeys(
+            m.strip() for m in f"{DEFAULT_PRELOAD},{preload}".split(",") if m.strip()))
+        self.run_dir = run_dir
+        self._learned: Optional[str] = None  # the learned module list, as a file for spares
         self.python = python
         self.extra_env = extra_env or {}
         self.store = connect(self.host, self.port, connect_timeout)
@@ -107,6 +132,11 @@ class NodeAgent:
         self._done = threading.Event()
         self._beat_ok_t = time.time()
         self.fenced = False
+        self.stopping: Optional[dict] = None  # the controller's signed stop, when one came
+        self.end: Optional[dict] = None       # the controller's signed done
+        self._force_stop = threading.Event()  # stop now, whatever the controller says
+        self._force_signal = "SIGINT"
+        self._stderr_fd = os.dup(2)  # the launcher's stderr, for each worker (``StderrTail``)
         # the ranks' heartbeats: received here, relayed in the node's own beat
         self.inbox = node_beats.BeatInbox(node_beats.socket_path(run_dir))
         self.beats: dict[int, dict] = {}  # rank -> newest verified beat (node_beats.RANK_FIELDS)
@@ -141,18 +171,26 @@ class NodeAgent:
             env.setdefault("OMP_NUM_THREADS", "1")
         env.update(self.extra_env)
         env["FR_SPARE_PRELOAD"] = self.preload
+        env[SCRIPT_ENV] = self.script
+        if self._learned:
+            env[MODULES_ENV] = self._learned
         env["FR_TOKEN_FILE"] = self.token_file
         env[node_beats.SOCKET_ENV] = self.inbox.path
         env["TORCH_CPP_LOG_LEVEL"] = "ERROR"
         return env
 
     def _spawn_worker(self, rank: int, generation: int, replacement: bool) -> subprocess.Popen:
-        env = {**self._base_env(), **self._env(rank, generation, replacement)}
-        return subprocess.Popen([self.python, "-u", self.script, *self.script_args], env=env)
+        env = {**self._base_env(), **self._env(rank, generation, replacement),
+               STDERR_FD_ENV: str(self._stderr_fd)}
+        proc = popen_without_sigint([self.python, "-u", self.script, *self.script_args], env=env,
+                                    stderr=subprocess.PIPE, pass_fds=(self._stderr_fd,))
+        proc.fr_stderr = StderrTail(proc.stderr, self._stderr_fd, f"rank{rank}")
+        proc.fr_stderr.start()
+        return proc
 
     def _spawn_spare(self) -> subprocess.Popen:
-        return subprocess.Popen([self.python, "-u", "-m", "fr_megatron.launcher.spare"],
-                                env=self._base_env(), stdin=subprocess.PIPE)
+        return popen_without_sigint([self.python, "-u", "-m", "fr_megatron.launcher.spare"],
+                                    env=self._base_env(), stdin=subprocess.PIPE)
 
     def _replace(self, rank: int, generation: int) -> tuple[subprocess.Popen, str]:
         while self.spares:
@@ -200,6 +238,13 @@ class NodeAgent:
                 if w.expected_exit:
                     continue
                 kind, detail = classify_exit(status)
+                if kind == "stop_signal" or self.stopping is not None:
+                    # told to stop, or ended while the job stops: the controller counts it
+                    log.info("node=%d rank=%d pid=%d ended (%s %s) while the job stops",
+                             self.node, w.rank, pid, kind, detail)
+                    self._send("fault", rank=w.rank, pid=pid, fault=kind, fault_t=t,
+                               node=self.node, generation=w.generation, **detail)
+                    continue
                 if self._finished(w.rank) or (kind == "exit0_early"
                                               and not self._has_session(w.rank)):
                     # a script without the recovery session has no "finished" mark: exit 0 is
@@ -212,13 +257,20 @@ class NodeAgent:
                         self._done.set()  # nothing left to supervise on this node
                     continue
                 hb = self._last_heartbeat(w.rank)
+                if w.stderr is not None and hb.get("committed", -1) < 1 and \
+                        kind in ("exit", "exit0_early"):
+                    # it ended in its start-up: what it wrote last says why
+                    w.stderr.join(1.0)
+                    detail["stderr"] = w.stderr.text()
                 log.warning("node=%d rank=%d pid=%d fault=%s %s step=%s phase=%s", self.node,
-                            w.rank, pid, kind, detail, hb.get("step"), hb.get("phase"))
+                            w.rank, pid, kind, {k: v for k, v in detail.items() if k != "stderr"},
+                            hb.get("step"), hb.get("phase"))
                 inj = hb.get("inject_t")
                 fault_t = inj if inj and t - 60 < inj <= t else t
                 self._send("fault", rank=w.rank, pid=pid, fault=kind, fault_t=fault_t, node=self.node,
                            generation=w.generation, step=hb.get("step", -1),
-                           phase=hb.get("phase", "unknown"), **detail)
+                           phase=hb.get("phase", "unknown"),
+                           committed=hb.get("committed", -1), **detail)
 
     def _has_session(self, rank: int) -> bool:
         return rank in self.beats
@@ -255,7 +307,8 @@ class NodeAgent:
         watcher = connect(self.host, self.port)
         rejected: set[bytes] = set()
         while not self._done.is_set():
-            g = self.generation + 1
+            # a stop takes the next generation's key; the job's end comes at the one after
+            g = self.generation + (2 if self.stopping else 1)
             try:
                 raw = watch_plan(watcher, g)
                 if raw is None:
@@ -267,8 +320,12 @@ class NodeAgent:
             try:
                 plan = self.signer.verify(raw)
                 if plan["kind"] == "done":
+                    self.end = plan
                     self._done.set()
                     return
+                if plan["kind"] == "stop" and self.stopping is None:
+                    self._on_stop(plan)
+                    continue
                 if plan["kind"] != "plan":
                     raise AuthError(f"a {plan['kind']!r} message where a plan belongs")
             except AuthError as e:
@@ -284,6 +341,33 @@ class NodeAgent:
                     self._apply(rank, g)
                 elif rank in self.ranks:  # moved to another node: stop hosting it
                     self._release(rank)
+
+    def _on_stop(self, stop: dict) -> None:
+        """The job stops and its ranks save first: each gets SIGTERM (Megatron-LM's
+        ``--exit-signal-handler`` signal), saves, and exits; the controller ends the job when
+        all have, or when the stop timeout has passed."""
+        self.stopping = stop
+        with self._lock:
+            live = [w for w in self.workers.values() if not w.expected_exit
+                    and w.proc.poll() is None]
+        log.info("node=%d the job stops (%s): SIGTERM to its %d ranks here, which save and exit",
+                 self.node, stop.get("signal"), len(live))
+        for w in live:
+            try:
+                os.kill(w.proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+
+    def request_stop(self, signal_name: str, force: bool = False) -> None:
+        """This node's launcher was told to stop (``launch``): the controller stops the job.
+        ``force`` (a second signal) stops this node now, whatever the controller does."""
+        if force:
+            self._force_signal = signal_name
+            self._force_stop.set()
+            self._done.set()
+            return
+        self._send("stop_requested", signal=signal_name, node=self.node,
+                   by=f"the launcher of node {self.node}")
 
     def _release(self, rank: int):
         with self._lock:
@@ -384,29 +468,32 @@ class NodeAgent:
                 pass
         with self._lock:
             proc, how = self._replace(rank, g)
-            self.workers[proc.pid] = Worker(rank, proc, g, how)
+            self.workers[proc.pid] = Worker(rank, proc, g, how, stderr=getattr(proc, "fr_stderr",
+                                                                               None))
             self.ranks.add(rank)
         log.info("node=%d generation=%d rank=%d replaced by %s pid=%d", self.node, g, rank, how,
                  proc.pid)
         self._send("replaced", rank=rank, generation=g, how=how, pid=proc.pid)
-        if how == "spare" or not self.spares:
-            threading.Thread(target=self._refill, args=(rank, g), daemon=True).start()
+        # an empty pool gets one spare now, so that the next fault finds a process to hand its
+        # rank, but held stopped (SIGSTOP): its imports would compete with this recovery
+        held = self._spawn_spares(1, hold=True, rank=rank, generation=g)
+        if how == "spare" or held:
+            threading.Thread(target=self._refill, args=(rank, g, held), daemon=True).start()
 
     # the longest a refill waits for the recovery it follows to finish
     REFILL_WAIT_S = 30.0
 
-    def _refill(self, rank: int, g: int):
+    def _refill(self, rank: int, g: int, held: list[subprocess.Popen]):
         """Top the spare pool up after the recovery that used a spare.
 
         A new spare imports torch and the framework: seconds of CPU that, started at the fault,
         compete with the recovery (on 2 cores the redone step took 1.9 s instead of 0.3 s with
         the pool refilled at once; a single spare still took 0.6 of the 2.6 CPU-s the node spent
         in a 1.4 s recovery). So the pool waits until rank ``rank`` has committed a step in
-        generation ``g`` after its restore (at most ``REFILL_WAIT_S``). An empty pool gets one
-        spare at once all the same, so that the next fault finds a process to hand its rank,
-        but held stopped (SIGSTOP) until then: it loads when the recovery is over, or at once
-        if a fault comes first and makes it a rank (``_replace``)."""
-        held = self._spawn_spares(1, hold=True)
+        generation ``g`` after its restore (at most ``REFILL_WAIT_S``). The spare ``_apply``
+        started ``held`` for an empty pool loads then, or at once if a fault comes first and
+        makes it a rank (``_replace``). Each step is a journal event (``spare_held``,
+        ``spare_woken``, ``spare_pool_refilled``)."""
         restored, committed = None, None
         deadline = time.time() + self.REFILL_WAIT_S
         while time.time() < deadline and not self._done.wait(0.05):
@@ -418,8 +505,9 @@ class NodeAgent:
             elif beat.get("committed", -1) > restored:
                 committed = beat["committed"]
                 break
-        if self._done.is_set():
+        if self._done.is_set() or self.stopping:
             return  # the job is over: its spares are killed, held or not
+        after = "committed" if committed is not None else "timeout"
         with self._lock:
             self._wake_held(held, f"generation {g} recovered" if committed is not None
                             else f"{self.REFILL_WAIT_S:.0f} s after generation {g}")
@@ -428,19 +516,30 @@ class NodeAgent:
             log.info("node=%d generation=%d rank=%d spare pool refilled with %d after %s",
                      self.node, g, rank, n, f"the replacement committed step {committed}"
                      if committed is not None else f"{self.REFILL_WAIT_S:.0f} s")
+            self._event("spare_pool_refilled", g, rank, started=n, after=after,
+                        restored=restored, committed=committed)
 
-    def _spawn_spares(self, at_least: int, hold: bool = False) -> list[subprocess.Popen]:
+    def _event(self, name: str, generation: int, rank: Optional[int] = None, **fields) -> None:
+        """A journal event from this agent (the controller writes the journal)."""
+        self._send("event", event=name, generation=generation, rank=rank,
+                   fields={"node": self.node, **fields})
+
+    def _spawn_spares(self, at_least: int, hold: bool = False, rank: Optional[int] = None,
+                      generation: Optional[int] = None) -> list[subprocess.Popen]:
         """Start spares until the pool holds ``at_least`` (at most ``n_spares``); ``hold``
-        stops each at once (SIGSTOP) until ``_wake_held``."""
+        stops each at once (SIGSTOP) until ``_wake_held``, for the recovery of ``rank`` in
+        ``generation``."""
         started = []
         with self._lock:
-            while not self._done.is_set() and len(self.spares) < min(at_least, self.n_spares):
+            while not self._done.is_set() and not self.stopping and \
+                    len(self.spares) < min(at_least, self.n_spares):
                 spare = self._spawn_spare()
                 if hold:
                     os.kill(spare.pid, signal.SIGSTOP)
                     self._held.add(spare.pid)
                     log.info("node=%d spare pid=%d started held (stopped) until the recovery is "
                              "over", self.node, spare.pid)
+                    self._event("spare_held", generation, rank, pid=spare.pid)
                 self.spares.append(spare)
                 started.append(spare)
         return started
@@ -454,13 +553,52 @@ class NodeAgent:
                 except ProcessLookupError:
                     continue
                 log.info("node=%d spare pid=%d woken: %s", self.node, spare.pid, why)
+                self._event("spare_woken", self.generation, pid=spare.pid, why=why)
+
+    def _learn_modules(self):
+        """Hands the spares what rank 0 had imported once training started
+        (``protocol.modules``): a file they import from, named in a line on their stdin; spares
+        started later find it in their environment."""
+        watcher = connect(self.host, self.port)
+        while not self._done.is_set():
+            try:
+                if not wait_key(watcher, keys.MODULES_DIGEST, WAKE_WAIT_S):
+                    continue
+                listing = learned_modules.read(watcher, self.signer)
+            except AuthError as e:
+                log.error("node=%d rejected the published module list: %s", self.node, e)
+                return
+            except Exception as e:  # store unreachable: the heartbeat decides about fencing
+                log.warning("node=%d module list: %s", self.node, e)
+                time.sleep(0.5)
+                continue
+            path = os.path.join(self.run_dir, "spare_modules.json")
+            with open(path + ".tmp", "w") as f:
+                json.dump({"modules": listing["modules"], "path": listing["path"]}, f)
+            os.replace(path + ".tmp", path)
+            line = (json.dumps({"preload_file": path}) + "\n").encode()
+            with self._lock:
+                self._learned = path
+                told = 0
+                for spare in self.spares:
+                    try:
+                        spare.stdin.write(line)
+                        spare.stdin.flush()
+                        told += 1
+                    except (BrokenPipeError, OSError, ValueError):
+                        pass
+            log.info("node=%d spares learn %d modules from %s (%d spares told)", self.node,
+                     len(listing["modules"]), listing["from"], told)
+            self._event("spare_modules_learned", self.generation, modules=len(listing["modules"]),
+                        source=listing["from"], spares=told)
+            return
 
     # ---- main --------------------------------------------------------------------------
     def run(self) -> int:
         with self._lock:
             for rank in sorted(self.ranks):
                 proc = self._spawn_worker(rank, 0, False)
-                self.workers[proc.pid] = Worker(rank, proc, 0)
+                self.workers[proc.pid] = Worker(rank, proc, 0, stderr=proc.fr_stderr)
             for _ in range(self.n_spares):
                 self.spares.append(self._spawn_spare())
         self._send("agent_started", node=self.node, spare=self.spare_node, pid=os.getpid())
@@ -468,7 +606,7 @@ class NodeAgent:
                  self.n_spares, " (spare node)" if self.spare_node else "")
         threads = [threading.Thread(target=f, daemon=True, name=f.__name__)
                    for f in (self._reaper, self._stop_watch, self._plan_watch, self._inbox,
-                             self._beat)]
+                             self._beat, self._learn_modules)]
         for t in threads:
             t.start()
         self._beat_ok_t = time.time()
@@ -478,21 +616,56 @@ class NodeAgent:
             if self.cut_off(time.time()):
                 self._fence()
         self.shutdown()
-        return 1 if self.fenced else 0
+        return self.exit_code()
+
+    def exit_code(self) -> int:
+        """1 when fenced or the job failed; 128 + the signal when it was stopped by one (as a
+        shell reports a process a signal ended); else 0."""
+        end = self.end or {}
+        if self.fenced or end.get("fatal"):
+            return 1
+        if end.get("stopped") or self._force_stop.is_set():
+            name = end.get("stopped") or self._force_signal
+            return 128 + int(getattr(signal, name, signal.SIGINT))
+        return 0
+
+    SHUTDOWN_WAIT_S = 5.0
 
     def shutdown(self):
+        """Kill every process this node started (workers with their own children, spares,
+        held ones included) and wait for them, so that none outlives the launcher."""
         self._done.set()
         with self._lock:
-            for w in self.workers.values():
+            workers = list(self.workers.values())
+            procs = []
+            for w in workers:
+                try:
+                    procs += psutil.Process(w.proc.pid).children(recursive=True)
+                except psutil.Error:
+                    pass
                 if w.proc.poll() is None:
                     w.expected_exit = True
-                    w.proc.kill()
             spares, self.spares = list(self.spares), []
-        for s in spares:  # idle spares hold nothing: no need to wait for one still importing
+        for s in spares:
             try:
                 s.stdin.close()
             except OSError:
                 pass
-            s.kill()
-            s.wait()
+        for p in [*(w.proc for w in workers), *spares, *procs]:
+            try:
+                p.kill()
+            except (ProcessLookupError, psutil.Error, OSError):
+                pass
+        pids = [w.proc.pid for w in workers] + [s.pid for s in spares] + \
+            [p.pid for p in procs]
+        gone = []
+        for pid in pids:
+            try:
+                gone.append(psutil.Process(pid))
+            except psutil.Error:
+                pass
+        psutil.wait_procs(gone, timeout=self.SHUTDOWN_WAIT_S)
+        for w in workers:  # what they wrote last is shown before the launcher ends
+            if w.stderr is not None:
+                w.stderr.join(1.0)
         self.inbox.close()

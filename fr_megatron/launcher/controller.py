@@ -28,14 +28,31 @@ from ..events import Journal, WandbSink
 from ..protocol import keys
 from ..protocol.auth import AuthError, ReplayGuard, Signer, read_token
 from ..protocol.store import connect, host_store
+from ..runtime.inject import parse as parse_inject
 from .detector import RankView, find_hang
 
 log = logging.getLogger("fr_megatron.controller")
 
 FAULT_KINDS = ("crash", "segv", "exit", "exit0_early", "exception", "hang", "hang_gil", "stop",
                "node_lost")
-DEBOUNCE_S = 0.03
-MAX_FAILED_RESTARTS = 3  # reports arriving this close together are decided as one fault
+DEBOUNCE_S = 0.03  # reports arriving this close together are decided as one fault
+MAX_FAILED_RESTARTS = 3
+# how a script fails, as opposed to how a process is lost: in its start-up (before it has
+# committed its first training step, in the job's first generation) these stop the job at once,
+# since a replacement would run into the same error; a crash, a hang or a lost node there is
+# replaced as anywhere else
+FAILURE_KINDS = ("exception", "exit", "exit0_early")
+
+
+def startup_failure(kind: str, generation: int, committed: int) -> bool:
+    """Whether a fault is a start-up failure (a bad flag, an import error, a script that
+    exits): ``kind`` in ``FAILURE_KINDS``, in generation 0, before the rank committed step 1."""
+    return kind in FAILURE_KINDS and generation == 0 and committed < 1
+
+
+def _last_line(text: str) -> str:
+    lines = [ln.strip() for ln in (text or "").splitlines() if ln.strip()]
+    return lines[-1][:300] if lines else ""
 
 
 def _fault_time(inject_t: Optional[float], observed_t: float, now: float) -> float:
@@ -92,7 +109,8 @@ class Recovery:
 class Controller:
     def __init__(self, world_size: int, nnodes: int, nproc_per_node: int, host: str, port: int,
                  token: bytes, cfg: FlashRecoveryConfig, report_path: Optional[str] = None,
-                 run_name: str = "fr_megatron"):
+                 run_name: str = "fr_megatron", inject: Optional[str] = None,
+                 wandb_group: Optional[str] = None):
         self.world_size, self.nnodes, self.nproc = world_size, nnodes, nproc_per_node
         self.cfg = cfg
         self.signer = Signer(token, "controller")
@@ -116,10 +134,21 @@ class Controller:
         self.replaced_pids: set[int] = set()  # processes already decided on: later reports of
         # the same death (the agent's exit after the worker's own traceback) change nothing
         self.exit_code = 0
+        self.injections = parse_inject(inject)
+        # a stop by signal: {"signal", "by", "save", "force", "deadline", ...} (``request_stop``)
+        self.stopping: Optional[dict] = None
+        self.saving_ranks: set[int] = set()   # ranks that save a checkpoint on a stop signal
+        self.exited_ranks: set[int] = set()   # ranks gone while the job stops
+        # the newest step each rank is known to have committed, beside its heartbeats: from its
+        # recovery and end reports, and its predecessor's beats when it was replaced
+        self.rank_steps: dict[int, int] = {}
+        self.checkpoints: list[dict] = []     # checkpoint_saved events
+        self.startup_error: Optional[str] = None  # what the rank that failed in start-up wrote
+        self._end_wake = None                 # where the job's end goes, when not the default
         self._lock = threading.RLock()
         self._stop = threading.Event()
-        self.wandb = WandbSink(cfg.wandb, run_name, {"world_size": world_size, "nnodes": nnodes}) \
-            if cfg.wandb.enabled else None
+        self.wandb = WandbSink(cfg.wandb, run_name, {"world_size": world_size, "nnodes": nnodes},
+                               group=wandb_group) if cfg.wandb.enabled else None
         self._publish_generation()
 
     # ---- the store protocol ------------------------------------------------------------
@@ -153,8 +182,10 @@ class Controller:
             t.start()
         while not self._stop.wait(0.05):
             with self._lock:
-                if self.fatal:
+                if self.fatal or (self.stopping and self._stop_complete(time.time())):
                     break  # a job that is stopping opens no new generation
+                if self.stopping:
+                    continue
                 if self.pending and time.time() - min(f.reported_t for f in self.pending.values()) \
                         >= DEBOUNCE_S:
                     self._decide()
@@ -293,14 +324,33 @@ class Controller:
         return moved
 
     def _last_good_step(self) -> int:
-        live = [v.committed for v in self.views.values()]
+        """The newest step every rank is known to have committed (from its heartbeats, and
+        from its own reports)."""
+        live = [max(v.committed, self.rank_steps.get(r, -1)) for r, v in self.views.items()]
         return min(live) if live else -1
+
+    def _rank_committed(self, rank: int, step: int) -> None:
+        self.rank_steps[rank] = max(self.rank_steps.get(rank, -1), step)
 
     # ---- events ------------------------------------------------------------------------
     def _on_event(self, ev: dict):
         kind = ev["kind"]
         with self._lock:
-            if kind == "fault":
+            if kind == "fault" and (self.stopping or ev.get("fault") == "stop_signal"):
+                rank = int(ev["rank"])
+                if ev.get("fault") == "stop_signal":  # a rank ended by SIGINT / SIGTERM
+                    self.request_stop(ev.get("signal", "SIGTERM"),
+                                      f"rank {rank} (pid {ev.get('pid')})")
+                if rank not in self.exited_ranks and ev.get("pid") not in self.replaced_pids:
+                    self.exited_ranks.add(rank)
+                    self.journal.write("rank_exited", generation=self.generation, rank=rank,
+                                       how=ev.get("fault"), pid=ev.get("pid"),
+                                       **{k: ev[k] for k in ("signal", "exit_code") if k in ev})
+            elif kind == "stop_requested":
+                self.request_stop(str(ev.get("signal", "SIGTERM")), str(ev.get("by", "?")))
+            elif kind == "saves_on_stop":
+                self.saving_ranks.add(int(ev["rank"]))
+            elif kind == "fault":
                 rank = int(ev["rank"])
                 v = self.views[rank]
                 step = ev.get("step", v.step)
@@ -317,7 +367,8 @@ class Controller:
                                          fault_t=ev.get("fault_t", ev["ts"]),
                                          reported_t=time.time(),
                                          detail={k: ev[k] for k in ("traceback", "exit_code",
-                                                                    "signal", "node")
+                                                                    "signal", "node", "stderr",
+                                                                    "committed")
                                                  if k in ev}))
             elif kind == "replaced":
                 for rec in self.recoveries[::-1]:
@@ -334,6 +385,7 @@ class Controller:
                         if rec.generation == ev["generation"] and f.rank == ev["rank"]:
                             f.joined_t = ev["ts"]
             elif kind == "recovered":
+                self._rank_committed(int(ev["rank"]), int(ev.get("recovery_point", -2)) + 1)
                 for rec in self.recoveries:
                     if rec.generation == ev["generation"]:
                         rec.reports[int(ev["rank"])] = ev
@@ -353,6 +405,7 @@ class Controller:
                             self.restarts_without_progress.clear()
             elif kind == "finished":
                 self.finished_ranks.add(int(ev["rank"]))
+                self._rank_committed(int(ev["rank"]), int(ev.get("step", -1)))
             elif kind == "agent_started":
                 node = int(ev["node"])
                 if ev.get("pid") == os.getpid():
@@ -374,6 +427,9 @@ class Controller:
                                    step=ev.get("step"), reason=self.fatal,
                                    last_good_step=ev.get("last_good_step"))
             elif kind == "event":
+                if ev["event"] == "checkpoint_saved":
+                    self.checkpoints.append({"rank": ev.get("rank"), "t": time.time(),
+                                             **ev.get("fields", {})})
                 self.journal.write(ev["event"], generation=ev.get("generation", self.generation),
                                    rank=ev.get("rank"), step=ev.get("step"),
                                    phase=ev.get("phase"), **ev.get("fields", {}))
@@ -382,10 +438,14 @@ class Controller:
                                    kind=str(kind)[:64])
 
     def _report_fault(self, f: Fault):
-        if self.fatal:
+        if self.fatal or self.stopping:
             return  # the job is stopping: deaths from here on are its consequence
         if f.kind not in FAULT_KINDS:
             f.kind = "crash"
+        committed = f.detail.pop("committed", self.views[f.rank].committed)
+        if startup_failure(f.kind, f.generation, committed) and not self.recoveries:
+            self._stop_startup(f)
+            return
         old = self.pending.get(f.rank)
         if old is None:
             self.pending[f.rank] = f
@@ -396,6 +456,60 @@ class Controller:
             # the worker's own traceback report is more precise than its exit code
             f.fault_t = min(f.fault_t, old.fault_t)
             self.pending[f.rank] = f
+
+    def _stop_startup(self, f: Fault) -> None:
+        """A rank failed in its start-up: stop the job now, with its error, instead of
+        replacing it again and again (its replacement would fail the same way)."""
+        how = {"exception": "raised an exception", "exit0_early": "exited with code 0",
+               "exit": f"exited with code {f.detail.get('exit_code')}"}[f.kind]
+        error = f.detail.get("traceback") or f.detail.get("stderr") or ""
+        lost = sorted(p.rank for p in self.pending.values() if p.kind not in FAILURE_KINDS)
+        self.startup_error = error
+        self.fatal = (f"rank {f.rank} {how} during start-up, before the job's first training "
+                      f"step{f' (after rank(s) {lost} were lost)' if lost else ''}: "
+                      f"{_last_line(error) or 'see its output above'}; a start-up error is "
+                      "not retried: fix it and start the job again")
+        self.exit_code = 1
+        self.journal.write("fault_reported", generation=self.generation, rank=f.rank,
+                           step=f.step, phase=f.phase, kind=f.kind, pid=f.pid, **f.detail)
+        self.journal.write("job_stopped", generation=self.generation, rank=f.rank, step=f.step,
+                           phase=f.phase, reason=self.fatal, startup=True, last_good_step=-1)
+
+    # ---- a stop by signal --------------------------------------------------------------
+    def request_stop(self, signal_name: str, by: str, force: bool = False) -> None:
+        """Stop the job (SIGINT / SIGTERM to a launcher or a rank). When its ranks save a
+        checkpoint on a stop (Megatron-LM's ``--exit-signal-handler`` with ``--save``), each
+        gets SIGTERM through its agent and the job ends once all have exited, or after the stop
+        timeout; otherwise, or with ``force`` (a second signal), it ends now and the agents
+        kill the ranks. Faults from here on only count ranks as gone."""
+        with self._lock:
+            now = time.time()
+            if self.stopping is not None:
+                if force and not self.stopping["force"]:
+                    self.stopping["force"] = True
+                    self.journal.write("stop_forced", generation=self.generation,
+                                       signal=signal_name, by=by)
+                return
+            save = bool(self.saving_ranks) and not force and not self.fatal
+            self.stopping = {"signal": signal_name, "by": by, "save": save, "force": force,
+                             "t": now, "deadline": now + self.cfg.stop_timeout}
+            if not self.fatal:
+                self.exit_code = 128 + int(getattr(signal, signal_name, signal.SIGTERM))
+            self.pending.clear()
+            self.journal.write("stop_requested", generation=self.generation, signal=signal_name,
+                               by=by, save=save, stop_timeout=self.cfg.stop_timeout,
+                               last_good_step=self._last_good_step())
+            if save:  # the agents wait at the next generation's key: the stop goes there
+                g = self.generation + 1
+                self.store.set(keys.agent_wake(g), self.signer.sign(
+                    "stop", signal=signal_name, forward=True, timeout=self.cfg.stop_timeout))
+                self._end_wake = g + 1
+
+    def _stop_complete(self, now: float) -> bool:
+        st = self.stopping
+        gone = self.exited_ranks | self.finished_ranks
+        return (not st["save"] or st["force"] or now >= st["deadline"]
+                or len(gone) >= self.world_size or len(self.done_nodes) >= self.nnodes)
 
     def _decide(self):
         """Replace every pending faulty rank in one new generation and publish the plan."""
@@ -446,11 +560,13 @@ class Controller:
             return
         self.node_of.update(moved)
         for rank in replaced:  # judged again from its replacement's first heartbeat
+            self._rank_committed(rank, self.views[rank].committed)
             self.views[rank] = RankView(rank)
         survivors = {r: v.pid for r, v in self.views.items() if r not in replaced}
         plan = {"generation": g, "replaced": replaced,
                 "faults": [{"rank": f.rank, "kind": f.kind, "step": f.step, "phase": f.phase,
-                            "pid": f.pid, "node": f.detail.get("node", self.node_of[f.rank])}
+                            "pid": f.pid, "node": f.detail.get("node", self.node_of[f.rank]),
+                            "detect_s": round(now - f.fault_t, 4)}
                            for f in faults],
                 "placement": {str(r): n for r, n in moved.items()},
                 "decided_t": now}
@@ -522,20 +638,54 @@ class Controller:
         return {"world_size": self.world_size, "nnodes": self.nnodes,
                 "generations": self.generation, "faults": faults,
                 "rejected_messages": self.rejected, "fatal": self.fatal,
+                "startup_error": self.startup_error,
+                "stopped": self._stopped(), "exit_code": self.exit_code,
                 "finished_ranks": len(self.finished_ranks)}
 
+    def _stopped(self) -> Optional[dict]:
+        st = self.stopping
+        if st is None:
+            return None
+        saved = [c for c in self.checkpoints if c.get("t", 0) >= st["t"]]
+        return {"signal": st["signal"], "by": st["by"], "save": st["save"],
+                "forced": st["force"], "last_committed_step": self._last_good_step(),
+                "checkpoint_iteration": max((c.get("iteration", -1) for c in saved),
+                                            default=None),
+                "ranks_exited": len(self.exited_ranks | self.finished_ranks)}
+
+    def _unfired_injections(self) -> list[str]:
+        try:
+            return [str(i) for i in self.injections
+                    if not self.store.check([keys.injection_fired(i.index)])]
+        except Exception:  # noqa: BLE001 - a report without this is still a report
+            return []
+
     def _finish(self):
+        for spec in self._unfired_injections():
+            self.journal.write("injection_not_fired", generation=self.generation, spec=spec)
+            log.warning("--inject %s never fired: the job never ran that rank, step and phase",
+                        spec)
         rep = self.report()
-        self.journal.write("job_finished" if not self.fatal else "job_failed",
-                           generation=self.generation, faults=len(rep["faults"]))
+        stopped = rep["stopped"]
+        if stopped and not self.fatal:
+            self.journal.write("job_stopped", generation=self.generation,
+                               reason=f"stopped by {stopped['signal']} ({stopped['by']})",
+                               signal=stopped["signal"],
+                               last_good_step=stopped["last_committed_step"],
+                               checkpoint_iteration=stopped["checkpoint_iteration"])
+        self.journal.write("job_failed" if self.fatal else
+                           "job_interrupted" if stopped else "job_finished",
+                           generation=self.generation, faults=len(rep["faults"]),
+                           exit_code=self.exit_code)
         if self.report_path:
             tmp = self.report_path + ".tmp"
             with open(tmp, "w") as f:
                 json.dump(rep, f, indent=2)
             os.replace(tmp, self.report_path)
         # the job's end, where every agent waits for the next plan: no plan comes after this
-        self.store.set(keys.agent_wake(self.generation + 1),
-                       self.signer.sign("done", fatal=self.fatal or ""))
+        self.store.set(keys.agent_wake(self._end_wake or self.generation + 1),
+                       self.signer.sign("done", fatal=self.fatal or "",
+                                        stopped=stopped["signal"] if stopped else ""))
         if self.wandb:
             self.wandb.close()
         self._stop.set()
@@ -545,16 +695,24 @@ class Controller:
         self._stop.set()
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fr-megatron controller",
-                                description="Host a job's store and decide its recoveries.")
-    p.add_argument("--address", default="127.0.0.1:0", help="HOST:PORT to listen on")
-    p.add_argument("--world-size", type=int, required=True)
-    p.add_argument("--nnodes", type=int, default=1)
-    p.add_argument("--nproc-per-node", type=int, required=True)
-    p.add_argument("--report", default=None)
+                                description="Host a job's store and decide its recoveries "
+                                            "(fr-megatron run starts one on node 0 itself).")
+    p.add_argument("--address", default="127.0.0.1:0",
+                   help="HOST:PORT to listen on (default: loopback, a free port)")
+    p.add_argument("--world-size", type=int, required=True, help="ranks in the job")
+    p.add_argument("--nnodes", type=int, default=1, help="nodes that run ranks (default 1)")
+    p.add_argument("--nproc-per-node", type=int, required=True, help="ranks per node")
+    p.add_argument("--report", default=None, help="write the JSON recovery report here")
     p.add_argument("--ready-file", default=None, help="write HOST:PORT here once listening")
-    p.add_argument("--run-name", default="fr_megatron")
+    p.add_argument("--run-name", default="fr_megatron",
+                   help="name of the wandb run that logs recoveries (default fr_megatron)")
+    return p
+
+
+def main(argv=None) -> int:
+    p = build_parser()
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     host, port = parse_address(a.address, "--address") if not a.address.endswith(":0") else \
@@ -562,7 +720,9 @@ def main(argv=None) -> int:
     cfg = FlashRecoveryConfig.from_env()
     ctl = Controller(a.world_size, a.nnodes, a.nproc_per_node, host, port, read_token(), cfg,
                      a.report, a.run_name)
-    signal.signal(signal.SIGTERM, lambda *_: ctl.stop())
+    for sig in (signal.SIGINT, signal.SIGTERM):  # the job stops as under fr-megatron run
+        signal.signal(sig, lambda signum, _: ctl.request_stop(
+            signal.Signals(signum).name, f"{signal.Signals(signum).name} to the controller"))
     if a.ready_file:
         with open(a.ready_file + ".tmp", "w") as f:
             f.write(f"{ctl.host}:{ctl.port}")

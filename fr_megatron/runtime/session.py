@@ -31,7 +31,10 @@ import torch
 import torch.distributed as dist
 
 from ..config import FlashRecoveryConfig, parse_address
+from ..events import log_recovery_to_script_run
 from ..protocol import keys
+from ..protocol import modules as job_modules
+from ..protocol.stderr_tail import restore_stderr
 from ..protocol.auth import Signer, read_token
 from ..protocol.node_beats import BeatSender
 from ..protocol.store import connect, connect_cuttable, shutdown_sockets
@@ -96,7 +99,14 @@ class Session:
         self._lock = threading.Lock()
         self._step_t0 = time.time()
         self._pending_report: Optional[dict] = None
+        self._pending_faults: list[dict] = []
         self.recoveries: list[dict] = []
+        self._trained = False  # this process has committed a training step
+        self._published = False  # its modules, for the warm spares
+        self._recoveries_logged = 0
+        # what the framework calls the step after runtime step ``s``: ``s + iteration_offset``
+        # (Megatron-LM's iteration); a recovery goes into the script's wandb run there
+        self.iteration_offset = 0
         # the agent fences a node cut off for twice the node timeout; a rank whose agent is gone
         # fences itself after the same time (its beats fail: nobody supervises it any more)
         self.heartbeat = Heartbeat(self._beats.send, self.signer, rank, self.cfg.heartbeat_interval,
@@ -259,6 +269,7 @@ class Session:
         return 1
 
     def begin_step(self, step: int) -> None:
+        self._after_commit()
         self.step = step
         self._step_t0 = time.time()
         self.heartbeat.poke()  # a new step is progress even if the phase name is the same
@@ -288,6 +299,24 @@ class Session:
                       first_step_t=now, **rep)
             self.recoveries.append(rep)
             release_deferred()  # the groups of older generations, now that the rebuild is over
+
+    def _after_commit(self) -> None:
+        """What follows a committed step, outside the step transaction: training has started
+        (rank 0 publishes what it imported, for the warm spares); this process's start-up is
+        over at its first training step (its stderr goes straight to the launcher's again: the
+        agent kept its tail for a start-up failure); a recovery it resumed from."""
+        if self.committed >= 0 and not self._published:
+            self._published = True
+            if self.rank == 0:
+                job_modules.publish_soon(self.host, self.port, self.signer)
+        if self.committed >= 1 and not self._trained:
+            self._trained = True
+            restore_stderr()
+        if len(self.recoveries) > self._recoveries_logged:
+            self._recoveries_logged = len(self.recoveries)
+            rep = self.recoveries[-1]
+            log_recovery_to_script_run(rep, self._pending_faults, self.generation,
+                                       rep.get("recovery_point", 0) + 1 + self.iteration_offset)
 
     def run(self, train_step: Callable[[int], Any], num_steps: int) -> dict[int, Any]:
         """Train steps 1..num_steps, recovering from faults; returns step -> output."""
@@ -363,6 +392,7 @@ class Session:
         self.sm.to(State.SYNCING, self.generation, self.step)
 
     def _sync_and_resume(self, plan: dict) -> int:
+        self._pending_faults = list(plan.get("faults", []))
         step = self._sync(plan)
         self.sm.to(State.RUNNING, self.generation, self.step)
         self._pending_report = {"phases": self.sm.take_phases(), **self._last_sync}
@@ -375,9 +405,12 @@ class Session:
                   self.generation, self.step, self.phase_name, exc)
         self.send("fault", fault="exception", pid=os.getpid(), step=self.step,
                   phase=self.phase_name, generation=self.generation, fault_t=time.time(),
-                  traceback=tb[-4000:])
-        sys.stderr.write(tb)
-        sys.stderr.flush()
+                  committed=self.committed, traceback=tb[-4000:])
+        try:
+            sys.stderr.write(tb)
+            sys.stderr.flush()
+        except OSError:
+            pass  # nowhere to write it: the report above carries it
         os._exit(EXIT_FAULTY)
 
     def _enter_generation(self, plan: dict) -> None:
@@ -554,6 +587,7 @@ class Session:
         self.copies.wait()
 
     def close(self) -> None:
+        self._after_commit()
         self.sm.to(State.FINISHED, self.generation, self.step)
         self.store.set(f"fr/finished/{self.rank}", b"1")
         self.send("finished", step=self.step)
