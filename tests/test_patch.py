@@ -458,8 +458,9 @@ def test_checkpoint_phase_marks_the_save_and_wraps_once(monkeypatch):
     from fr_megatron.megatron import training_hooks
 
     phases = []
-    monkeypatch.setattr(training_hooks, "_session",
-                        type("Session", (), {"phase": lambda self, name: phases.append(name)})())
+    monkeypatch.setattr(training_hooks, "_session", type("Session", (), {
+        "rank": 0, "phase": lambda self, name: phases.append(name),
+        "event": lambda self, name, **fields: phases.append((name, fields))})())
 
     def save_checkpoint_and_time(iteration, *args, **kwargs):
         phases.append(f"saving {iteration}")
@@ -469,7 +470,8 @@ def test_checkpoint_phase_marks_the_save_and_wraps_once(monkeypatch):
     assert training_hooks.checkpoint_phase(wrapped) is wrapped
     assert wrapped.__name__ == "save_checkpoint_and_time"
     assert wrapped(7, model=None) == "saved"
-    assert phases == ["checkpoint", "saving 7"]
+    # rank 0 journals the save once it is done (a stopped job's last line names it)
+    assert phases == ["checkpoint", "saving 7", ("checkpoint_saved", {"iteration": 7})]
 
 
 class _FakeIntegration:

@@ -172,8 +172,15 @@ def on_train_start(model, optimizer, opt_param_scheduler, args, iteration: int =
     phases.install(config, optimizer, _mark)
     _session.attach(integration)
     _lm = lm
+    if getattr(args, "exit_signal_handler", False):
+        # Megatron-LM's SIGTERM handler saves (with --save) and exits: a stopped job sends
+        # every rank SIGTERM and waits for that
+        from fr_megatron.runtime.stop_signal import save_on_stop
+
+        save_on_stop(_session)
     step = _session.start()
     _first_iteration = progress.start_iteration  # a replacement's came from its peers
+    _session.iteration_offset = _first_iteration
     first = _first_iteration + step - 1
     if lm is not None and _session.replacement:
         lm.recovered(first, replacement=True)
@@ -207,12 +214,16 @@ def on_step_end(iteration: int, loss_dict: Any = None) -> None:
 
 
 @contextlib.contextmanager
-def saving_checkpoint():
+def saving_checkpoint(iteration: Optional[int] = None):
     """Around a disk checkpoint save between steps: the rank reports the phase "checkpoint",
-    judged by ``checkpoint_timeout`` instead of the hang timeout of a step."""
+    judged by ``checkpoint_timeout`` instead of the hang timeout of a step. Rank 0 journals
+    the save of ``iteration`` once it is done (``checkpoint_saved``: a stopped job's last line
+    names it)."""
     if _session is not None:
         _session.phase("checkpoint")
     yield
+    if _session is not None and isinstance(iteration, int) and _session.rank == 0:
+        _session.event("checkpoint_saved", iteration=iteration)
 
 
 def checkpoint_phase(save: Callable) -> Callable:
@@ -224,7 +235,7 @@ def checkpoint_phase(save: Callable) -> Callable:
 
     @functools.wraps(save)
     def save_as_checkpoint_phase(*args, **kwargs):
-        with saving_checkpoint():
+        with saving_checkpoint(args[0] if args else kwargs.get("iteration")):
             return save(*args, **kwargs)
 
     save_as_checkpoint_phase._fr_checkpoint_phase = True

@@ -17,6 +17,10 @@ parameters and the optimizer's state, to compare runs bit for bit. ``--save DIR 
 and ``--load DIR`` checkpoint to disk as Megatron-LM does (``fr_megatron.megatron.checkpoint``:
 megatron-core dist_checkpointing, ``DIR/iter_0000010/``, ``DIR/latest_checkpointed_iteration.txt``);
 they work with and without ``--flash-recovery``, whose own recovery never reads them.
+``--exit-signal-handler`` makes a SIGTERM (a stopped job sends one to every rank) save a
+checkpoint (with ``--save``) and end training, as Megatron-LM's flag does. ``--wandb-project``
+logs the loss from the last rank to a wandb run, as Megatron-LM does; flash recovery adds each
+recovery to that run.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import argparse
 import gc
 import logging
 import os
+import signal
 import sys
 import time
 
@@ -80,6 +85,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="save every this many iterations (and at the end) with --save")
     g.add_argument("--load", default=None,
                    help="start from the latest checkpoint in this directory, if there is one")
+    g.add_argument("--exit-signal-handler", action="store_true",
+                   help="on SIGTERM, save a checkpoint (with --save) and stop training, all "
+                        "ranks at the same iteration")
+    g = p.add_argument_group("logging (Megatron-LM names)")
+    g.add_argument("--wandb-project", default="",
+                   help="log the loss from the last rank to this wandb project")
+    g.add_argument("--wandb-exp-name", default="", help="the wandb run's name")
+    g.add_argument("--wandb-save-dir", default="", help="where wandb writes the run")
     p.add_argument("--out", default=None, help="write PREFIX.rank<R>.pt with losses and state")
     add_flash_recovery_args(p)
     return p
@@ -125,6 +138,33 @@ def _optimizer_tensors(job) -> dict:
     return st.unique
 
 
+class ExitSignalHandler:
+    """Megatron-LM's ``DistributedSignalHandler``: SIGTERM sets a flag, and every rank asks
+    every other whether one got it (an all-reduce per iteration), so all stop at the same one."""
+
+    def __init__(self):
+        self.received = False
+        signal.signal(signal.SIGTERM, self._on_signal)
+
+    def _on_signal(self, *_):
+        self.received = True
+
+    def signals_received(self) -> bool:
+        flag = torch.tensor([int(self.received)])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+def wandb_writer(args, rank: int, world: int):
+    """The last rank's wandb run, as Megatron-LM opens it (``--wandb-project``)."""
+    if not args.wandb_project or rank != world - 1:
+        return None
+    import wandb
+
+    return wandb.init(project=args.wandb_project, name=args.wandb_exp_name or None,
+                      dir=args.wandb_save_dir or None, config=vars(args))
+
+
 def megatron_lm_data(args, job, cfg, rank: int):
     """Megatron-LM's start of ``train()``'s data: the micro-batch calculator, the rerun state
     machine, ``args.consumed_train_samples`` (from the checkpoint loaded, if any) and a training
@@ -157,12 +197,14 @@ def main(argv=None) -> int:
         print(f"pretrain_gpt.py: error: {e}", file=sys.stderr)
         return 2
     backend = args.distributed_backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    exit_handler = ExitSignalHandler() if args.exit_signal_handler else None
     if args.flash_recovery:
         session = flash_recovery.init_process_group(backend, args)
     else:
         session = None
         dist.init_process_group(backend)
     rank, world = dist.get_rank(), dist.get_world_size()
+    writer = wandb_writer(args, rank, world)
 
     from fr_megatron.megatron.model import TinyGPTJob, initialize_parallel
 
@@ -201,6 +243,8 @@ def main(argv=None) -> int:
             args.consumed_train_samples += job.global_batch_size
             job.consumed_samples = args.consumed_train_samples
         losses[iteration] = loss
+        if writer is not None and iteration % args.log_interval == 0:
+            writer.log({"lm loss": loss}, iteration)
         if rank == 0 and iteration % args.log_interval == 0:
             now = time.time()
             log.info("iteration %d/%d | lm loss %.6f | %.3f s", iteration, args.train_iters,
@@ -208,18 +252,29 @@ def main(argv=None) -> int:
             t_last = now
         if args.save and args.save_interval and iteration % args.save_interval == 0:
             try:
-                with flash_recovery.saving_checkpoint():
+                with flash_recovery.saving_checkpoint(iteration):
                     checkpoint.save(job, iteration, args.save)
                 saved = iteration
             except Exception as exc:  # a peer lost while saving: recovered as in a step
                 iteration = flash_recovery.on_step_failure(exc, iteration)
         if args.exit_interval and iteration % args.exit_interval == 0:
             break
+        if exit_handler is not None:
+            try:
+                stop = exit_handler.signals_received()
+            except Exception as exc:  # a peer lost here: recovered as in a step
+                iteration = flash_recovery.on_step_failure(exc, iteration)
+                continue
+            if stop:
+                log.info("rank %d: exiting after iteration %d on SIGTERM", rank, iteration)
+                break
     if args.save and iteration != saved:  # Megatron-LM saves at the end of training too
-        with flash_recovery.saving_checkpoint():
+        with flash_recovery.saving_checkpoint(iteration):
             checkpoint.save(job, iteration, args.save)
     losses = flash_recovery.history() or losses
     flash_recovery.on_train_end()
+    if writer is not None:
+        writer.finish()
     if args.out:
         save(args.out, rank, losses, job)
     if session is None:
