@@ -181,7 +181,7 @@ def write_readme(results: Path = RESULTS) -> Path:
     return path
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     names = available()
     p = argparse.ArgumentParser(prog="fr-megatron bench",
                                 description=__doc__.splitlines()[0])
@@ -192,6 +192,12 @@ def main(argv=None) -> int:
     p.add_argument("--list", action="store_true", help="list the benchmarks and exit")
     p.add_argument("--readme-only", action="store_true",
                    help="only rewrite results/README.md from the JSON files there")
+    return p
+
+
+def main(argv=None) -> int:
+    names = available()
+    p = build_parser()
     a = p.parse_args(argv)
     chosen = names
     if a.only is not None:

@@ -18,7 +18,6 @@ import sys
 import time
 from pathlib import Path
 
-from .launcher.spare import MEGATRON_PRELOAD as PRELOAD
 from .runtime.inject import KINDS, STEP_PHASES
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "megatron" / "pretrain_gpt.py"
@@ -30,17 +29,19 @@ _ITER = re.compile(r"iteration (\d+)/(\d+) \| lm loss ([0-9.]+)")
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fr-megatron demo", description=__doc__.splitlines()[0])
     p.add_argument("--nproc", type=int, default=8, help="ranks (one node)")
-    p.add_argument("--tp", type=int, default=2)
-    p.add_argument("--pp", type=int, default=2)
-    p.add_argument("--steps", type=int, default=12)
-    p.add_argument("--fault", default="kill", choices=KINDS, help="fault kind")
-    p.add_argument("--fault-rank", type=int, default=5)
-    p.add_argument("--fault-step", type=int, default=6)
-    p.add_argument("--fault-phase", default="backward", choices=STEP_PHASES)
-    p.add_argument("--spares", type=int, default=1)
-    p.add_argument("--out-dir", default="runs/demo")
+    p.add_argument("--tp", type=int, default=2, help="tensor-parallel size (default 2)")
+    p.add_argument("--pp", type=int, default=2, help="pipeline-parallel size (default 2)")
+    p.add_argument("--steps", type=int, default=12, help="training steps (default 12)")
+    p.add_argument("--fault", default="kill", choices=KINDS, help="fault kind (default kill)")
+    p.add_argument("--fault-rank", type=int, default=5, help="the rank that fails (default 5)")
+    p.add_argument("--fault-step", type=int, default=6, help="the step it fails in (default 6)")
+    p.add_argument("--fault-phase", default="backward", choices=STEP_PHASES,
+                   help="the phase of that step (default backward)")
+    p.add_argument("--spares", type=int, default=1, help="warm spares (default 1)")
+    p.add_argument("--out-dir", default="runs/demo",
+                   help="where the reports, journals and plots go (default runs/demo)")
     p.add_argument("--report", default=None, help="JSON report path (default OUT_DIR/report.json)")
-    p.add_argument("--no-wandb", action="store_true")
+    p.add_argument("--no-wandb", action="store_true", help="do not log the recovery to wandb")
     p.add_argument("--skip-baseline", action="store_true",
                    help="skip the fault-free run (no bit-exact check)")
     return p
@@ -63,7 +64,7 @@ def _job(a, out: Path, name: str, inject: str | None, wandb: bool) -> dict:
     report = out / f"{name}.report.json"
     cmd = [sys.executable, "-m", "fr_megatron.cli", "run", "--nproc-per-node", str(a.nproc),
            "--spares", str(a.spares if inject else 0), "--report", str(report),
-           "--journal", str(out / f"{name}.journal.jsonl"), "--preload", PRELOAD]
+           "--journal", str(out / f"{name}.journal.jsonl")]
     if not wandb:
         cmd.append("--no-wandb")
     if inject:
