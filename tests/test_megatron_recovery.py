@@ -3,7 +3,10 @@ DistributedOptimizer), faults inside the optimizer step, the gradient reduction 
 the job ends with every rank's parameters and optimizer shards torch.equal to a fault-free run,
 the same loss at every step, the same consumed samples, steps_lost 0, and survivors that kept
 their processes. The recipe reads its data through a loader built at start-up, as Megatron-LM
-does, so the replacements must also put their loaders at the recovery point."""
+does, so the replacements must also put their loaders at the recovery point. The warm spares
+are given no --preload list: they learn what to import from the ranks (megatron-core the way
+the ranks load it). The last rank logs its loss to a wandb run of its own (--wandb-project, as
+Megatron-LM does), and each recovery is in that run too, at its iteration."""
 
 import json
 from pathlib import Path
@@ -11,7 +14,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from fr_megatron.launcher.spare import MEGATRON_PRELOAD
 from fr_megatron.protocol.auth import new_token, write_token_file
 from fr_megatron.wandb_reader import read_run
 from jobs import REPO, run_job
@@ -43,14 +45,10 @@ def assert_ranks_equal(base: list[dict], got: list[dict]) -> None:
             assert torch.equal(a["optim"][k], b["optim"][k]), f"rank {r} optimizer {k} differs"
 
 
-# a warm spare has megatron-core imported too, not only torch
-PRELOAD = ["--preload", MEGATRON_PRELOAD]
-
-
 def megatron_job(tmp: Path, name: str, args=ARGS, inject=None, nproc=WORLD, spares=1,
                  wandb_dir=None, extra=()):
     job = run_job(tmp, RECIPE, [*args, "--out", str(tmp / name)], nproc=nproc, spares=spares,
-                  inject=inject, name=name, timeout=600, extra=[*PRELOAD, *extra],
+                  inject=inject, name=name, timeout=600, extra=list(extra),
                   wandb_dir=wandb_dir)
     assert job.rc == 0, job.failure(5000)
     return job
@@ -77,7 +75,10 @@ FAULTS = ("kill:rank=5:step=2:phase=optimizer;"
 def test_faults_inside_the_step_and_its_commit_are_recovered_bit_exact(tmp_path, baseline):
     token = new_token()
     write_token_file(str(tmp_path / "token"), token)
-    job = megatron_job(tmp_path, "f", inject=FAULTS, spares=2, wandb_dir=tmp_path,
+    script_wandb = tmp_path / "script_wandb"
+    job = megatron_job(tmp_path, "f", args=[*ARGS, "--wandb-project", "fr-tests",
+                                            "--wandb-save-dir", str(script_wandb)],
+                       inject=FAULTS, spares=2, wandb_dir=tmp_path,
                        extra=["--token-file", str(tmp_path / "token")])
     faults = job.report["faults"]
     expected = [s.split(":") for s in FAULTS.split(";")]
@@ -105,6 +106,18 @@ def test_faults_inside_the_step_and_its_commit_are_recovered_bit_exact(tmp_path,
         sorted((f["rank"], f["step"], f["kind"], f["phase"], 0) for f in faults)
     assert all(h["recovery/phase_rebuild_s"] > 0 for h in logged)
     assert run["summary"]["recoveries"] == len(faults) and "flash-recovery" in run["tags"]
+    # and in the script's own run, in the row of the iteration training resumed with, beside
+    # that iteration's loss; the two runs are one wandb group
+    script_run = read_run(str(script_wandb))
+    assert script_run["group"] and script_run["group"] == run["group"]
+    rows = {h["_step"]: h for h in script_run["history"]}
+    for f in faults:
+        row = rows[f["recovery_point"] + 1]
+        assert (row["recovery/rank"], row["recovery/kind"], row["recovery/fault_step"],
+                row["recovery/steps_lost"]) == (f["rank"], f["kind"], f["step"], 0), row
+        assert row["recovery/phase_rebuild_s"] > 0 and row["recovery/phase_detect_s"] >= 0
+        assert row["lm loss"] == load_ranks(tmp_path, "f")[WORLD - 1]["losses"][f["step"]]
+    assert {h["_step"] for h in script_run["history"] if "lm loss" in h} == set(range(1, 8))
     # the job token is in none of what the job wrote: the wandb run's files, its log, the journal
     written = [p for p in (tmp_path / "wandb").rglob("*") if p.is_file()]
     assert written and all(token.encode() not in p.read_bytes() for p in written)
