@@ -3,13 +3,13 @@
 Run with flash recovery (a fault injected into rank 2 at step 3, a warm spare takes its place):
 
     DS_ACCELERATOR=cpu fr-megatron run --nproc-per-node 4 --spares 1 \\
-        --preload torch,torch.distributed,deepspeed,deepspeed.runtime.zero.muon.muon_optimizer \\
         --inject kill:rank=2:step=3:phase=backward \\
         recipes/deepspeed/train_tiny.py --zero-stage 2 --steps 8
 
-(``--preload``: the warm spare imports DeepSpeed, and the Muon module that the first
-``deepspeed.initialize`` imports, which pulls in torch.compile/inductor: about 5 s of a replacement's
-set-up on a 2-core CPU, paid before the fault instead of during recovery.)
+(The warm spare learns from rank 0 what to import once training has started: DeepSpeed, and the
+Muon module that the first ``deepspeed.initialize`` imports, which pulls in torch.compile/inductor,
+about 5 s of a replacement's set-up on a 2-core CPU, paid before the fault instead of during
+recovery. ``--preload deepspeed`` would import DeepSpeed at the spare's start already.)
 
 Tensor parallelism from Megatron-core's ``parallel_state`` given to DeepSpeed as its mpu
 (TP=2 x DP=2 on 4 ranks):
