@@ -35,7 +35,8 @@ class StderrTail(threading.Thread):
                     return
                 self._tail = (self._tail + chunk)[-TAIL_BYTES:]
                 try:
-                    os.write(self.out_fd, chunk)
+                    while chunk:
+                        chunk = chunk[os.write(self.out_fd, chunk):]
                 except OSError:
                     pass  # nowhere to show it; the tail is still kept
         except OSError:
