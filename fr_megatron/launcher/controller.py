@@ -428,8 +428,7 @@ class Controller:
                                    last_good_step=ev.get("last_good_step"))
             elif kind == "event":
                 if ev["event"] == "checkpoint_saved":
-                    self.checkpoints.append({"rank": ev.get("rank"), "t": time.time(),
-                                             **ev.get("fields", {})})
+                    self.checkpoints.append({"rank": ev.get("rank"), **ev.get("fields", {})})
                 self.journal.write(ev["event"], generation=ev.get("generation", self.generation),
                                    rank=ev.get("rank"), step=ev.get("step"),
                                    phase=ev.get("phase"), **ev.get("fields", {}))
@@ -646,10 +645,11 @@ class Controller:
         st = self.stopping
         if st is None:
             return None
-        saved = [c for c in self.checkpoints if c.get("t", 0) >= st["t"]]
+        # the newest checkpoint the job saved, the one to start again from (the stop's own,
+        # when the ranks saved on it, or a periodic one of the iteration they stopped at)
         return {"signal": st["signal"], "by": st["by"], "save": st["save"],
                 "forced": st["force"], "last_committed_step": self._last_good_step(),
-                "checkpoint_iteration": max((c.get("iteration", -1) for c in saved),
+                "checkpoint_iteration": max((c.get("iteration", -1) for c in self.checkpoints),
                                             default=None),
                 "ranks_exited": len(self.exited_ranks | self.finished_ranks)}
 

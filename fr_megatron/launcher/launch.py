@@ -216,7 +216,7 @@ def summary(ctl, report_path, journal_path) -> str | None:
         return f"fr-megatron run: the job failed: {rep['fatal']}{where}"
     st = rep["stopped"]
     if st:
-        saved = (f"; checkpoint of iteration {st['checkpoint_iteration']} saved"
+        saved = (f"; newest checkpoint: iteration {st['checkpoint_iteration']}"
                  if st["checkpoint_iteration"] is not None else
                  "; no checkpoint saved" if st["save"] else "")
         return (f"fr-megatron run: the job was stopped by {st['by']}; last committed step "
