@@ -24,8 +24,10 @@ class RankState:
     (parameters under data parallelism, a non-sharded optimizer's moments). A replacement takes
     them from a live replica.
 
-    ``unique``: tensors that exist only on this rank (distributed-optimizer / ZeRO shards of fp32
-    master weights and moments). They are copied every step to a peer in another failure domain.
+    ``unique``: tensors that no data-parallel replica holds (distributed-optimizer / ZeRO shards
+    of fp32 master weights and moments). Only ``Integration.shard_replica_ranks()`` hold them too
+    (optimizer instances: redundancy by computation); where none is in another failure domain,
+    they are copied to a peer there (``runtime.failure_domains``).
 
     ``meta``: small picklable values (RNG states, LR scheduler, loss scaler, counters, data
     position). Treated as unique.
@@ -47,6 +49,13 @@ class Integration(abc.ABC):
     @abc.abstractmethod
     def replica_ranks(self) -> list[int]:
         """Global ranks (this one included) whose ``RankState.replicated`` equals this rank's."""
+
+    def shard_replica_ranks(self) -> list[int]:
+        """Global ranks (this one included) whose ``RankState.unique`` equals this rank's because
+        they compute the same update (megatron-core's distributed-optimizer instances)."""
+        import torch.distributed as dist
+
+        return [dist.get_rank()]
 
     @abc.abstractmethod
     def capture(self) -> RankState:
