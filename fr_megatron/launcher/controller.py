@@ -110,6 +110,8 @@ class Controller:
         self.rejected = 0
         self.done_nodes: set[int] = set()
         self.finished_ranks: set[int] = set()
+        self.rank_stats: dict[int, dict] = {}   # what each rank said of itself at its end
+        self.redundancy: Optional[dict] = None   # where snapshots live and who copies what
         self.fatal: Optional[str] = None
         self.restarts_without_progress: dict[int, int] = {}
         self.plan_t = 0.0
@@ -353,6 +355,8 @@ class Controller:
                             self.restarts_without_progress.clear()
             elif kind == "finished":
                 self.finished_ranks.add(int(ev["rank"]))
+                if ev.get("stats"):
+                    self.rank_stats[int(ev["rank"])] = ev["stats"]
             elif kind == "agent_started":
                 node = int(ev["node"])
                 if ev.get("pid") == os.getpid():
@@ -374,6 +378,8 @@ class Controller:
                                    step=ev.get("step"), reason=self.fatal,
                                    last_good_step=ev.get("last_good_step"))
             elif kind == "event":
+                if ev["event"] == "redundancy":
+                    self.redundancy = ev.get("fields", {})
                 self.journal.write(ev["event"], generation=ev.get("generation", self.generation),
                                    rank=ev.get("rank"), step=ev.get("step"),
                                    phase=ev.get("phase"), **ev.get("fields", {}))
@@ -479,6 +485,8 @@ class Controller:
                        "survivor_pids_unchanged": unchanged,
                        "recovery_point": max(r.get("recovery_point", -1) for r in reports),
                        "fallback": any(r.get("fallback") for r in reports),
+                       "restored_from": {int(r["rank"]): r["sources"] for r in reports
+                                         if r.get("sources")},
                        "resumed_generation": resumed}
         for f in rec.faults:
             phases_f = {"detect": round(rec.decision_t - f.fault_t, 4), **phases}
@@ -513,6 +521,7 @@ class Controller:
                                   "steps_lost": s["steps_lost"],
                                   "recovery_point": s["recovery_point"],
                                   "fallback_to_checkpoint": s["fallback"],
+                                  "restored_from": s["restored_from"].get(f.rank),
                                   "resumed_generation": s["resumed_generation"],
                                   "survivor_pids_unchanged": s["survivor_pids_unchanged"]})
                 else:
@@ -522,7 +531,8 @@ class Controller:
         return {"world_size": self.world_size, "nnodes": self.nnodes,
                 "generations": self.generation, "faults": faults,
                 "rejected_messages": self.rejected, "fatal": self.fatal,
-                "finished_ranks": len(self.finished_ranks)}
+                "finished_ranks": len(self.finished_ranks), "redundancy": self.redundancy,
+                "rank_stats": {str(r): v for r, v in sorted(self.rank_stats.items())}}
 
     def _finish(self):
         rep = self.report()

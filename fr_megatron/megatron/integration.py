@@ -114,6 +114,23 @@ class MegatronIntegration(Integration):
         group = parallel_state.get_data_parallel_group(with_context_parallel=True)
         return dist.get_process_group_ranks(group)
 
+    def shard_replica_ranks(self) -> list[int]:
+        """With ``num_distributed_optimizer_instances`` N > 1, megatron-core splits the
+        data-parallel (with context-parallel) group into N contiguous instances that shard the
+        optimizer alike: the ranks at this rank's place in every instance hold its shard."""
+        from megatron.core import parallel_state
+
+        n = max((getattr(getattr(c, "ddp_config", None), "num_distributed_optimizer_instances", 1)
+                 for c in self.model), default=1)
+        me = dist.get_rank()
+        if n <= 1:
+            return [me]
+        group = parallel_state.get_data_parallel_group(with_context_parallel=True)
+        ranks = dist.get_process_group_ranks(group)
+        size = len(ranks) // n
+        pos = ranks.index(me) % size
+        return [ranks[k * size + pos] for k in range(n)]
+
     def capture(self) -> RankState:
         state = RankState()
         for i, chunk in enumerate(self.model):

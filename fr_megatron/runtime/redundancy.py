@@ -16,6 +16,8 @@ copies with it, and its replacement on the same node finds them there.
 from __future__ import annotations
 
 import logging
+import os
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Optional
 
@@ -64,6 +66,7 @@ class CopyExchange:
             fut.result()
 
     def _exchange(self, step: int, ring: SnapshotRing, to: list[int], wards: list[int]) -> None:
+        _delay_for_tests(step)
         works = []
         if to:
             ring.wait()  # sealed: its checksums exist
@@ -94,3 +97,13 @@ class CopyExchange:
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _delay_for_tests(step: int) -> None:
+    """``FR_TEST_COPY_DELAY=STEP:SECONDS``: hold the copies of that step back, so that a test can
+    make a fault land while they are in flight."""
+    spec = os.environ.get("FR_TEST_COPY_DELAY")
+    if spec:
+        at, _, seconds = spec.partition(":")
+        if int(at) == step:
+            time.sleep(float(seconds))

@@ -69,6 +69,10 @@ def _is_comm_error(exc: BaseException) -> bool:
                                    "closed", "aborted", "ProcessGroup"))
 
 
+def _median(values: list[float]) -> Optional[float]:
+    return round(sorted(values)[len(values) // 2], 5) if values else None
+
+
 class Session:
     def __init__(self, *, rank: int, world_size: int, nproc_per_node: int, controller: str,
                  token: bytes, generation: int, replacement: bool,
@@ -267,18 +271,20 @@ class Session:
         self._fire_injections()
         if self._notice is not None:
             raise RecoveryRequested(f"generation {self._notice['generation']} opened")
-        if name == "optimizer":
-            self._wait_durable()
+        if name == "optimizer" and self.commit_blocked_s:
+            self.commit_blocked_s[-1] += self._wait_durable()
 
-    def _wait_durable(self) -> None:
-        if self._durable_step < self.committed:
-            t0 = time.perf_counter()
-            self.ring.wait()
-            if self.copies is not None:
-                self.copies.wait()
-            self._durable_step = self.committed
-            if self.commit_blocked_s:
-                self.commit_blocked_s[-1] += time.perf_counter() - t0
+    def _wait_durable(self) -> float:
+        """Wait until the last commit's snapshot is sealed and its copies are in place; the
+        seconds waited."""
+        if self._durable_step >= self.committed:
+            return 0.0
+        t0 = time.perf_counter()
+        self.ring.wait()
+        if self.copies is not None:
+            self.copies.wait()
+        self._durable_step = self.committed
+        return time.perf_counter() - t0
 
     def _claim(self, inj: inject.Injection) -> bool:
         # each injection fires once per job: the first rank to reach it claims it in the store
@@ -312,8 +318,12 @@ class Session:
         self.ring.write(step, self._capture(step))
         if self.copies.active:
             self.copies.start(step, self.ring)
-        self.commit_blocked_s.append(time.perf_counter() - t0)
         self.committed = step
+        if not self.ring.in_shared_memory:
+            # a snapshot in process memory dies with the process: the step is committed once
+            # its copies are in place
+            self._wait_durable()
+        self.commit_blocked_s.append(time.perf_counter() - t0)
         if step:
             self.history[step] = output
             self.step_times.append(time.time() - self._step_t0)
@@ -488,7 +498,8 @@ class Session:
             raise
         self.ring.drop_after(point)
         self.history = {s: v for s, v in self.history.items() if s <= point}
-        self._settle(point, decision.steps_lost, lost, decision.resend)
+        self._settle(point, decision.steps_lost, lost, decision.resend,
+                     sources=decision.sources.get(self.rank))
         log.info("rank=%d generation=%d step=%d phase=restore recovered to step %d%s",
                  self.rank, self.generation, point, point,
                  " from its predecessor's snapshot" if decision.sources.get(self.rank, {})
@@ -596,7 +607,7 @@ class Session:
         return live
 
     def _settle(self, point: int, steps_lost: int, lost: set, resend: dict[int, list[int]],
-                fallback: bool = False) -> None:
+                fallback: bool = False, sources: Optional[dict] = None) -> None:
         """Every rank stands at ``point`` now: its counters, its copies, what it will report.
         Holders that lack a copy of the point (a replaced holder on another node, a copy that
         was in flight) get it again before training resumes."""
@@ -607,13 +618,30 @@ class Session:
         if to or wards:
             self.copies.start(point, self.ring, to=to, wards=wards)
             self.copies.wait()
+            if to:
+                log.info("rank=%d generation=%d step=%d phase=restore copy of step %d sent again "
+                         "to holders %s", self.rank, self.generation, point, point, to)
         self._last_sync = {"recovery_point": point, "steps_lost": steps_lost, "lost": sorted(lost),
-                           "restored_t": time.time(), **({"fallback": True} if fallback else {})}
+                           "restored_t": time.time(), **({"fallback": True} if fallback else {}),
+                           **({"sources": sources} if sources else {})}
+
+    def stats(self) -> dict:
+        """What this rank's redundancy costs it: bytes of state, of its snapshots and of the
+        copies it holds; training-thread seconds per commit and per step (medians)."""
+        live = self.integration.capture() if self.integration else RankState()
+        return {"replicated_bytes": sum(t.numel() * t.element_size()
+                                        for t in live.replicated.values()),
+                "unique_bytes": sum(t.numel() * t.element_size() for t in live.unique.values()),
+                "snapshot_bytes": self.ring.nbytes(),
+                "snapshots_in_shared_memory": self.ring.in_shared_memory,
+                "held_copy_bytes": self.copies.nbytes() if self.copies else 0,
+                "commit_blocked_s_p50": _median(self.commit_blocked_s[1:]),
+                "step_s_p50": _median(self.step_times)}
 
     def close(self) -> None:
         self.sm.to(State.FINISHED, self.generation, self.step)
         self.store.set(f"fr/finished/{self.rank}", b"1")
-        self.send("finished", step=self.step)
+        self.send("finished", step=self.step, stats=self.stats())
         try:
             self.heartbeat.beat()
         except OSError:

@@ -63,6 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--hidden-dropout", type=float, default=0.1)
     g.add_argument("--seed", type=int, default=1234)
     g.add_argument("--bf16", action="store_true")
+    g.add_argument("--num-distributed-optimizer-instances", type=int, default=1,
+                   help="split the data-parallel ranks into this many instances of the "
+                        "distributed optimizer, each holding every shard (must divide the "
+                        "data-parallel size); flash recovery then restores a shard from another "
+                        "instance and copies none")
     g.add_argument("--use-distributed-optimizer", action="store_true",
                    help="accepted for Megatron-LM compatibility; the distributed optimizer is "
                         "always on here")
@@ -93,6 +98,7 @@ def tiny_config(args, world_size: int):
         raise SystemExit(f"--tensor-model-parallel-size x --pipeline-model-parallel-size "
                          f"({tp}x{pp}) must divide the world size {world_size}")
     dp = world_size // (tp * pp)
+    flash_recovery.check_optimizer_instances(args.num_distributed_optimizer_instances, dp)
     gbs = args.global_batch_size or args.micro_batch_size * dp
     if gbs % (args.micro_batch_size * dp):
         raise SystemExit(f"--global-batch-size {gbs} must be a multiple of micro-batch-size x "
@@ -106,7 +112,8 @@ def tiny_config(args, world_size: int):
         num_microbatches=gbs // (args.micro_batch_size * dp), lr=args.lr, min_lr=args.min_lr,
         lr_warmup_steps=args.lr_warmup_iters, lr_decay_steps=max(args.train_iters, 1),
         weight_decay=args.weight_decay, clip_grad=args.clip_grad, dropout=args.hidden_dropout,
-        seed=args.seed, bf16=args.bf16)
+        seed=args.seed, bf16=args.bf16,
+        num_distributed_optimizer_instances=args.num_distributed_optimizer_instances)
 
 
 def save(prefix: str, rank: int, losses: dict, job) -> None:
