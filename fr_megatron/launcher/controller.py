@@ -46,6 +46,14 @@ def _fault_time(inject_t: Optional[float], observed_t: float, now: float) -> flo
     return observed_t
 
 
+def _restored(r: Optional[dict]) -> dict:
+    """A lost rank's restore in its fault's report entry: sources, bytes, seconds, GB/s."""
+    if not r:
+        return {"restored_from": None}
+    return {"restored_from": r["from"], "restore_bytes": r["bytes"], "restore_s": r["seconds"],
+            "restore_gb_s": round(r["bytes"] / r["seconds"] / 1e9, 3) if r["seconds"] else None}
+
+
 @dataclass
 class Fault:
     rank: int
@@ -485,8 +493,8 @@ class Controller:
                        "survivor_pids_unchanged": unchanged,
                        "recovery_point": max(r.get("recovery_point", -1) for r in reports),
                        "fallback": any(r.get("fallback") for r in reports),
-                       "restored_from": {int(r["rank"]): r["sources"] for r in reports
-                                         if r.get("sources")},
+                       "restored": {int(r["rank"]): r["restored"] for r in reports
+                                    if r.get("restored")},
                        "resumed_generation": resumed}
         for f in rec.faults:
             phases_f = {"detect": round(rec.decision_t - f.fault_t, 4), **phases}
@@ -521,7 +529,7 @@ class Controller:
                                   "steps_lost": s["steps_lost"],
                                   "recovery_point": s["recovery_point"],
                                   "fallback_to_checkpoint": s["fallback"],
-                                  "restored_from": s["restored_from"].get(f.rank),
+                                  **_restored(s["restored"].get(f.rank)),
                                   "resumed_generation": s["resumed_generation"],
                                   "survivor_pids_unchanged": s["survivor_pids_unchanged"]})
                 else:

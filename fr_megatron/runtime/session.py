@@ -479,6 +479,7 @@ class Session:
         point = decision.point
         if self.rank in decision.sources:
             self.ring.drop_after(point)
+        t_move = time.perf_counter()
         self._transfer(decision)
         if lost:  # what the steps up to the point returned, for the lost ranks too
             history = [{s: v for s, v in self.history.items() if s <= point}]
@@ -491,6 +492,7 @@ class Session:
         self._fire_injections()
         try:
             self._restore(self.ring.get(point, verify=self.cfg.verify_checksums))
+            moved = (self.ring.slot(point).layout.total, time.perf_counter() - t_move)
         except ChecksumError as e:
             self.send("fatal", reason=str(e), step=point, last_good_step=point)
             log.error("rank=%d generation=%d step=%d phase=restore %s", self.rank,
@@ -498,8 +500,9 @@ class Session:
             raise
         self.ring.drop_after(point)
         self.history = {s: v for s, v in self.history.items() if s <= point}
-        self._settle(point, decision.steps_lost, lost, decision.resend,
-                     sources=decision.sources.get(self.rank))
+        restored = {"from": decision.sources[self.rank], "bytes": moved[0],
+                    "seconds": round(moved[1], 4)} if self.rank in decision.sources else None
+        self._settle(point, decision.steps_lost, lost, decision.resend, restored=restored)
         log.info("rank=%d generation=%d step=%d phase=restore recovered to step %d%s",
                  self.rank, self.generation, point, point,
                  " from its predecessor's snapshot" if decision.sources.get(self.rank, {})
@@ -607,8 +610,10 @@ class Session:
         return live
 
     def _settle(self, point: int, steps_lost: int, lost: set, resend: dict[int, list[int]],
-                fallback: bool = False, sources: Optional[dict] = None) -> None:
-        """Every rank stands at ``point`` now: its counters, its copies, what it will report.
+                fallback: bool = False, restored: Optional[dict] = None) -> None:
+        """Every rank stands at ``point`` now: its counters, its copies, what it will report
+        (a lost rank: where its state came from, how many bytes, and how long from the decision
+        to the state restored in place).
         Holders that lack a copy of the point (a replaced holder on another node, a copy that
         was in flight) get it again before training resumes."""
         self.committed = self.step = self._durable_step = point
@@ -623,7 +628,7 @@ class Session:
                          "to holders %s", self.rank, self.generation, point, point, to)
         self._last_sync = {"recovery_point": point, "steps_lost": steps_lost, "lost": sorted(lost),
                            "restored_t": time.time(), **({"fallback": True} if fallback else {}),
-                           **({"sources": sources} if sources else {})}
+                           **({"restored": restored} if restored else {})}
 
     def stats(self) -> dict:
         """What this rank's redundancy costs it: bytes of state, of its snapshots and of the

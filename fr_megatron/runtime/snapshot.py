@@ -265,7 +265,8 @@ class SnapshotRing:
                 for e in layout.regions[part]:
                     t = tensors[e.name]
                     slot.buf[e.offset:e.offset + e.nbytes].copy_(bytes_of(t), non_blocking=True)
-                    t.record_stream(self._stream)
+                    if t.is_cuda:  # the allocator must not reuse it before the copy is done
+                        t.record_stream(self._stream)
             done = torch.cuda.Event()
             done.record(self._stream)
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import logging
 import os
 import sys
@@ -86,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--load", default=None,
                    help="start from the latest checkpoint in this directory, if there is one")
     p.add_argument("--out", default=None, help="write PREFIX.rank<R>.pt with losses and state")
+    p.add_argument("--timings", default=None,
+                   help="rank 0 writes each iteration's wall time (JSON) to this file")
     add_flash_recovery_args(p)
     return p
 
@@ -191,9 +194,11 @@ def main(argv=None) -> int:
     iteration = flash_recovery.on_train_start(job.model, job.optimizer, job.scheduler, args,
                                               start, **hook_kwargs)
     losses: dict[int, float] = {}
+    timings: dict[int, float] = {}
     t_last = time.time()
     saved = start
     while iteration < args.train_iters:
+        t_step = time.perf_counter()
         try:
             # begin (a fault notice between steps) and end (the commit and its copies) can fail
             # too: a peer lost there is recovered like one lost inside the step
@@ -208,6 +213,7 @@ def main(argv=None) -> int:
             args.consumed_train_samples += job.global_batch_size
             job.consumed_samples = args.consumed_train_samples
         losses[iteration] = loss
+        timings[iteration] = time.perf_counter() - t_step
         if rank == 0 and iteration % args.log_interval == 0:
             now = time.time()
             log.info("iteration %d/%d | lm loss %.6f | %.3f s", iteration, args.train_iters,
@@ -229,6 +235,9 @@ def main(argv=None) -> int:
     flash_recovery.on_train_end()
     if args.out:
         save(args.out, rank, losses, job)
+    if args.timings and rank == 0:
+        with open(args.timings, "w") as f:
+            json.dump(timings, f)
     if session is None:
         dist.destroy_process_group()
     return 0
