@@ -35,7 +35,7 @@ import torch
 import torch.distributed as dist
 
 from fr_megatron.config import FlashRecoveryConfig
-from fr_megatron.deepspeed import group_refs
+from fr_megatron.runtime import group_refs
 from fr_megatron.runtime.integration import Integration, RankState
 
 log = logging.getLogger(__name__)
