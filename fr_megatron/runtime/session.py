@@ -35,7 +35,7 @@ from ..protocol import keys
 from ..protocol.auth import Signer, read_token
 from ..protocol.node_beats import BeatSender
 from ..protocol.store import connect, connect_cuttable, shutdown_sockets
-from . import failure_domains, inject, transfer
+from . import comm_progress, failure_domains, inject, transfer
 from .comms import Communicators, RendezvousInterrupted, release_deferred
 from .heartbeat import Heartbeat, PlanMonitor
 from .integration import Integration, RankState
@@ -46,6 +46,10 @@ from .state_machine import RecoveryStateMachine, State
 log = logging.getLogger("fr_megatron.runtime")
 
 EXIT_FAULTY = 70  # a rank that found itself at fault exits with this code after reporting
+# a rank that has stayed in one phase for this fraction of its hang timeout puts its collective
+# progress in its beats (``comm_progress``): the controller compares it once ranks stall, and a
+# running job's beats stay small
+COMM_AFTER_FRACTION = 0.25
 
 
 class RecoveryRequested(RuntimeError):
@@ -85,6 +89,7 @@ class Session:
         self.generation = max(generation, latest)
         self.sm = RecoveryStateMachine(rank)
         self.step, self.phase_name, self.committed = 0, "init", -1
+        self._phase_t = time.time()  # when the step or phase last changed
         self.step_times: list[float] = []
         self.injections = inject.parse(injections)
         self.integration: Optional[Integration] = None
@@ -103,6 +108,7 @@ class Session:
                                    self._status, orphan_timeout=2 * self.cfg.node_timeout,
                                    orphaned=self._orphaned)
         self.sm.on_change = self.heartbeat.poke
+        comm_progress.install()  # before any group exists: every operation is counted
         try:
             self.heartbeat.beat()
         except (FileNotFoundError, ConnectionRefusedError) as e:  # no agent at all
@@ -157,11 +163,18 @@ class Session:
         return 0
 
     def _status(self) -> dict:
-        return {"generation": self.generation, "step": self.step, "phase": self.phase_name,
-                "state": self.sm.state.value, "committed": self.committed,
-                "inject_t": self.inject_t,
-                "hang_timeout": self.cfg.step_hang_timeout(
-                    self.phase_name, self.step_times, resuming=self._pending_report is not None)}
+        timeout = self.cfg.step_hang_timeout(self.phase_name, self.step_times,
+                                             resuming=self._pending_report is not None)
+        status = {"generation": self.generation, "step": self.step, "phase": self.phase_name,
+                  "state": self.sm.state.value, "committed": self.committed,
+                  "inject_t": self.inject_t, "hang_timeout": timeout}
+        # bounded by the job's hang timeout: a rank in its first step (no timeout of its own
+        # yet) may be the one its peers wait for, or one waiting
+        stall_after = COMM_AFTER_FRACTION * min(
+            timeout, self.cfg.resolved_hang_timeout(self.step_times[-50:]))
+        if time.time() - self._phase_t >= stall_after:
+            status["comm"] = comm_progress.TRACKER.report()
+        return status
 
     def send(self, kind: str, **body) -> None:
         try:
@@ -235,6 +248,7 @@ class Session:
         """Mark where in the step this rank is; fires injected faults; notices fault plans."""
         if name != self.phase_name:
             self.phase_name = name
+            self._phase_t = time.time()
             self.heartbeat.poke()
         self._fire_injections()
         if self._notice is not None:
@@ -260,7 +274,7 @@ class Session:
 
     def begin_step(self, step: int) -> None:
         self.step = step
-        self._step_t0 = time.time()
+        self._step_t0 = self._phase_t = time.time()
         self.heartbeat.poke()  # a new step is progress even if the phase name is the same
         self.phase("forward")
 
