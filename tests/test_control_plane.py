@@ -48,8 +48,16 @@ def test_inject_spec_parsing_and_errors():
     (i,) = inject.parse("exit:code=7:rank=2:step=4:phase=optimizer")
     assert (i.kind, i.code, i.rank, i.step, i.phase) == ("exit", 7, 2, 4, "optimizer")
     assert len(inject.parse("kill:rank=1:step=2;hang:rank=0:step=3")) == 2
+    (g,) = inject.parse("hang:rank=1:step=3:phase=optimizer:group=dist_opt:nth=2")
+    assert (g.group, g.nth, g.phase) == ("dist_opt", 2, "optimizer")
+    assert str(g) == "hang:rank=1:step=3:phase=optimizer:group=dist_opt:nth=2"
     for bad, msg in [("explode:rank=1", "unknown fault kind"), ("kill:rank=x", "integer"),
-                     ("kill:when=3", "bad field"), ("kill:phase=lunch", "unknown phase")]:
+                     ("kill:when=3", "bad field"), ("kill:phase=lunch", "unknown phase"),
+                     ("hang:group=fsdp", "unknown group 'fsdp'"),
+                     ("hang:group=tp:nth=0", "nth must be 1 or more"),
+                     ("hang:nth=2", "nth needs group=KIND"),
+                     ("hang:group=tp:nth=two", "nth must be an integer"),
+                     ("kill:group=dp:phase=restore", "phase restore has none")]:
         with pytest.raises(inject.InjectSpecError, match=msg):
             inject.parse(bad)
 

@@ -109,6 +109,8 @@ class Session:
                                    orphaned=self._orphaned)
         self.sm.on_change = self.heartbeat.poke
         comm_progress.install()  # before any group exists: every operation is counted
+        comm_progress.TRACKER.current_phase = lambda: self.phase_name
+        self._armed: set[int] = set()  # injections waiting for an operation on a group
         try:
             self.heartbeat.beat()
         except (FileNotFoundError, ConnectionRefusedError) as e:  # no agent at all
@@ -275,6 +277,7 @@ class Session:
     def begin_step(self, step: int) -> None:
         self.step = step
         self._step_t0 = self._phase_t = time.time()
+        self._disarm()
         self.heartbeat.poke()  # a new step is progress even if the phase name is the same
         self.phase("forward")
 
@@ -417,14 +420,48 @@ class Session:
 
     def _fire_injections(self) -> None:
         for inj in self.injections:
-            if inj.rank == self.rank and inj.step == self.step and inj.phase == self.phase_name \
-                    and self._claim(inj):
-                self.inject_t = time.time()
-                try:
-                    self.heartbeat.beat()  # the report must name this step and phase (and when)
-                except OSError:
-                    pass
-                inject.fire(inj)
+            if inj.rank != self.rank or inj.step != self.step or inj.phase != self.phase_name:
+                continue
+            if inj.group:
+                self._arm(inj)
+            elif self._claim(inj):
+                self._fire(inj)
+
+    def _fire(self, inj: inject.Injection) -> None:
+        self.inject_t = time.time()
+        try:
+            self.heartbeat.beat()  # the report must name this step and phase (and when)
+        except OSError:
+            pass
+        inject.fire(inj)
+
+    def _arm(self, inj: inject.Injection) -> None:
+        """From the phase marker on, count this step's operations on groups of ``inj.group``
+        in that phase; the fault fires before the ``inj.nth``."""
+        if inj.index in self._armed:
+            return
+        self._armed.add(inj.index)
+        groups = self._group_kinds().get(inj.group)
+        if not groups:
+            log.warning("rank=%d generation=%d step=%d phase=%s injection %s: this job has no "
+                        "group of kind %r", self.rank, self.generation, self.step,
+                        self.phase_name, inj, inj.group)
+            return
+        comm_progress.TRACKER.arm(groups, inj.phase, inj.nth,
+                                  lambda: self._claim(inj) and self._fire(inj))
+
+    def _disarm(self) -> None:
+        for a in comm_progress.TRACKER.disarm():
+            log.warning("rank=%d generation=%d step=%d phase=%s an injection armed in phase %s "
+                        "did not fire: the step ended %d operations on its group short",
+                        self.rank, self.generation, self.step, self.phase_name, a.phase, a.left)
+        self._armed.clear()
+
+    def _group_kinds(self) -> dict[str, list]:
+        kinds = dict(self.integration.group_kinds()) if self.integration else {}
+        if dist.is_initialized():
+            kinds.setdefault("world", [dist.distributed_c10d._get_default_group()])
+        return kinds
 
     def _sync(self, plan: dict) -> int:
         """Agree on the recovery point, restore every rank to it, return the step to redo."""
