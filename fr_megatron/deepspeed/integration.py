@@ -481,3 +481,17 @@ class DeepSpeedIntegration(Integration):
             if isinstance(group, ProcessGroup):
                 kinds[kind] = [group]
         return kinds
+
+    def install_phase_marks(self, mark: Callable[[str], None]) -> None:
+        """Mark ``grad_reduce`` where the engine reduces gradients (``allreduce_gradients``, at
+        the end of ``engine.backward``); the training script marks the other phases."""
+        e = self.engine
+        orig = e.allreduce_gradients
+        if getattr(orig, "_fr_marked", False):
+            return
+
+        def allreduce_gradients(*args, **kwargs):
+            mark("grad_reduce")
+            return orig(*args, **kwargs)
+        allreduce_gradients._fr_marked = True
+        e.allreduce_gradients = allreduce_gradients

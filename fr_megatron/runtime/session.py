@@ -229,6 +229,7 @@ class Session:
     def attach(self, integration: Integration) -> None:
         """Hand the runtime the framework's state; builds the runtime's own groups."""
         self.integration = integration
+        integration.install_phase_marks(self.phase)
         self._build_runtime_groups()
 
     def _build_runtime_groups(self) -> None:
