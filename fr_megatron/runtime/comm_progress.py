@@ -57,12 +57,24 @@ class _Armed:
         self.groups, self.phase, self.left, self.fire = groups, phase, nth, fire
 
 
+class _Group:
+    """One group's records: its collectives', and its point-to-point channels' by (peer, sending).
+    Keys are made once per group and channel, not per operation."""
+
+    __slots__ = ("name", "ranks", "collective", "channels")
+
+    def __init__(self, name: str, ranks: tuple):
+        self.name, self.ranks = name, ranks
+        self.collective: Optional[list] = None
+        self.channels: dict[tuple, list] = {}
+
+
 class Progress:
     """The counters of one process (``TRACKER``)."""
 
     def __init__(self):
         self.records: dict[str, list] = {}   # key -> [count, weakref to Work | _RUNNING | None]
-        self._groups = weakref.WeakKeyDictionary()  # ProcessGroup -> (name, ranks) or None
+        self._groups = weakref.WeakKeyDictionary()  # ProcessGroup -> _Group, or None: not counted
         self._coalescing: dict = {}          # ProcessGroup -> records entered while coalescing
         self.rank: Optional[int] = None
         self.armed: list[_Armed] = []
@@ -83,44 +95,52 @@ class Progress:
         return [k for k, (_, w) in list(self.records.items()) if _inside(w)]
 
     # ---- the hot path ------------------------------------------------------------------
-    def _group(self, pg):
-        try:
-            info = self._groups.get(pg, False)
-        except TypeError:
-            return None
-        if info is False:
+    def _group(self, pg) -> Optional[_Group]:
+        g = self._groups.get(pg, False)
+        if g is False:
             try:
-                info = (pg.group_name, tuple(dist.get_process_group_ranks(pg)))
+                g = _Group(pg.group_name, tuple(dist.get_process_group_ranks(pg)))
             except Exception:  # not a group of this world's registry: not counted
-                info = None
-            self._groups[pg] = info
-        return info
+                g = None
+            self._groups[pg] = g
+        return g
 
-    def enter(self, pg, key: str) -> list:
-        rec = self.records.get(key)
+    def _record(self, key: str) -> list:
+        return self.records.setdefault(key, [0, None])
+
+    def collective(self, pg) -> Optional[list]:
+        """The record of ``pg``'s collectives, or None when the group is not counted."""
+        g = self._group(pg)
+        if g is None:
+            return None
+        if g.collective is None:
+            g.collective = self._record(progress.collective_key(g.name, g.ranks))
+        return g.collective
+
+    def channel(self, pg, peer, sending: bool) -> Optional[list]:
+        """The record of this rank's sends to (or receives from) group rank ``peer``."""
+        g = self._group(pg)
+        if g is None:
+            return None
+        rec = g.channels.get((peer, sending))
         if rec is None:
-            rec = self.records[key] = [0, None]
+            if not isinstance(peer, int) or not 0 <= peer < len(g.ranks):
+                return None
+            if self.rank is None:
+                self.rank = dist.get_rank()
+            other = g.ranks[peer]
+            src, dst = (self.rank, other) if sending else (other, self.rank)
+            rec = g.channels[(peer, sending)] = self._record(
+                progress.channel_key(g.name, src, dst))
+        return rec
+
+    def enter(self, pg, rec: list) -> None:
         if self.armed:
             self._check_armed(pg)
         rec[0] += 1
         rec[1] = _RUNNING
         if self._coalescing and pg in self._coalescing:
             self._coalescing[pg].append(rec)
-        return rec
-
-    def collective_key(self, pg) -> Optional[str]:
-        info = self._group(pg)
-        return None if info is None else progress.collective_key(info[0], info[1])
-
-    def channel_key(self, pg, peer, sending: bool) -> Optional[str]:
-        info = self._group(pg)
-        if info is None or not isinstance(peer, int) or not 0 <= peer < len(info[1]):
-            return None
-        if self.rank is None:
-            self.rank = dist.get_rank()
-        other = info[1][peer]
-        src, dst = (self.rank, other) if sending else (other, self.rank)
-        return progress.channel_key(info[0], src, dst)
 
     # ---- injections at the nth operation of a group ------------------------------------
     def arm(self, groups: list, phase: str, nth: int, fire: Callable[[], None]) -> None:
@@ -168,10 +188,10 @@ def _done(rec: list, work) -> None:
 
 def _wrap_collective(orig):
     def op(pg, *args, **kwargs):
-        key = TRACKER.collective_key(pg)
-        if key is None:
+        rec = TRACKER.collective(pg)
+        if rec is None:
             return orig(pg, *args, **kwargs)
-        rec = TRACKER.enter(pg, key)
+        TRACKER.enter(pg, rec)
         try:
             work = orig(pg, *args, **kwargs)
         except BaseException:
@@ -187,10 +207,10 @@ def _wrap_p2p(orig, sending: bool):
     def op(pg, tensors, peer=None, *args, **kwargs):
         if peer is None:
             peer = kwargs.pop("dstRank" if sending else "srcRank", None)
-        key = TRACKER.channel_key(pg, peer, sending)
-        if key is None:
+        rec = TRACKER.channel(pg, peer, sending)
+        if rec is None:
             return orig(pg, tensors, peer, *args, **kwargs)
-        rec = TRACKER.enter(pg, key)
+        TRACKER.enter(pg, rec)
         try:
             work = orig(pg, tensors, peer, *args, **kwargs)
         except BaseException:
