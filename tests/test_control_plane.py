@@ -199,7 +199,8 @@ def test_collective_progress_keys_carry_their_members():
     key = progress.collective_key(long_name, range(0, 16384, 8))
     assert len(key) < 24 and progress.members(key) == list(range(0, 16384, 8))
     assert progress.members(progress.channel_key("3", 4, 0)) == [4, 0]
-    assert progress.parse({"a": [1, 1], "b": "x", "c": [2, 0]}) == {"a": (1, True), "c": (2, False)}
+    assert progress.parse({"a": [1, 1], "c": [2, 0]}) == {"a": (1, True), "c": (2, False)}
+    assert progress.parse({"a": [1, 1], "b": "x"}) == progress.parse([3]) == {}  # malformed
     v = _view(0, 10.0, 10.0)
     v.update({"seq": 1, "pid": 100, "comm": {"0@0-1": [3, 1]}}, now=11.0)
     assert v.comm == {"0@0-1": [3, 1]}

@@ -144,25 +144,28 @@ def find_hang(views: dict[int, RankView], generation: int, now: float,
 def _not_in_collective(stalled: list[RankView], reports: dict,
                        waiting: set) -> dict[int, list[dict]]:
     """Stalled ranks that wait nowhere and are behind a peer waiting on a key of theirs, with
-    the waits they hold up."""
+    the waits they hold up. Each key a rank waits on is walked once, whoever waits there: a
+    sweep of 16,384 ranks stalled in a world-sized collective reads its members once."""
     by_rank = {v.rank: v for v in stalled}
-    suspects: dict[int, dict[str, dict]] = {}
+    waiters: dict[str, list[tuple[int, int]]] = {}  # key -> (rank, its count) of who waits there
     for r in sorted(waiting):
-        for key, (n, inside) in sorted(reports[r].items()):
-            if not inside:
-                continue
-            for m in progress.members(key):
-                if m == r or m in waiting or m not in by_rank:
-                    continue  # a waiting rank, or one still moving, is not the culprit
-                rep = reports.get(m)
-                count = None if rep is None else rep.get(key, (0, False))[0]
-                if count is not None and count >= n:
-                    continue  # it has entered this operation: the wait is for someone else
-                w = suspects.setdefault(m, {}).setdefault(key, {
-                    "key": key, "waiting": [], "their_count": n, "its_count": count})
-                w["waiting"].append(r)
-                w["their_count"] = max(w["their_count"], n)
-    return {m: list(waits.values()) for m, waits in suspects.items()}
+        for key, (n, inside) in reports[r].items():
+            if inside:
+                waiters.setdefault(key, []).append((r, n))
+    suspects: dict[int, list[dict]] = {}
+    for key, here in sorted(waiters.items()):
+        top = max(n for _, n in here)
+        for m in progress.members(key):
+            if m in waiting or m not in by_rank:
+                continue  # a waiting rank, or one still moving, is not the culprit
+            rep = reports.get(m)
+            count = None if rep is None else rep.get(key, (0, False))[0]
+            if count is not None and count >= top:
+                continue  # it has entered these operations: the wait is for someone else
+            suspects.setdefault(m, []).append({
+                "key": key, "waiting": [r for r, n in here if count is None or n > count],
+                "their_count": top, "its_count": count})
+    return suspects
 
 
 def _blame(v: RankView, now: float, evidence: list[str], waits: list[dict],
