@@ -12,7 +12,10 @@ newest one's ``Work``. The rank is *inside* that key while the Work has not comp
 (``Work.is_completed``: gloo completes a work when its op is done, NCCL when its kernel is,
 which is the state NCCL's flight recorder keeps too). That covers a blocking call, whose Work
 its caller waits on, ``async_op=True`` waited on later, and batched isend/irecv alike; a
-blocking call that returns no Work (``monitored_barrier``) is inside while it runs.
+blocking call that returns no Work (``monitored_barrier``) is inside while it runs. gloo marks a
+point-to-point Work complete only when it is waited on, so a rank holding an isend or irecv it
+has not waited on yet counts as inside (megatron's pipeline waits at once, unless it overlaps
+its p2p communication).
 
 torch's own per-group sequence numbers (``_get_sequence_number_for_group``) are not used: on gloo
 they count point-to-point operations too, so the members of a pipeline group do not agree on
@@ -90,9 +93,6 @@ class Progress:
     def report(self) -> dict[str, list]:
         """{key: [count, 1 if inside now else 0]}; safe to call from another thread."""
         return {k: [n, int(_inside(w))] for k, (n, w) in list(self.records.items())}
-
-    def inside(self) -> list[str]:
-        return [k for k, (_, w) in list(self.records.items()) if _inside(w)]
 
     # ---- the hot path ------------------------------------------------------------------
     def _group(self, pg) -> Optional[_Group]:
