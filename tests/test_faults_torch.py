@@ -28,6 +28,11 @@ JOBS = {
                                 "hang_gil:rank=1:step=5:phase=backward;"
                                 "stop:rank=3:step=7:phase=optimizer",
                                 ["hang", "hang_gil", "stop"], 0, HANG),
+    # the soak's seed 2026: a rank stops before the gradient all-reduce that every other rank
+    # is blocked in, all four at the same step and phase (then the same holding the GIL)
+    "hangs-in-grad-reduce": ("hang:rank=3:step=3:phase=grad_reduce;"
+                             "hang_gil:rank=0:step=5:phase=grad_reduce",
+                             ["hang", "hang_gil"], 2, HANG),
 }
 
 
@@ -54,11 +59,20 @@ def test_faults_recovered_bit_exact(tmp_path, torch_baseline, name):
         assert set(fault["phases"]) >= {"detect", "abort", "rebuild", "restore", "resume"}
         if kind.startswith("hang"):  # blamed after the hang timeout, not before
             assert fault["detect_s"] >= 2.0
+            # ... for not entering the collective its peers wait in
+            assert fault["evidence"][0] == "not_in_collective", fault
+            assert (kind == "hang_gil") == ("heartbeat_stopped" in fault["evidence"]), fault
+            (decided,) = [e for e in job.journal if e["event"] == "fault_decided"
+                          and (e["rank"], e["step"]) == (fault["rank"], fault["step"])]
+            assert decided["evidence"] == fault["evidence"]
+            if fault["phase"] == "grad_reduce":  # everyone else is inside the all-reduce
+                others = sorted({0, 1, 2, 3} - {fault["rank"]})
+                assert [w["waiting"] for w in fault["waits"]] == [others], fault
     if "exception" in kinds:
         (reported,) = [e for e in job.journal
                        if e["event"] == "fault_reported" and e["kind"] == "exception"]
         assert "InjectedFault: injected exception at step 4" in reported["traceback"]
-    if spares:  # the pool is topped up after the recovery, not while it competes with it
+    if name == "crashes-and-exits":  # the pool is topped up after the recovery, not during it
         assert re.search(r"spare pool refilled with \d+ after the replacement committed step \d+",
                          job.output), job.failure()
         # two faults in step 2 empty the pool of 2: a spare is started at once but held

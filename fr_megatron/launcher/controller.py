@@ -54,6 +54,11 @@ def _restored(r: Optional[dict]) -> dict:
             "restore_gb_s": round(r["bytes"] / r["seconds"] / 1e9, 3) if r["seconds"] else None}
 
 
+def _blame_fields(f: "Fault") -> dict:
+    """What blamed a hang (``detector``): its evidence, and the operations its peers wait in."""
+    return {k: f.detail[k] for k in ("evidence", "waits") if k in f.detail}
+
+
 @dataclass
 class Fault:
     rank: int
@@ -256,14 +261,19 @@ class Controller:
             self.views[rank].update(rank_hb, now)
 
     def _judge_hangs(self, now: float):
-        hung = find_hang(self.views, self.generation, now, self.plan_t)
-        if hung:
-            rank, kind = hung
-            v = self.views[rank]
-            self._report_fault(Fault(rank, kind, v.step, v.phase, v.pid, v.generation,
-                                     fault_t=_fault_time(v.extra.get("inject_t"),
-                                                         v.progress_t, now),
-                                     reported_t=now, detail={"hang_timeout": v.hang_timeout}))
+        blame = find_hang(self.views, self.generation, now, self.plan_t)
+        if blame:
+            v = self.views[blame.rank]
+            detail = {"hang_timeout": v.hang_timeout, "evidence": blame.evidence}
+            if blame.waits:
+                detail["waits"] = blame.waits
+            log.warning("rank=%d generation=%d step=%d phase=%s blamed for a %s: %s %s",
+                        blame.rank, v.generation, v.step, v.phase, blame.kind,
+                        ", ".join(blame.evidence), blame.waits or "")
+            self._report_fault(Fault(blame.rank, blame.kind, v.step, v.phase, v.pid,
+                                     v.generation, fault_t=_fault_time(v.extra.get("inject_t"),
+                                                                       v.progress_t, now),
+                                     reported_t=now, detail=detail))
 
     # ---- node liveness -----------------------------------------------------------------
     def _find_lost_nodes(self, now: float):
@@ -472,7 +482,8 @@ class Controller:
         self.plan_t = now
         for f in faults:
             self.journal.write("fault_decided", generation=g, rank=f.rank, step=f.step,
-                               phase=f.phase, kind=f.kind, detect_s=round(now - f.fault_t, 4))
+                               phase=f.phase, kind=f.kind, detect_s=round(now - f.fault_t, 4),
+                               **_blame_fields(f))
         self.generation = g
         self._publish_generation(plan)
 
@@ -515,7 +526,7 @@ class Controller:
             s = rec.summary
             for f in rec.faults:
                 entry = {"rank": f.rank, "kind": f.kind, "step": f.step, "phase": f.phase,
-                         "generation": rec.generation,
+                         "generation": rec.generation, **_blame_fields(f),
                          "detect_s": round(rec.decision_t - f.fault_t, 4),
                          "replacement": f.replacement,
                          "replacement_start_s": round(f.replacement_t - rec.decision_t, 4)

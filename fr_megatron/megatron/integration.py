@@ -286,6 +286,39 @@ class MegatronIntegration(Integration):
         if stale:
             raise RuntimeError(f"{stale} references to old process groups survived the rebind")
 
+    def group_kinds(self) -> dict[str, list[Any]]:
+        """parallel_state's groups by kind (``inject.GROUP_KINDS``); "dist_opt" is the group the
+        DistributedOptimizer all-gathers updated parameters in: the DDP bucket groups' (the
+        data-parallel group with CP, not parallel_state's world-sized "intra distributed
+        optimizer instance" group)."""
+        from megatron.core import parallel_state as ps
+
+        getters = {
+            "tp": ps.get_tensor_model_parallel_group,
+            "pp": ps.get_pipeline_model_parallel_group,
+            "dp": lambda check_initialized: ps.get_data_parallel_group(with_context_parallel=True),
+            "cp": ps.get_context_parallel_group,
+            "ep": ps.get_expert_model_parallel_group,
+            "embd": ps.get_embedding_group,
+            "mp": ps.get_model_parallel_group,
+        }
+        kinds = {}
+        for kind, get in getters.items():
+            try:
+                group = get(check_initialized=False)
+            except (AssertionError, AttributeError, RuntimeError, TypeError):
+                continue
+            if isinstance(group, dist.ProcessGroup):  # a non-member holds no group of the kind
+                kinds[kind] = [group]
+        buckets = [bg for chunk in self.model for attr in ("bucket_groups",
+                                                           "expert_parallel_bucket_groups")
+                   for bg in getattr(chunk, attr, None) or ()]
+        gather = _unique(getattr(bg, "intra_distributed_optimizer_instance_group", None)
+                         for bg in buckets)
+        if gather:
+            kinds["dist_opt"] = gather
+        return kinds
+
     @property
     def old_groups(self) -> list[dist.ProcessGroup]:
         """The groups of the world before the last teardown (megatron's are retired by rebuild)."""

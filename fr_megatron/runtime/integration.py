@@ -75,6 +75,16 @@ class Integration(abc.ABC):
         """How many references to ``old_groups`` the framework's objects still hold (must be 0)."""
         return 0
 
+    def install_phase_marks(self, mark) -> None:
+        """Mark phases inside the framework's own step with ``mark(name)`` (e.g. where it reduces
+        gradients); called once by ``Session.attach``."""
+
+    def group_kinds(self) -> dict[str, list[Any]]:
+        """This generation's groups by kind (``inject.GROUP_KINDS``: "tp", "dp", ...), for
+        injections at the nth operation on a group of a kind; kinds the framework does not have
+        are left out (the runtime adds "world")."""
+        return {}
+
     def load_checkpoint(self, directory: str) -> Optional[int]:
         """Load the framework's latest disk checkpoint in ``directory`` (every rank calls it, on
         the new world); the step loaded, or None when there is none or the framework has no

@@ -39,7 +39,7 @@ from ..protocol import keys
 from ..protocol.auth import Signer, read_token
 from ..protocol.node_beats import BeatSender
 from ..protocol.store import connect, connect_cuttable, shutdown_sockets
-from . import failure_domains, inject, recovery_point, transfer
+from . import comm_progress, failure_domains, inject, recovery_point, transfer
 from .comms import Communicators, RendezvousInterrupted, release_deferred
 from .heartbeat import Heartbeat, PlanMonitor
 from .integration import Integration, RankState
@@ -51,6 +51,10 @@ from .state_machine import RecoveryStateMachine, State
 log = logging.getLogger("fr_megatron.runtime")
 
 EXIT_FAULTY = 70  # a rank that found itself at fault exits with this code after reporting
+# a rank that has stayed in one phase for this fraction of its hang timeout puts its collective
+# progress in its beats (``comm_progress``): the controller compares it once ranks stall, and a
+# running job's beats stay small
+COMM_AFTER_FRACTION = 0.25
 
 
 class RecoveryRequested(RuntimeError):
@@ -94,6 +98,7 @@ class Session:
         self.generation = max(generation, latest)
         self.sm = RecoveryStateMachine(rank)
         self.step, self.phase_name, self.committed = 0, "init", -1
+        self._phase_t = time.time()  # when the step or phase last changed
         self.step_times: list[float] = []
         self.injections = inject.parse(injections)
         self.integration: Optional[Integration] = None
@@ -118,6 +123,9 @@ class Session:
                                    self._status, orphan_timeout=2 * self.cfg.node_timeout,
                                    orphaned=self._orphaned)
         self.sm.on_change = self.heartbeat.poke
+        comm_progress.install()  # before any group exists: every operation is counted
+        comm_progress.TRACKER.current_phase = lambda: self.phase_name
+        self._armed: set[int] = set()  # injections waiting for an operation on a group
         try:
             self.heartbeat.beat()
         except (FileNotFoundError, ConnectionRefusedError) as e:  # no agent at all
@@ -173,11 +181,18 @@ class Session:
         return 0
 
     def _status(self) -> dict:
-        return {"generation": self.generation, "step": self.step, "phase": self.phase_name,
-                "state": self.sm.state.value, "committed": self.committed,
-                "inject_t": self.inject_t,
-                "hang_timeout": self.cfg.step_hang_timeout(
-                    self.phase_name, self.step_times, resuming=self._pending_report is not None)}
+        timeout = self.cfg.step_hang_timeout(self.phase_name, self.step_times,
+                                             resuming=self._pending_report is not None)
+        status = {"generation": self.generation, "step": self.step, "phase": self.phase_name,
+                  "state": self.sm.state.value, "committed": self.committed,
+                  "inject_t": self.inject_t, "hang_timeout": timeout}
+        # bounded by the job's hang timeout: a rank in its first step (no timeout of its own
+        # yet) may be the one its peers wait for, or one waiting
+        stall_after = COMM_AFTER_FRACTION * min(
+            timeout, self.cfg.resolved_hang_timeout(self.step_times[-50:]))
+        if time.time() - self._phase_t >= stall_after:
+            status["comm"] = comm_progress.TRACKER.report()
+        return status
 
     def send(self, kind: str, **body) -> None:
         try:
@@ -230,6 +245,7 @@ class Session:
     def attach(self, integration: Integration) -> None:
         """Hand the runtime the framework's state; builds the runtime's own groups."""
         self.integration = integration
+        integration.install_phase_marks(self.phase)
         self._build_runtime_groups()
 
     def _build_runtime_groups(self) -> None:
@@ -267,6 +283,7 @@ class Session:
         complete (they ran during this step's forward and backward)."""
         if name != self.phase_name:
             self.phase_name = name
+            self._phase_t = time.time()
             self.heartbeat.poke()
         self._fire_injections()
         if self._notice is not None:
@@ -306,7 +323,8 @@ class Session:
 
     def begin_step(self, step: int) -> None:
         self.step = step
-        self._step_t0 = time.time()
+        self._step_t0 = self._phase_t = time.time()
+        self._disarm()
         self.heartbeat.poke()  # a new step is progress even if the phase name is the same
         self.phase("forward")
 
@@ -451,14 +469,48 @@ class Session:
 
     def _fire_injections(self) -> None:
         for inj in self.injections:
-            if inj.rank == self.rank and inj.step == self.step and inj.phase == self.phase_name \
-                    and self._claim(inj):
-                self.inject_t = time.time()
-                try:
-                    self.heartbeat.beat()  # the report must name this step and phase (and when)
-                except OSError:
-                    pass
-                inject.fire(inj)
+            if inj.rank != self.rank or inj.step != self.step or inj.phase != self.phase_name:
+                continue
+            if inj.group:
+                self._arm(inj)
+            elif self._claim(inj):
+                self._fire(inj)
+
+    def _fire(self, inj: inject.Injection) -> None:
+        self.inject_t = time.time()
+        try:
+            self.heartbeat.beat()  # the report must name this step and phase (and when)
+        except OSError:
+            pass
+        inject.fire(inj)
+
+    def _arm(self, inj: inject.Injection) -> None:
+        """From the phase marker on, count this step's operations on groups of ``inj.group``
+        in that phase; the fault fires before the ``inj.nth``."""
+        if inj.index in self._armed:
+            return
+        self._armed.add(inj.index)
+        groups = self._group_kinds().get(inj.group)
+        if not groups:
+            log.warning("rank=%d generation=%d step=%d phase=%s injection %s: this job has no "
+                        "group of kind %r", self.rank, self.generation, self.step,
+                        self.phase_name, inj, inj.group)
+            return
+        comm_progress.TRACKER.arm(groups, inj.phase, inj.nth,
+                                  lambda: self._claim(inj) and self._fire(inj))
+
+    def _disarm(self) -> None:
+        for a in comm_progress.TRACKER.disarm():
+            log.warning("rank=%d generation=%d step=%d phase=%s an injection armed in phase %s "
+                        "did not fire: the step ended %d operations on its group short",
+                        self.rank, self.generation, self.step, self.phase_name, a.phase, a.left)
+        self._armed.clear()
+
+    def _group_kinds(self) -> dict[str, list]:
+        kinds = dict(self.integration.group_kinds()) if self.integration else {}
+        if dist.is_initialized():
+            kinds.setdefault("world", [dist.distributed_c10d._get_default_group()])
+        return kinds
 
     def _sync(self, plan: dict) -> int:
         """Agree on the recovery point, restore every rank to it, return the step to redo."""
