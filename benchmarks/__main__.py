@@ -27,7 +27,8 @@ from .common import REPO, RESULTS
 
 BENCH_DIR = REPO / "benchmarks"
 # the order they run in; restart_baseline runs only where its module exists
-ORDER = ["detection", "rebuild_scale", "recovery", "restart_baseline", "control_plane", "soak"]
+ORDER = ["detection", "rebuild_scale", "recovery", "state_scale", "restart_baseline",
+         "control_plane", "soak"]
 # smaller runs for --quick, for the benchmarks that have no --quick flag of their own
 QUICK_ARGS = {"detection": ["--trials", "1"], "rebuild_scale": ["--worlds", "4,8"],
               "recovery": ["--trials", "1", "--reps", "1", "--steady-iters", "6"]}

@@ -36,7 +36,9 @@ def summary(values: list[float]) -> dict:
 
 def run_fr_job(script: Path, args: list[str], *, nproc: int, inject: str | None, spares: int,
                report: Path, extra: list[str] = (), timeout: float = 900,
-               log: Path | None = None) -> dict:
+               log: Path | None = None, check: bool = True) -> dict:
+    """Run one ``fr-megatron run`` job; its JSON report. ``check=False``: a job that failed
+    returns its report all the same (it says why, in ``fatal``), with ``rc`` added."""
     cmd = [sys.executable, "-m", "fr_megatron.cli", "run", "--nproc-per-node", str(nproc),
            "--spares", str(spares), "--no-wandb", "--report", str(report), *extra]
     if inject:
@@ -46,8 +48,12 @@ def run_fr_job(script: Path, args: list[str], *, nproc: int, inject: str | None,
     if log is not None:
         log.write_text(p.stdout + p.stderr)
     if p.returncode != 0 or not report.exists():
-        raise RuntimeError(f"job failed ({p.returncode}): {p.stderr[-2000:]}")
-    return json.loads(report.read_text())
+        if check:
+            raise RuntimeError(f"job failed ({p.returncode}): {p.stderr[-2000:]}")
+        if not report.exists():
+            return {"rc": p.returncode, "faults": [],
+                    "fatal": f"no report (exit {p.returncode}): {p.stderr[-500:]}"}
+    return {**json.loads(report.read_text()), "rc": p.returncode}
 
 
 def table(rows: list[dict], cols: list[str]) -> str:

@@ -76,8 +76,7 @@ def read_out(hooks) -> dict:
     live = session.integration.capture()
     ring = session.ring
     copies = session.copies
-    ring_meta = sum(len(pickle.dumps(ring.get(s).meta)) for s in ring.steps())
-    held = [p for r in copies.copies.values() for p in r.values()]
+    ring_meta = sum(len(ring.slot(s).header["meta"]) for s in ring.steps())
     out.update({
         "flash_recovery": True,
         "world_size": dist.get_world_size() if dist.is_initialized() else None,
@@ -89,11 +88,10 @@ def read_out(hooks) -> dict:
                   "replicated_tensors": len(live.replicated),
                   "unique_tensors": len(live.unique)},
         "ring": {"steps": ring.steps(), "tensor_bytes": ring.nbytes(),
-                 "meta_pickled_bytes": ring_meta},
+                 "meta_pickled_bytes": ring_meta, "shared_memory": ring.in_shared_memory},
         "copies": {"wards": list(copies.wards), "holders": list(copies.holders),
-                   "held": {str(w): list(r) for w, r in copies.copies.items()},
-                   "data_bytes": copies.nbytes(),
-                   "header_bytes": sum(len(json.dumps(p.header)) for p in held)},
+                   "held": {str(w): s for w, s in copies.held_steps().items()},
+                   "data_bytes": copies.nbytes()},
     })
     return out
 

@@ -51,6 +51,11 @@ class FlashRecoveryConfig(BaseModel):
                                  "(SIGTERM, Ctrl-C) get before they are killed")
     replicas: int = Field(1, ge=1, le=8, description="redundant copies of each rank's unique state")
     snapshot_depth: int = Field(2, ge=2, le=4, description="committed steps kept for rollback")
+    snapshot_dir: Optional[str] = Field(
+        "/dev/shm", description="node-local shared-memory directory (a tmpfs) the node agent keeps "
+                                "the ranks' snapshots in, so a replacement on the same node "
+                                "restores from them with no transfer; empty: keep them in "
+                                "process memory and copy unique state to peers every step")
     spares: int = Field(1, ge=0, le=64, description="warm spare processes per node")
     controller: Optional[str] = Field(None, description="controller address HOST:PORT")
     journal: Optional[str] = Field(None, description="path of the JSON-lines event journal")

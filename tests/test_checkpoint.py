@@ -11,9 +11,10 @@ samples, ``--dataloader-type single``), so the replacement must also move its lo
 peers' position. Before the second job starts, the directory also holds an incomplete
 ``iter_0000006`` (a save that crashed before the tracker file was written), which must be ignored.
 
-The same checkpoints are flash recovery's fallback: under ``fr-megatron run --flash-recovery``,
-ranks 2 and 3 (data-parallel replicas of the last pipeline stage, each holding the other's copy)
-die together at step 6, so no live peer has their state; every rank loads the step-4 checkpoint,
+The same checkpoints are flash recovery's fallback: under ``fr-megatron run --flash-recovery``
+with snapshots in process memory (``--snapshot-dir ''``, so they die with their process), ranks 2
+and 3 (data-parallel replicas of the last pipeline stage, each holding the other's copy) die
+together at step 6, so nothing live has their state; every rank loads the step-4 checkpoint,
 redoes step 5, and the job still ends equal to the uninterrupted one.
 """
 
@@ -115,7 +116,7 @@ def test_rank_lost_with_every_copy_falls_back_to_the_checkpoint_bit_exact(tmp_pa
     ckpt = tmp_path / "ckpt"
     job = run_job(tmp_path, RECIPE, [*ARGS, "--flash-recovery", "--save", str(ckpt),
                                       "--save-interval", "2", "--out", str(tmp_path / "fb")],
-                  nproc=WORLD, spares=2, name="fb", timeout=400,
+                  nproc=WORLD, spares=2, name="fb", timeout=400, extra=["--snapshot-dir", ""],
                   inject="kill:rank=2:step=6:phase=forward;kill:rank=3:step=6:phase=forward")
     assert job.rc == 0, job.failure(5000)
     faults = job.report["faults"]

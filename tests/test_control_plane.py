@@ -9,9 +9,10 @@ import sys
 
 import pytest
 
-from fr_megatron.launcher.detector import RankView, find_hang
+from fr_megatron.launcher import detector
+from fr_megatron.launcher.detector import RankView
 from fr_megatron.protocol.auth import AuthError, ReplayGuard, Signer
-from fr_megatron.runtime import failure_domains, inject
+from fr_megatron.runtime import inject
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -47,10 +48,24 @@ def test_inject_spec_parsing_and_errors():
     (i,) = inject.parse("exit:code=7:rank=2:step=4:phase=optimizer")
     assert (i.kind, i.code, i.rank, i.step, i.phase) == ("exit", 7, 2, 4, "optimizer")
     assert len(inject.parse("kill:rank=1:step=2;hang:rank=0:step=3")) == 2
+    (g,) = inject.parse("hang:rank=1:step=3:phase=optimizer:group=dist_opt:nth=2")
+    assert (g.group, g.nth, g.phase) == ("dist_opt", 2, "optimizer")
+    assert str(g) == "hang:rank=1:step=3:phase=optimizer:group=dist_opt:nth=2"
     for bad, msg in [("explode:rank=1", "unknown fault kind"), ("kill:rank=x", "integer"),
-                     ("kill:when=3", "bad field"), ("kill:phase=lunch", "unknown phase")]:
+                     ("kill:when=3", "bad field"), ("kill:phase=lunch", "unknown phase"),
+                     ("hang:group=fsdp", "unknown group 'fsdp'"),
+                     ("hang:group=tp:nth=0", "nth must be 1 or more"),
+                     ("hang:nth=2", "nth needs group=KIND"),
+                     ("hang:group=tp:nth=two", "nth must be an integer"),
+                     ("kill:group=dp:phase=restore", "phase restore has none")]:
         with pytest.raises(inject.InjectSpecError, match=msg):
             inject.parse(bad)
+
+
+def find_hang(views, generation, now, plan_t=0.0):
+    """(rank, kind) of the blame, or None."""
+    blame = detector.find_hang(views, generation, now, plan_t)
+    return None if blame is None else (blame.rank, blame.kind)
 
 
 def _view(rank, progress_t, seen_t, state="running", gen=0):
@@ -82,16 +97,18 @@ def test_hang_blames_the_rank_behind_not_the_one_waiting_longest():
     assert find_hang(views, 0, now) is None
 
 
-def test_hang_blames_the_frozen_rank_that_arrived_last_at_the_same_phase():
-    # all in after_step of step 5: rank 0 got there first and waits (still beating); rank 3 got
-    # there last and froze holding the GIL (found by the soak benchmark)
+def test_without_collective_progress_the_frozen_rank_is_blamed_first():
+    # all in after_step of step 5, no rank reporting collective progress: rank 0 got there first
+    # and waits (still beating); rank 3 got there last and froze holding the GIL (found by the
+    # soak benchmark)
     now = 100.0
     views = {0: _view(0, 97.0, 99.9), 3: _view(3, 97.5, 97.5)}
     for v in views.values():
         v.phase = "after_step"
     assert find_hang(views, 0, now) == (3, "hang_gil")
-    views[3].seen_t = 99.9  # beating: then the one whose progress stopped first
+    views[3].seen_t = 99.9  # beating: the last resort is the one whose progress stopped first
     assert find_hang(views, 0, now) == (0, "hang")
+    assert detector.find_hang(views, 0, now).evidence == [detector.BEHIND_IN_STEP]
 
 
 def test_rank_that_ignores_a_new_generation_is_hung():
@@ -108,19 +125,87 @@ def test_heartbeat_after_recovery_counts_as_progress():
     assert v.progress_t == 20.0
 
 
-def test_copies_live_in_another_failure_domain():
-    # two nodes of four: every holder is on the other node, so any one node can be lost
-    world, nproc = 8, 4
-    dp = [[r % 2, r % 2 + 2, r % 2 + 4, r % 2 + 6] for r in range(world)]
-    placement = failure_domains.placement(world, nproc, dp, replicas=2)
-    for r, hs in placement.items():
-        assert len(hs) == 2 and all(h // nproc != r // nproc for h in hs)
-    # one node: the next data-parallel rank
-    one = failure_domains.placement(4, 4, [[0, 2], [1, 3], [0, 2], [1, 3]], replicas=1)
-    assert one == {0: [2], 1: [3], 2: [0], 3: [1]}
-    assert failure_domains.wards(one, 2) == [0]
-    with pytest.raises(ValueError, match="lower replicas"):
-        failure_domains.placement(2, 2, [[0, 1], [0, 1]], replicas=2)
+def _stalled(rank, comm, progress_t=96.0, seen_t=99.9, phase="grad_reduce", step=13):
+    v = _view(rank, progress_t, seen_t)
+    v.step, v.phase, v.comm = step, phase, comm
+    return v
+
+
+def test_hang_blames_the_rank_that_did_not_enter_the_all_reduce_its_peers_wait_in():
+    # the soak's seed 2026: rank 3 stopped before the gradient all-reduce of step 13, ranks 0-2
+    # wait inside it; all four report (13, grad_reduce), and rank 0 got there first
+    now = 100.0
+    views = {r: _stalled(r, {"0@0-3": [40, 1], "1@0-3": [12, 0]}, progress_t=96.0 + r / 10)
+             for r in range(3)}
+    views[3] = _stalled(3, {"0@0-3": [39, 0], "1@0-3": [12, 0]}, progress_t=97.5)
+    blame = detector.find_hang(views, 0, now)
+    assert (blame.rank, blame.kind, blame.evidence) == (3, "hang", [detector.NOT_IN_COLLECTIVE])
+    assert blame.waits == [{"key": "0@0-3", "waiting": [0, 1, 2], "their_count": 40,
+                            "its_count": 39}]
+    views[3].progress_t = 98.5  # its own stall is not past its timeout yet: nobody is blamed
+    assert detector.find_hang(views, 0, now) is None
+
+
+def test_a_chain_of_waits_blames_its_head_only():
+    # rank 0 hung before a TP collective; rank 1 waits for it in TP; rank 3 waits for rank 1 in
+    # DP, where rank 1 is behind: rank 1 waits, so it is not blamed
+    tp, dp = "5@0-1", "7@1-3/2"
+    views = {0: _stalled(0, {tp: [5, 0]}, phase="forward"),
+             1: _stalled(1, {tp: [6, 1], dp: [2, 0]}, phase="forward"),
+             3: _stalled(3, {dp: [3, 1]}, phase="grad_reduce")}
+    blame = detector.find_hang(views, 0, 100.0)
+    assert (blame.rank, blame.waits) == (0, [{"key": tp, "waiting": [1], "their_count": 6,
+                                              "its_count": 5}])
+
+
+def test_point_to_point_waits_compare_the_two_ends_of_one_direction():
+    # a receiver waits for a send that never came, and a sender for a receive
+    views = {0: _stalled(0, {"2:0>4": [2, 0], "2:4>0": [7, 0]}, phase="forward"),
+             4: _stalled(4, {"2:0>4": [3, 1], "2:4>0": [7, 0]}, phase="forward")}
+    assert find_hang(views, 0, 100.0) == (0, "hang")
+    views = {0: _stalled(0, {"2:0>4": [3, 1]}, phase="forward"),
+             4: _stalled(4, {"2:0>4": [2, 0]}, phase="backward")}
+    assert find_hang(views, 0, 100.0) == (4, "hang")
+    # traffic in the other direction, ahead or not, says nothing about this one
+    views[4].comm["2:4>0"] = [9, 0]
+    assert find_hang(views, 0, 100.0) == (4, "hang")
+
+
+def test_a_frozen_rank_is_judged_by_its_last_report():
+    now = 100.0
+    waiting = {"0@0-3": [10, 1]}
+    # rank 3 froze holding the GIL before it ever reported: behind on its peers' all-reduce
+    views = {r: _stalled(r, dict(waiting)) for r in range(3)}
+    views[3] = _stalled(3, None, progress_t=97.0, seen_t=97.0)
+    blame = detector.find_hang(views, 0, now)
+    assert (blame.rank, blame.kind) == (3, "hang_gil")
+    assert blame.evidence == [detector.NOT_IN_COLLECTIVE, detector.HEARTBEAT_STOPPED]
+    assert blame.waits[0]["its_count"] is None
+    # rank 1's heartbeat stopped too, but its last beat had it waiting in the all-reduce: a
+    # rank that beats and never entered it is blamed, not rank 1
+    views[3] = _stalled(3, {"0@0-3": [9, 0]}, progress_t=97.0)
+    views[1].seen_t = 96.5
+    assert find_hang(views, 0, now) == (3, "hang")
+
+
+def test_collective_progress_keys_carry_their_members():
+    from fr_megatron.protocol import progress
+
+    for ranks, text in [([0, 1, 2, 3], "0-3"), ([1, 3, 5, 7], "1-7/2"), ([0, 1, 4, 5], "0-1,4-5"),
+                        ([0, 4], "0,4"), ([6], "6"), ([0, 4, 5], "0,4-5")]:
+        assert progress.encode_ranks(ranks) == text
+        assert progress.decode_ranks(text) == ranks
+    long_name = "mcore_dp_cp_0123456789abcdef0123_0"
+    key = progress.collective_key(long_name, range(0, 16384, 8))
+    assert len(key) < 24 and progress.members(key) == list(range(0, 16384, 8))
+    assert progress.members(progress.channel_key("3", 4, 0)) == [4, 0]
+    assert progress.parse({"a": [1, 1], "c": [2, 0]}) == {"a": (1, True), "c": (2, False)}
+    assert progress.parse({"a": [1, 1], "b": "x"}) == progress.parse([3]) == {}  # malformed
+    v = _view(0, 10.0, 10.0)
+    v.update({"seq": 1, "pid": 100, "comm": {"0@0-1": [3, 1]}}, now=11.0)
+    assert v.comm == {"0@0-1": [3, 1]}
+    v.update({"seq": 2, "pid": 100}, now=12.0)  # moving again: the beat carries none
+    assert v.comm is None
 
 
 def _run_cli(*args, timeout=60):

@@ -45,7 +45,7 @@ def _child() -> None:
     integ = MegatronIntegration(job.model, job.optimizer, job.scheduler, progress=job)
     job.train_step(1)
     ring = SnapshotRing(2)
-    ring.commit(1, integ.capture())
+    ring.write(1, integ.capture())
     assert {t.device.type for t in ring.get(1).unique.values()} == {"cpu"}
     loss = job.train_step(2)
     first = {k: v.detach().cpu().clone() for k, v in integ.capture().unique.items()}

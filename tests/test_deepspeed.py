@@ -122,7 +122,7 @@ def test_group_refs_rebinds_every_kind_of_holder():
     import torch
     import torch.distributed as dist
 
-    from fr_megatron.deepspeed import group_refs
+    from fr_megatron.runtime import group_refs
 
     store = dist.HashStore()
     old, new, other = (dist.ProcessGroup(store, 0, 1) for _ in range(3))
@@ -460,7 +460,7 @@ from fr_megatron.deepspeed.mpu import MegatronCoreMPU  # noqa: E402
 
 
 def _group_objects(fr):
-    from fr_megatron.deepspeed import group_refs
+    from fr_megatron.runtime import group_refs
 
     return group_refs.find(fr._roots(), fr._walk_skip())
 

@@ -36,12 +36,13 @@ CONFIGS = {
 
 
 def ds_job(tmp, config: str, inject: str | None = None, spares: int = 1, extra_args=(),
-           name: str = "job"):
+           name: str = "job", launcher_args=()):
     preload = PRELOAD + (["megatron.core.parallel_state"] if config == "tp2" else [])
     try:
         job = run_job(tmp, DS_RECIPE, ["--steps", str(STEPS), *CONFIGS[config], *extra_args],
                       inject=inject, spares=spares, env=ENV, name=name, timeout=JOB_TIMEOUT,
-                      extra=["--preload", ",".join(preload)] if spares else [])
+                      extra=[*(["--preload", ",".join(preload)] if spares else []),
+                             *launcher_args])
     except subprocess.TimeoutExpired as e:
         out = b"".join(x if isinstance(x, bytes) else x.encode() for x in (e.stdout, e.stderr) if x)
         pytest.fail(f"job {name} ({config}, {inject}) ran past {JOB_TIMEOUT}s; output tail:\n"
@@ -143,3 +144,25 @@ def test_deepspeed_faults_recovered_bit_exact(tmp_path, request, name):
     if config == "tp2":  # TP shards differ, data-parallel replicas agree
         p0, p1, p2 = (job.ranks[r]["params"]["fc1.weight"] for r in (0, 1, 2))
         assert torch.equal(p0, p2) and not torch.equal(p0, p1)
+
+
+@pytest.mark.timeout(2 * JOB_TIMEOUT + 60)  # includes the baseline run of its configuration
+def test_deepspeed_hangs_in_the_gradient_reduction_blame_the_hung_rank_only(tmp_path,
+                                                                           baseline_zero2):
+    # ZeRO-2 reduces gradients at the end of engine.backward (the integration marks that
+    # grad_reduce): one rank stops before it while the others block inside, then the same
+    # holding the GIL
+    hangs = [("hang:rank=2:step=3:phase=grad_reduce", "hang"),
+             ("hang_gil:rank=1:step=4:phase=grad_reduce", "hang_gil")]
+    job = ds_job(tmp_path, "zero2", inject=";".join(spec for spec, _ in hangs), spares=2,
+                 launcher_args=["--hang-timeout", "4", "--heartbeat-interval", "0.2"])
+    faults = job.report["faults"]
+    assert len(faults) == len(hangs), faults  # nobody else was blamed
+    for f, (spec, kind) in zip(faults, hangs):
+        rank, step = int(spec.split("rank=")[1].split(":")[0]), int(spec.split("step=")[1][0])
+        assert (f["rank"], f["kind"], f["step"], f["phase"]) == (rank, kind, step, "grad_reduce")
+        assert f["evidence"][0] == "not_in_collective", f
+        assert {r for w in f["waits"] for r in w["waiting"]} == {0, 1, 2, 3} - {rank}, f
+        assert f["steps_lost"] == 0 and f["survivor_pids_unchanged"] is True, f
+    for r in range(4):
+        assert_same_rank_state(baseline_zero2[r], job.ranks[r], r)

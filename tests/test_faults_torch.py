@@ -26,6 +26,11 @@ JOBS = {
                                 "hang_gil:rank=1:step=5:phase=backward;"
                                 "stop:rank=3:step=7:phase=optimizer",
                                 ["hang", "hang_gil", "stop"], 0, HANG),
+    # the soak's seed 2026: a rank stops before the gradient all-reduce that every other rank
+    # is blocked in, all four at the same step and phase (then the same holding the GIL)
+    "hangs-in-grad-reduce": ("hang:rank=3:step=3:phase=grad_reduce;"
+                             "hang_gil:rank=0:step=5:phase=grad_reduce",
+                             ["hang", "hang_gil"], 2, HANG),
 }
 
 
@@ -52,11 +57,20 @@ def test_faults_recovered_bit_exact(tmp_path, torch_baseline, name):
         assert set(fault["phases"]) >= {"detect", "abort", "rebuild", "restore", "resume"}
         if kind.startswith("hang"):  # blamed after the hang timeout, not before
             assert fault["detect_s"] >= 2.0
+            # ... for not entering the collective its peers wait in
+            assert fault["evidence"][0] == "not_in_collective", fault
+            assert (kind == "hang_gil") == ("heartbeat_stopped" in fault["evidence"]), fault
+            (decided,) = [e for e in job.journal if e["event"] == "fault_decided"
+                          and (e["rank"], e["step"]) == (fault["rank"], fault["step"])]
+            assert decided["evidence"] == fault["evidence"]
+            if fault["phase"] == "grad_reduce":  # everyone else is inside the all-reduce
+                others = sorted({0, 1, 2, 3} - {fault["rank"]})
+                assert [w["waiting"] for w in fault["waits"]] == [others], fault
     if "exception" in kinds:
         (reported,) = [e for e in job.journal
                        if e["event"] == "fault_reported" and e["kind"] == "exception"]
         assert "InjectedFault: injected exception at step 4" in reported["traceback"]
-    if spares:
+    if name == "crashes-and-exits":
         # two faults in step 2 empty the pool of 2: the agent starts a spare at once but held
         # stopped, and wakes it when it is handed a rank (the fault in step 3) or when a
         # recovery is over; the pool is topped up only after the replacement has committed a
@@ -66,8 +80,8 @@ def test_faults_recovered_bit_exact(tmp_path, torch_baseline, name):
         held = {e["pid"] for e in events["spare_held"]}
         woken = {e["pid"] for e in events["spare_woken"]}
         assert held and woken and woken <= held, job.failure()
-        for e in events["spare_pool_refilled"]:
-            assert e["after"] == "timeout" or e["committed"] > e["restored"], e
+    for e in [e for e in job.journal if e["event"] == "spare_pool_refilled"]:
+        assert e["after"] == "timeout" or e["committed"] > e["restored"], e
     assert job.report["finished_ranks"] == 4
     assert job.report["generations"] == len({f["generation"] for f in faults.values()})
     assert_same_training(torch_baseline, job.result)

@@ -1,18 +1,24 @@
-"""State that cannot be trusted is never trained on: a corrupted transfer is detected by its
-checksum, reported, and the job stops cleanly instead of continuing from wrong state."""
+"""State that cannot be trusted is never trained on: a corrupted snapshot or transfer is detected
+by its checksum, reported, and the job stops cleanly instead of continuing from wrong state. A
+rank's snapshot in the node's shared memory outlives the rank: two ranks lost together (one of
+them the holder of the other's copy in process memory) are both recovered from it."""
 
 import pytest
 
-from jobs import TORCH_RECIPE, run_job
+from jobs import TORCH_RECIPE, TORCH_STEPS, assert_same_training, run_job
 
 from fr_megatron.launcher.controller import MAX_FAILED_RESTARTS
 
 
 @pytest.mark.timeout(300)
-def test_corrupted_state_transfer_stops_the_job(tmp_path):
-    # every sender flips one byte after checksumming, as a bad link or bad memory would
+@pytest.mark.parametrize("snapshots", ["shared-memory", "process-memory"])
+def test_corrupted_state_stops_the_job(tmp_path, snapshots):
+    # every rank flips one byte of each snapshot after checksumming it, as bad memory would: the
+    # replacement refuses its predecessor's snapshot in shared memory; without one, it refuses
+    # the state its peers send from their (equally bad) snapshots
+    extra = [] if snapshots == "shared-memory" else ["--snapshot-dir", ""]
     job = run_job(tmp_path, TORCH_RECIPE, ["--steps", "6"], inject="kill:rank=2:step=3",
-                  env={"FR_CORRUPT_TRANSFER": "1"})
+                  env={"FR_CORRUPT_SNAPSHOTS": "1"}, extra=extra)
     assert job.rc == 1, job.failure(3000)
     assert "checksum mismatch" in (job.report["fatal"] or ""), job.report
     (fault,) = job.report["faults"]
@@ -24,11 +30,15 @@ def test_corrupted_state_transfer_stops_the_job(tmp_path):
     assert job.result is None  # rank 0 never finished training on the corrupted state
 
 
+LOSE_1_AND_2 = "kill:rank=1:step=3:phase=forward;kill:rank=2:step=3:phase=forward"
+
+
 @pytest.mark.timeout(300)
 def test_rank_and_holder_of_its_copy_lost_together_stops_cleanly(tmp_path):
-    # on one node, rank 1's copy lives on rank 2 (the next data-parallel rank): lose both
-    job = run_job(tmp_path, TORCH_RECIPE, ["--steps", "6"],
-                  inject="kill:rank=1:step=3:phase=forward;kill:rank=2:step=3:phase=forward")
+    # snapshots in process memory: rank 1's copy lives on rank 2 (the next data-parallel rank),
+    # so losing both loses what only rank 1 had (its meta: RNG state, counters) for good
+    job = run_job(tmp_path, TORCH_RECIPE, ["--steps", "6"], inject=LOSE_1_AND_2,
+                  extra=["--snapshot-dir", ""])
     assert job.rc == 1, job.failure(3000)
     assert "every holder of their copies are lost" in (job.report["fatal"] or ""), job.report
     stopped = [e for e in job.journal if e["event"] == "job_stopped"]
@@ -51,3 +61,17 @@ def test_rank_that_fails_every_restart_stops_the_job_and_every_process(tmp_path)
     assert job.report["generations"] == max(e["generation"] for e in job.journal
                                             if e["event"] == "fault_decided")
     assert job.result is None
+
+
+@pytest.mark.timeout(300)
+def test_two_ranks_lost_together_recover_from_their_snapshots(tmp_path, torch_baseline):
+    # the same two faults with snapshots in shared memory: each replacement restores its own
+    # predecessor's snapshot, no copy is needed, and training ends bit-identical
+    job = run_job(tmp_path, TORCH_RECIPE, TORCH_STEPS, inject=LOSE_1_AND_2, spares=2)
+    assert job.rc == 0, job.failure(3000)
+    faults = job.report["faults"]
+    assert sorted(f["rank"] for f in faults) == [1, 2]
+    assert all(f["steps_lost"] == 0 and f["survivor_pids_unchanged"] for f in faults), faults
+    (redundancy,) = [e for e in job.journal if e["event"] == "redundancy"]
+    assert redundancy["snapshots"] == "shared memory" and redundancy["ranks_copying"] == []
+    assert_same_training(torch_baseline, job.result)

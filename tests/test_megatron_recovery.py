@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from fr_megatron.protocol import progress
 from fr_megatron.protocol.auth import new_token, write_token_file
 from fr_megatron.wandb_reader import read_run
 from jobs import REPO, run_job
@@ -122,3 +123,36 @@ def test_faults_inside_the_step_and_its_commit_are_recovered_bit_exact(tmp_path,
     written = [p for p in (tmp_path / "wandb").rglob("*") if p.is_file()]
     assert written and all(token.encode() not in p.read_bytes() for p in written)
     assert token not in job.output and token not in json.dumps(job.journal)
+
+
+# hangs, each with every other rank of its groups blocked in an operation it never entered: in
+# the gradient reduction, in the first tensor-parallel collective of a forward, and in the
+# distributed optimizer's parameter all-gather (the first operation on its group after the
+# local Adam update)
+HANGS = ("hang:rank=5:step=2:phase=grad_reduce;"
+         "hang:rank=2:step=4:phase=forward:group=tp;"
+         "hang:rank=1:step=6:phase=optimizer:group=dist_opt")
+# ranks 0-7 at TP=2 x PP=2 x DP=2: tensor groups {0,1} {2,3} ..., data-parallel {0,2} {1,3} ...
+PEERS = {"tp": {2: [2, 3]}, "dist_opt": {1: [1, 3]}}
+
+
+@pytest.mark.timeout(900)
+def test_hangs_inside_collectives_blame_the_hung_rank_only(tmp_path, baseline):
+    job = megatron_job(tmp_path, "h", inject=HANGS, spares=2,
+                       extra=["--hang-timeout", "8", "--heartbeat-interval", "0.5"])
+    faults = sorted(job.report["faults"], key=lambda f: f["step"])
+    assert len(faults) == 3, faults  # nobody else was blamed
+    for f, spec in zip(faults, HANGS.split(";")):
+        fields = dict(p.split("=") for p in spec.split(":")[1:])
+        assert (f["rank"], f["step"], f["phase"], f["kind"]) == \
+            (int(fields["rank"]), int(fields["step"]), fields["phase"], "hang"), f
+        assert f["evidence"][0] == "not_in_collective", f
+        assert f["steps_lost"] == 0 and f["survivor_pids_unchanged"] is True, f
+        for w in f["waits"]:  # each wait is on an operation the hung rank is a member of
+            assert f["rank"] in progress.members(w["key"]) and w["its_count"] < w["their_count"]
+        if "group" in fields:  # its peer in that group waits inside the operation
+            members = PEERS[fields["group"]][f["rank"]]
+            peer = [r for r in members if r != f["rank"]]
+            assert any(progress.members(w["key"]) == members and w["waiting"] == peer
+                       for w in f["waits"]), f
+    assert_ranks_equal(baseline, load_ranks(tmp_path, "h"))

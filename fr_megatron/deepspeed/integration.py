@@ -35,7 +35,7 @@ import torch
 import torch.distributed as dist
 
 from fr_megatron.config import FlashRecoveryConfig
-from fr_megatron.deepspeed import group_refs
+from fr_megatron.runtime import group_refs
 from fr_megatron.runtime.integration import Integration, RankState
 
 log = logging.getLogger(__name__)
@@ -462,3 +462,36 @@ class DeepSpeedIntegration(Integration):
 
     def old_group_references(self, old_groups: list[Any]) -> int:
         return group_refs.count(self._roots(), old_groups, self._walk_skip())
+
+    def group_kinds(self) -> dict[str, list[Any]]:
+        """The engine's data-parallel group and the mpu's model-parallel groups, by kind."""
+        e = self.engine
+        kinds: dict[str, list[Any]] = {}
+        dp = getattr(e, "seq_data_parallel_group", None) or getattr(e, "data_parallel_group", None)
+        if isinstance(dp, ProcessGroup):
+            kinds["dp"] = [dp]
+        for kind, getter in (("tp", "get_tensor_model_parallel_group"),
+                             ("pp", "get_pipeline_model_parallel_group"),
+                             ("mp", "get_model_parallel_group")):
+            fn = getattr(self.mpu, getter, None) if self.mpu is not None else None
+            try:
+                group = fn() if callable(fn) else None
+            except Exception:  # not initialised / not applicable for this mpu
+                continue
+            if isinstance(group, ProcessGroup):
+                kinds[kind] = [group]
+        return kinds
+
+    def install_phase_marks(self, mark: Callable[[str], None]) -> None:
+        """Mark ``grad_reduce`` where the engine reduces gradients (``allreduce_gradients``, at
+        the end of ``engine.backward``); the training script marks the other phases."""
+        e = self.engine
+        orig = e.allreduce_gradients
+        if getattr(orig, "_fr_marked", False):
+            return
+
+        def allreduce_gradients(*args, **kwargs):
+            mark("grad_reduce")
+            return orig(*args, **kwargs)
+        allreduce_gradients._fr_marked = True
+        e.allreduce_gradients = allreduce_gradients

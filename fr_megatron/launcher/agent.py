@@ -36,6 +36,7 @@ from ..protocol import node_beats
 from ..protocol.auth import AuthError, Signer
 from ..protocol.stderr_tail import STDERR_FD_ENV, StderrTail
 from ..protocol.store import connect, wait_key
+from . import shared_memory
 from .spare import DEFAULT_PRELOAD, MODULES_ENV, SCRIPT_ENV
 
 log = logging.getLogger("fr_megatron.agent")
@@ -142,6 +143,8 @@ class NodeAgent:
         self.beats: dict[int, dict] = {}  # rank -> newest verified beat (node_beats.RANK_FIELDS)
         self._beat_now = threading.Event()
         self._rejected_beats = 0
+        self.snapshot_dir = shared_memory.make(cfg.snapshot_dir, os.path.basename(run_dir),
+                                               node_rank)
 
     # ---- processes ---------------------------------------------------------------------
     def _env(self, rank: int, generation: int, replacement: bool) -> dict:
@@ -177,6 +180,8 @@ class NodeAgent:
         env["FR_TOKEN_FILE"] = self.token_file
         env[node_beats.SOCKET_ENV] = self.inbox.path
         env["TORCH_CPP_LOG_LEVEL"] = "ERROR"
+        if self.snapshot_dir:
+            env[shared_memory.ENV] = self.snapshot_dir
         return env
 
     def _spawn_worker(self, rank: int, generation: int, replacement: bool) -> subprocess.Popen:
@@ -669,3 +674,11 @@ class NodeAgent:
             if w.stderr is not None:
                 w.stderr.join(1.0)
         self.inbox.close()
+        with self._lock:
+            workers = [w.proc for w in self.workers.values()]
+        for proc in workers:  # nobody may still write to the snapshots being removed
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                pass
+        shared_memory.remove(self.snapshot_dir)

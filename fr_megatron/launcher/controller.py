@@ -63,6 +63,19 @@ def _fault_time(inject_t: Optional[float], observed_t: float, now: float) -> flo
     return observed_t
 
 
+def _restored(r: Optional[dict]) -> dict:
+    """A lost rank's restore in its fault's report entry: sources, bytes, seconds, GB/s."""
+    if not r:
+        return {"restored_from": None}
+    return {"restored_from": r["from"], "restore_bytes": r["bytes"], "restore_s": r["seconds"],
+            "restore_gb_s": round(r["bytes"] / r["seconds"] / 1e9, 3) if r["seconds"] else None}
+
+
+def _blame_fields(f: "Fault") -> dict:
+    """What blamed a hang (``detector``): its evidence, and the operations its peers wait in."""
+    return {k: f.detail[k] for k in ("evidence", "waits") if k in f.detail}
+
+
 @dataclass
 class Fault:
     rank: int
@@ -128,6 +141,8 @@ class Controller:
         self.rejected = 0
         self.done_nodes: set[int] = set()
         self.finished_ranks: set[int] = set()
+        self.rank_stats: dict[int, dict] = {}   # what each rank said of itself at its end
+        self.redundancy: Optional[dict] = None   # where snapshots live and who copies what
         self.fatal: Optional[str] = None
         self.restarts_without_progress: dict[int, int] = {}
         self.plan_t = 0.0
@@ -277,14 +292,19 @@ class Controller:
             self.views[rank].update(rank_hb, now)
 
     def _judge_hangs(self, now: float):
-        hung = find_hang(self.views, self.generation, now, self.plan_t)
-        if hung:
-            rank, kind = hung
-            v = self.views[rank]
-            self._report_fault(Fault(rank, kind, v.step, v.phase, v.pid, v.generation,
-                                     fault_t=_fault_time(v.extra.get("inject_t"),
-                                                         v.progress_t, now),
-                                     reported_t=now, detail={"hang_timeout": v.hang_timeout}))
+        blame = find_hang(self.views, self.generation, now, self.plan_t)
+        if blame:
+            v = self.views[blame.rank]
+            detail = {"hang_timeout": v.hang_timeout, "evidence": blame.evidence}
+            if blame.waits:
+                detail["waits"] = blame.waits
+            log.warning("rank=%d generation=%d step=%d phase=%s blamed for a %s: %s %s",
+                        blame.rank, v.generation, v.step, v.phase, blame.kind,
+                        ", ".join(blame.evidence), blame.waits or "")
+            self._report_fault(Fault(blame.rank, blame.kind, v.step, v.phase, v.pid,
+                                     v.generation, fault_t=_fault_time(v.extra.get("inject_t"),
+                                                                       v.progress_t, now),
+                                     reported_t=now, detail=detail))
 
     # ---- node liveness -----------------------------------------------------------------
     def _find_lost_nodes(self, now: float):
@@ -406,6 +426,8 @@ class Controller:
             elif kind == "finished":
                 self.finished_ranks.add(int(ev["rank"]))
                 self._rank_committed(int(ev["rank"]), int(ev.get("step", -1)))
+                if ev.get("stats"):
+                    self.rank_stats[int(ev["rank"])] = ev["stats"]
             elif kind == "agent_started":
                 node = int(ev["node"])
                 if ev.get("pid") == os.getpid():
@@ -429,6 +451,8 @@ class Controller:
             elif kind == "event":
                 if ev["event"] == "checkpoint_saved":
                     self.checkpoints.append({"rank": ev.get("rank"), **ev.get("fields", {})})
+                if ev["event"] == "redundancy":
+                    self.redundancy = ev.get("fields", {})
                 self.journal.write(ev["event"], generation=ev.get("generation", self.generation),
                                    rank=ev.get("rank"), step=ev.get("step"),
                                    phase=ev.get("phase"), **ev.get("fields", {}))
@@ -573,7 +597,8 @@ class Controller:
         self.plan_t = now
         for f in faults:
             self.journal.write("fault_decided", generation=g, rank=f.rank, step=f.step,
-                               phase=f.phase, kind=f.kind, detect_s=round(now - f.fault_t, 4))
+                               phase=f.phase, kind=f.kind, detect_s=round(now - f.fault_t, 4),
+                               **_blame_fields(f))
         self.generation = g
         self._publish_generation(plan)
 
@@ -594,6 +619,8 @@ class Controller:
                        "survivor_pids_unchanged": unchanged,
                        "recovery_point": max(r.get("recovery_point", -1) for r in reports),
                        "fallback": any(r.get("fallback") for r in reports),
+                       "restored": {int(r["rank"]): r["restored"] for r in reports
+                                    if r.get("restored")},
                        "resumed_generation": resumed}
         for f in rec.faults:
             phases_f = {"detect": round(rec.decision_t - f.fault_t, 4), **phases}
@@ -614,7 +641,7 @@ class Controller:
             s = rec.summary
             for f in rec.faults:
                 entry = {"rank": f.rank, "kind": f.kind, "step": f.step, "phase": f.phase,
-                         "generation": rec.generation,
+                         "generation": rec.generation, **_blame_fields(f),
                          "detect_s": round(rec.decision_t - f.fault_t, 4),
                          "replacement": f.replacement,
                          "replacement_start_s": round(f.replacement_t - rec.decision_t, 4)
@@ -628,6 +655,7 @@ class Controller:
                                   "steps_lost": s["steps_lost"],
                                   "recovery_point": s["recovery_point"],
                                   "fallback_to_checkpoint": s["fallback"],
+                                  **_restored(s["restored"].get(f.rank)),
                                   "resumed_generation": s["resumed_generation"],
                                   "survivor_pids_unchanged": s["survivor_pids_unchanged"]})
                 else:
@@ -639,7 +667,8 @@ class Controller:
                 "rejected_messages": self.rejected, "fatal": self.fatal,
                 "startup_error": self.startup_error,
                 "stopped": self._stopped(), "exit_code": self.exit_code,
-                "finished_ranks": len(self.finished_ranks)}
+                "finished_ranks": len(self.finished_ranks), "redundancy": self.redundancy,
+                "rank_stats": {str(r): v for r, v in sorted(self.rank_stats.items())}}
 
     def _stopped(self) -> Optional[dict]:
         st = self.stopping

@@ -67,6 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "node (give it a --node-rank of its own, at least --nnodes)")
     p.add_argument("--node-timeout", type=float, default=None,
                    help="seconds without a node agent's heartbeat before its node is lost")
+    p.add_argument("--snapshot-dir", default=None, metavar="DIR",
+                   help="shared-memory directory (tmpfs) for the ranks' snapshots, which a "
+                        "replacement on the same node restores from (default: /dev/shm); '' keeps "
+                        "them in process memory and copies unique state to peers every step")
     p.add_argument("--connect-timeout", type=float, default=30.0,
                    help="seconds a node waits for the controller to be reachable")
     p.add_argument("script", help="the training script, run as each rank's __main__")
@@ -155,7 +159,8 @@ def validate(a) -> FlashRecoveryConfig:
     updates = {k: v for k, v in {
         "spares": a.spares, "journal": a.journal, "heartbeat_interval": a.heartbeat_interval,
         "hang_timeout": a.hang_timeout, "controller": a.controller,
-        "node_timeout": a.node_timeout, "stop_timeout": a.stop_timeout}.items() if v is not None}
+        "node_timeout": a.node_timeout, "stop_timeout": a.stop_timeout,
+        "snapshot_dir": a.snapshot_dir}.items() if v is not None}
     if a.no_wandb:
         updates["wandb"] = {**base.wandb.model_dump(), "enabled": False}
     try:

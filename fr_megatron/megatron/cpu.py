@@ -14,6 +14,9 @@ megatron-core assumes CUDA in a handful of places that a CPU run of the training
   their meaning (which dtype) without the device.
 * ``torch.cuda.current_device()`` / ``torch.cuda.synchronize()`` (p2p_communication.py, DDP) raise
   on a CPU-only build: they become ``0`` (mapped to the CPU by the mode) and a no-op.
+* streams: DDP with ``num_distributed_optimizer_instances > 1`` creates a communication stream and
+  orders it against the default one (``torch.cuda.Stream``, ``stream``, ``default_stream``,
+  ``wait_stream``); on the CPU work runs in program order, so these become no-ops.
 
 The function mode is pushed on the calling thread's mode stack (torch keeps it per thread): call
 ``enable_cpu_mode()`` from the thread that trains. Other threads (e.g. a snapshot thread that only
@@ -144,10 +147,28 @@ def _install_rng_tracker() -> None:
         mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED = False
 
 
+class _CpuStream:
+    """A CUDA stream's interface where everything runs in program order."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def wait_stream(self, stream) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+
 def _patch_torch_cuda() -> None:
-    """``torch.cuda.current_device``/``synchronize`` raise on a CPU-only build; p2p calls them."""
+    """``torch.cuda.current_device``/``synchronize`` raise on a CPU-only build; p2p calls them,
+    and DDP's optimizer instances order a communication stream."""
     torch.cuda.current_device = lambda: 0
     torch.cuda.synchronize = lambda device=None: None
+    torch.cuda.Stream = _CpuStream
+    torch.cuda.default_stream = lambda device=None: _CpuStream()
+    torch.cuda.current_stream = lambda device=None: _CpuStream()
+    torch.cuda.stream = lambda stream=None: contextlib.nullcontext()
 
 
 def _eager(model=None, **_options):

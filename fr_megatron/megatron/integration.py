@@ -114,6 +114,23 @@ class MegatronIntegration(Integration):
         group = parallel_state.get_data_parallel_group(with_context_parallel=True)
         return dist.get_process_group_ranks(group)
 
+    def shard_replica_ranks(self) -> list[int]:
+        """With ``num_distributed_optimizer_instances`` N > 1, megatron-core splits the
+        data-parallel (with context-parallel) group into N contiguous instances that shard the
+        optimizer alike: the ranks at this rank's place in every instance hold its shard."""
+        from megatron.core import parallel_state
+
+        n = max((getattr(getattr(c, "ddp_config", None), "num_distributed_optimizer_instances", 1)
+                 for c in self.model), default=1)
+        me = dist.get_rank()
+        if n <= 1:
+            return [me]
+        group = parallel_state.get_data_parallel_group(with_context_parallel=True)
+        ranks = dist.get_process_group_ranks(group)
+        size = len(ranks) // n
+        pos = ranks.index(me) % size
+        return [ranks[k * size + pos] for k in range(n)]
+
     def capture(self) -> RankState:
         state = RankState()
         for i, chunk in enumerate(self.model):
@@ -268,6 +285,39 @@ class MegatronIntegration(Integration):
         logger.info("megatron rebuild: %s", self.last_rebuild)
         if stale:
             raise RuntimeError(f"{stale} references to old process groups survived the rebind")
+
+    def group_kinds(self) -> dict[str, list[Any]]:
+        """parallel_state's groups by kind (``inject.GROUP_KINDS``); "dist_opt" is the group the
+        DistributedOptimizer all-gathers updated parameters in: the DDP bucket groups' (the
+        data-parallel group with CP, not parallel_state's world-sized "intra distributed
+        optimizer instance" group)."""
+        from megatron.core import parallel_state as ps
+
+        getters = {
+            "tp": ps.get_tensor_model_parallel_group,
+            "pp": ps.get_pipeline_model_parallel_group,
+            "dp": lambda check_initialized: ps.get_data_parallel_group(with_context_parallel=True),
+            "cp": ps.get_context_parallel_group,
+            "ep": ps.get_expert_model_parallel_group,
+            "embd": ps.get_embedding_group,
+            "mp": ps.get_model_parallel_group,
+        }
+        kinds = {}
+        for kind, get in getters.items():
+            try:
+                group = get(check_initialized=False)
+            except (AssertionError, AttributeError, RuntimeError, TypeError):
+                continue
+            if isinstance(group, dist.ProcessGroup):  # a non-member holds no group of the kind
+                kinds[kind] = [group]
+        buckets = [bg for chunk in self.model for attr in ("bucket_groups",
+                                                           "expert_parallel_bucket_groups")
+                   for bg in getattr(chunk, attr, None) or ()]
+        gather = _unique(getattr(bg, "intra_distributed_optimizer_instance_group", None)
+                         for bg in buckets)
+        if gather:
+            kinds["dist_opt"] = gather
+        return kinds
 
     @property
     def old_groups(self) -> list[dist.ProcessGroup]:

@@ -41,6 +41,8 @@ class TinyGPTConfig:
     dropout: float = 0.1
     seed: int = 1234
     bf16: bool = False  # bf16 params with fp32 main params in the DistributedOptimizer
+    # optimizer instances: each shard held and updated by one rank per instance (must divide DP)
+    num_distributed_optimizer_instances: int = 1
     extra_init_kwargs: dict = field(default_factory=dict)  # more initialize_model_parallel kwargs
 
 
@@ -54,6 +56,7 @@ def initialize_parallel(cfg: TinyGPTConfig) -> None:
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=cfg.tp,
         pipeline_model_parallel_size=cfg.pp,
+        num_distributed_optimizer_instances=cfg.num_distributed_optimizer_instances,
         **cfg.extra_init_kwargs,
     )
     seed_rngs(cfg)
@@ -147,6 +150,7 @@ class TinyGPTJob:
             grad_reduce_in_fp32=True,
             overlap_grad_reduce=False,
             use_distributed_optimizer=True,
+            num_distributed_optimizer_instances=cfg.num_distributed_optimizer_instances,
         )
         # No broadcast_params(): the init is deterministic, and a replacement process must not
         # enter collectives its survivors never join.

@@ -83,6 +83,16 @@ def init_process_group(backend: str, args=None, **_ignored):
             raise RuntimeError(f"--flash-recovery cannot be combined with "
                                f"--{flag.replace('_', '-')}")
     cfg = FlashRecoveryConfig.from_env()
+    instances = getattr(args, "num_distributed_optimizer_instances", 1) or 1
+    if instances > 1:  # Megatron-LM checks this only after the groups exist, with an assert
+        import os
+
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        model_parallel = 1
+        for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size",
+                     "context_parallel_size"):
+            model_parallel *= getattr(args, name, 1) or 1
+        check_optimizer_instances(instances, max(world // model_parallel, 1))
     if args is not None:
         from fr_megatron.settings_args import config_from_args
 
@@ -118,6 +128,16 @@ def _set_world_timeout(timeout: datetime.timedelta) -> None:
 
 def session():
     return _session
+
+
+def check_optimizer_instances(instances: int, data_parallel_size: int) -> None:
+    """``--num-distributed-optimizer-instances`` must split the data-parallel ranks evenly."""
+    if instances < 1 or data_parallel_size % instances:
+        allowed = [n for n in range(1, data_parallel_size + 1) if data_parallel_size % n == 0]
+        raise SystemExit(
+            f"--num-distributed-optimizer-instances {instances} does not divide the "
+            f"data-parallel size {data_parallel_size}; use one of {allowed} (2 keeps each "
+            "optimizer shard on two ranks, so flash recovery needs no copy of it)")
 
 
 def _mark(phase: str) -> None:

@@ -26,9 +26,10 @@ from .auth import MAX_MESSAGE_BYTES
 
 SOCKET_ENV = "FR_AGENT_SOCKET"
 
-# what the controller reads from a rank's beat (the rest of the signed message stays on the node)
+# what the controller reads from a rank's beat (the rest of the signed message stays on the node);
+# "comm", the rank's collective progress (``protocol.progress``), is there only while it stalls
 RANK_FIELDS = ("rank", "pid", "seq", "generation", "step", "phase", "state", "committed",
-               "hang_timeout", "hb_interval", "inject_t")
+               "hang_timeout", "hb_interval", "inject_t", "comm")
 # a change in any of these is progress: the agent publishes it at once instead of at its next
 # beat, and the controller's hang clock for the rank starts again (``detector.RankView``)
 PROGRESS_FIELDS = ("pid", "generation", "step", "phase", "state", "committed")

@@ -28,6 +28,7 @@ import torch.distributed as dist
 
 from ..protocol import keys
 from ..protocol.store import shutdown_sockets, tcp_fds, tcp_peers
+from . import comm_progress
 
 log = logging.getLogger("fr_megatron.comms")
 
@@ -125,6 +126,7 @@ class Communicators:
                 dist.destroy_process_group()
             except Exception as e:
                 log.warning("destroy_process_group: %s", e)
+        comm_progress.TRACKER.reset()  # its counts were the old groups'; the new start at 0
         defer_release(self.graveyard)
         self.graveyard = list(old)
         return old

@@ -1,15 +1,47 @@
-"""Failure domains and where each rank's redundant copy lives.
+"""Failure domains, and which ranks need copies of their unique state where.
 
-A node is a failure domain. A rank's unique state is copied to ``replicas`` peers on *other*
-nodes when the job has more than one (so losing any one node loses no copy together with its
-owner); on a single node it goes to the next data-parallel rank, then any other rank.
+A process is a failure domain (a GPU error ends the process, not the node) and so is a node.
+Each rank's own snapshot (``snapshot``) lives in the node's shared memory when there is room: it
+outlives the process, so a process fault needs no copy at all. What still needs a copy:
+
+* a rank whose snapshot is in process memory (no shared memory): its unique state goes to the
+  next data-parallel rank (then any other rank), on another node when there is one;
+* on a job of several nodes, every rank, against the loss of its node: to ranks on other nodes.
+
+Redundancy by computation replaces the tensors of such a copy: with megatron-core's
+``num_distributed_optimizer_instances >= 2`` each optimizer shard is held and updated by one rank
+per instance, so when an instance peer is in another failure domain only the meta is copied. On
+several nodes the instances must be on different nodes; otherwise that is a start-up error.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+
+class PlacementError(ValueError):
+    """The job's layout cannot give every rank's state a copy in another failure domain."""
+
 
 def node_of(rank: int, nproc_per_node: int) -> int:
     return rank // nproc_per_node
+
+
+@dataclass
+class CopyPlan:
+    holders: dict[int, list[int]]          # rank -> the ranks that keep its copies
+    parts: dict[int, tuple[str, ...]]      # rank -> tensor regions copied (the meta always is)
+
+    def wards(self, holder: int) -> list[int]:
+        """The ranks whose copies ``holder`` keeps."""
+        return sorted(r for r, hs in self.holders.items() if holder in hs)
+
+    def summary(self) -> dict:
+        """For the report: who copies what, per step."""
+        copying = sorted(r for r, hs in self.holders.items() if hs)
+        return {"ranks_copying": copying,
+                "ranks_copying_tensors": sorted(r for r in copying if self.parts[r]),
+                "holders": {str(r): hs for r, hs in self.holders.items() if hs}}
 
 
 def holders(rank: int, world_size: int, nproc_per_node: int, replica_ranks: list[int],
@@ -26,18 +58,34 @@ def holders(rank: int, world_size: int, nproc_per_node: int, replica_ranks: list
         dp_next = [dp[(i + k) % len(dp)] for k in range(1, len(dp))]
         order = dp_next + [r for r in ring if r not in dp_next]
     if replicas > len(order):
-        raise ValueError(f"replicas={replicas} but only {len(order)} other ranks can hold a copy "
-                         f"(world size {world_size}); lower replicas")
+        raise PlacementError(f"replicas={replicas} but only {len(order)} other ranks can hold a "
+                             f"copy (world size {world_size}); lower replicas")
     return order[:replicas]
 
 
-def placement(world_size: int, nproc_per_node: int, replica_ranks_of: list[list[int]],
-              replicas: int) -> dict[int, list[int]]:
-    """rank -> its holders, for every rank (all ranks compute the same map)."""
-    return {r: holders(r, world_size, nproc_per_node, replica_ranks_of[r], replicas)
-            for r in range(world_size)}
+def copy_plan(world_size: int, nproc_per_node: int, replica_of: list[list[int]],
+              shard_replicas_of: list[list[int]], durable_of: list[bool],
+              replicas: int) -> CopyPlan:
+    """Every rank's holders and copied regions (every rank computes the same plan).
 
-
-def wards(placement_map: dict[int, list[int]], holder: int) -> list[int]:
-    """The ranks whose copies ``holder`` keeps."""
-    return sorted(r for r, hs in placement_map.items() if holder in hs)
+    ``durable_of[r]``: rank r's snapshot outlives its process (node shared memory);
+    ``shard_replicas_of[r]``: the ranks, r among them, that hold r's unique state too."""
+    multi_node = world_size > nproc_per_node
+    plan = CopyPlan({}, {})
+    for r in range(world_size):
+        peers = [s for s in shard_replicas_of[r] if s != r]
+        elsewhere = [s for s in peers
+                     if not multi_node or node_of(s, nproc_per_node) != node_of(r, nproc_per_node)]
+        if multi_node and peers and not elsewhere:
+            raise PlacementError(
+                f"--num-distributed-optimizer-instances: rank {r} and every other instance of its "
+                f"optimizer shard (ranks {peers}) are on node {node_of(r, nproc_per_node)}, so "
+                f"losing that node loses the shard. Spread the instances over nodes: with "
+                f"{nproc_per_node} ranks per node, the data-parallel group must span as many "
+                "nodes as there are instances (e.g. tensor x pipeline x context parallel size "
+                "<= ranks per node), or use 1 instance and let flash recovery copy the shards")
+        needs = multi_node or not durable_of[r]
+        plan.holders[r] = holders(r, world_size, nproc_per_node, replica_of[r], replicas) \
+            if needs else []
+        plan.parts[r] = () if elsewhere else ("unique",)
+    return plan

@@ -8,6 +8,13 @@ before the end), node_crash (SIGKILL to the rank's whole process group: its node
 agent, workers and spares, as when a machine dies; start each node's launcher in a process group
 of its own). Each spec fires once per job, whatever generation reaches it: the controller's
 store remembers what fired, so a replacement redoing the step does not fire it again.
+
+A fault fires at the phase marker ``phase`` of step ``step``, or, with ``group=KIND``, just
+before the rank's ``nth`` operation (collective or point-to-point, default the first) on a
+group of that kind while it is in that phase: ``hang:rank=1:step=3:phase=forward:group=tp``
+hangs on the way into the first tensor-parallel collective of the forward, with its peers
+inside it. Which groups a kind names is the framework integration's (``group_kinds``); "world"
+is the default group in every job.
 """
 
 from __future__ import annotations
@@ -26,6 +33,11 @@ STEP_PHASES = ("forward", "backward", "grad_reduce", "optimizer", "after_step")
 # "restore": inside a recovery, once the state to redo ``step`` has arrived (a replacement dies
 # while it restores)
 PHASES = (*STEP_PHASES, "restore")
+# group kinds an injection can count operations on (``Integration.group_kinds``): tensor,
+# pipeline, data and context parallel, expert, embedding, model parallel (TP x PP), the
+# distributed optimizer's parameter all-gather group, the default group
+GROUP_KINDS = ("tp", "pp", "dp", "cp", "ep", "embd", "mp", "dist_opt", "world")
+FIELDS = ("rank", "step", "phase", "code", "group", "nth")
 
 
 class InjectedFault(RuntimeError):
@@ -44,9 +56,12 @@ class Injection:
     step: int = 1
     phase: str = "forward"
     code: int = 1
+    group: str = ""   # fire before the nth operation on a group of this kind, not at the marker
+    nth: int = 1
 
     def __str__(self):
-        return f"{self.kind}:rank={self.rank}:step={self.step}:phase={self.phase}"
+        where = f":group={self.group}:nth={self.nth}" if self.group else ""
+        return f"{self.kind}:rank={self.rank}:step={self.step}:phase={self.phase}{where}"
 
 
 def parse(spec: str | None) -> list[Injection]:
@@ -59,18 +74,30 @@ def parse(spec: str | None) -> list[Injection]:
         fields: dict = {}
         for kv in kvs:
             k, sep, v = kv.partition("=")
-            if not sep or k not in ("rank", "step", "phase", "code"):
+            if not sep or k not in FIELDS:
                 raise InjectSpecError(f"--inject: bad field {kv!r} in {part!r}; fields are "
-                                      "rank=N, step=N, phase=NAME, code=N")
+                                      "rank=N, step=N, phase=NAME, code=N, group=KIND, nth=N")
             if k == "phase":
                 if v not in PHASES:
                     raise InjectSpecError(f"--inject: unknown phase {v!r}; use one of {', '.join(PHASES)}")
+                fields[k] = v
+            elif k == "group":
+                if v not in GROUP_KINDS:
+                    raise InjectSpecError(f"--inject: unknown group {v!r} in {part!r}; use one of "
+                                          f"{', '.join(GROUP_KINDS)}")
                 fields[k] = v
             else:
                 try:
                     fields[k] = int(v)
                 except ValueError:
                     raise InjectSpecError(f"--inject: {k} must be an integer in {part!r}") from None
+        if fields.get("nth", 1) < 1:
+            raise InjectSpecError(f"--inject: nth must be 1 or more in {part!r}")
+        if "nth" in fields and "group" not in fields:
+            raise InjectSpecError(f"--inject: nth needs group=KIND in {part!r}")
+        if fields.get("group") and fields.get("phase") == "restore":
+            raise InjectSpecError(f"--inject: group=KIND counts operations of a training step; "
+                                  f"phase restore has none in {part!r}")
         out.append(Injection(i, kind, **fields))
     return out
 

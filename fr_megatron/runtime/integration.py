@@ -24,8 +24,10 @@ class RankState:
     (parameters under data parallelism, a non-sharded optimizer's moments). A replacement takes
     them from a live replica.
 
-    ``unique``: tensors that exist only on this rank (distributed-optimizer / ZeRO shards of fp32
-    master weights and moments). They are copied every step to a peer in another failure domain.
+    ``unique``: tensors that no data-parallel replica holds (distributed-optimizer / ZeRO shards
+    of fp32 master weights and moments). Only ``Integration.shard_replica_ranks()`` hold them too
+    (optimizer instances: redundancy by computation); where none is in another failure domain,
+    they are copied to a peer there (``runtime.failure_domains``).
 
     ``meta``: small picklable values (RNG states, LR scheduler, loss scaler, counters, data
     position). Treated as unique.
@@ -48,6 +50,13 @@ class Integration(abc.ABC):
     def replica_ranks(self) -> list[int]:
         """Global ranks (this one included) whose ``RankState.replicated`` equals this rank's."""
 
+    def shard_replica_ranks(self) -> list[int]:
+        """Global ranks (this one included) whose ``RankState.unique`` equals this rank's because
+        they compute the same update (megatron-core's distributed-optimizer instances)."""
+        import torch.distributed as dist
+
+        return [dist.get_rank()]
+
     @abc.abstractmethod
     def capture(self) -> RankState:
         """The live state of this rank (tensors not copied)."""
@@ -65,6 +74,16 @@ class Integration(abc.ABC):
     def old_group_references(self, old_groups: list[Any]) -> int:
         """How many references to ``old_groups`` the framework's objects still hold (must be 0)."""
         return 0
+
+    def install_phase_marks(self, mark) -> None:
+        """Mark phases inside the framework's own step with ``mark(name)`` (e.g. where it reduces
+        gradients); called once by ``Session.attach``."""
+
+    def group_kinds(self) -> dict[str, list[Any]]:
+        """This generation's groups by kind (``inject.GROUP_KINDS``: "tp", "dp", ...), for
+        injections at the nth operation on a group of a kind; kinds the framework does not have
+        are left out (the runtime adds "world")."""
+        return {}
 
     def load_checkpoint(self, directory: str) -> Optional[int]:
         """Load the framework's latest disk checkpoint in ``directory`` (every rank calls it, on

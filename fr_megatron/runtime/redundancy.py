@@ -1,62 +1,109 @@
-"""Redundant copies of unique state, held in the host memory of peers in other failure domains.
+"""Copies of unique state, held by peers in other failure domains.
 
-Every commit, a rank packs its unique state (optimizer shards, RNG, counters) and sends it to its
-holders; each holder keeps the last ``depth`` versions of each ward's copy. The exchange runs on a
-background thread over the runtime's own gloo group, overlapped with the local snapshot; the
-commit waits for it (``wait``), so a committed step always has its copies in place and a fault at
-any later point of the next step costs no finished work.
+A rank needs copies only where its own snapshot cannot cover a fault (``failure_domains``): when
+the snapshot lives in process memory, and, on a job of several nodes, against the loss of its
+node. Then every commit sends the step's unique tensors and meta to the rank's holders, straight
+from the snapshot slot (``transfer``); when an optimizer instance on another node already holds
+the same shard (redundancy by computation), only the meta (RNG, counters: a few KB) travels.
+
+The exchange runs on a background thread over the runtime's own gloo group while the next step's
+forward and backward run; the runtime waits for it before that step's optimizer phase changes the
+state (``wait``). A holder keeps the last ``depth`` versions of each ward's copy in slots of its
+own, in the node's shared memory when there is one: a holder that dies does not take its wards'
+copies with it, and its replacement on the same node finds them there.
 """
 
 from __future__ import annotations
 
 import logging
-from collections import OrderedDict
+import os
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Optional
 
 from . import transfer
-from .integration import RankState
+from .snapshot import SnapshotRing
 
 log = logging.getLogger("fr_megatron.redundancy")
 
 
-class CopyExchange:
-    def __init__(self, rank: int, holders: list[int], wards: list[int], group, depth: int = 2,
-                 keep: dict | None = None):
-        self.rank, self.holders, self.wards, self.group = rank, holders, wards, group
-        self.depth = depth
-        # copies survive a rebuild of the groups: ``keep`` hands over those of the old exchange
-        self.copies: dict[int, "OrderedDict[int, transfer.Packed]"] = {
-            w: (keep or {}).get(w, OrderedDict()) for w in wards}
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fr-copies")
-        self._pending: Future | None = None
+def held_ring(depth: int, directory: Optional[str], holder: int, ward: int,
+              parts: tuple[str, ...]) -> SnapshotRing:
+    """Where ``holder`` keeps ``ward``'s copies (found again by a replacement of ``holder``)."""
+    return SnapshotRing(depth, directory, f"held{holder}.ward{ward}", parts=parts)
 
-    def start(self, step: int, live: RankState) -> None:
-        """Pack now (the state is final for ``step``) and exchange in the background."""
-        packed = transfer.pack(live.unique, live.meta, step)
-        self._pending = self._pool.submit(self._exchange, step, packed)
+
+class CopyExchange:
+    """``parts_of[r]``: the tensor regions rank ``r`` copies to its holders (the meta always
+    travels); ``holders``/``wards``: this rank's, from ``failure_domains.copy_plan``."""
+
+    def __init__(self, rank: int, holders: list[int], wards: list[int], parts_of: dict,
+                 group, depth: int, directory: Optional[str]):
+        self.rank, self.holders, self.wards, self.group = rank, holders, wards, group
+        self.parts = tuple(parts_of.get(rank, ()))
+        self.held = {w: held_ring(depth, directory, rank, w, tuple(parts_of[w])) for w in wards}
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fr-copies")
+        self._pending: Optional[Future] = None
+
+    @property
+    def active(self) -> bool:
+        return bool(self.holders or self.wards)
+
+    def start(self, step: int, ring: SnapshotRing, to: Optional[list[int]] = None,
+              wards: Optional[list[int]] = None) -> None:
+        """Send this rank's copy of ``step`` from ``ring`` (to ``to``, default every holder) and
+        take the copies of ``wards`` (default every ward), in the background."""
+        if self._pending is not None:
+            self.wait()
+        to = self.holders if to is None else to
+        wards = self.wards if wards is None else wards
+        if to or wards:
+            self._pending = self._pool.submit(self._exchange, step, ring, to, wards)
 
     def wait(self) -> None:
         if self._pending is not None:
             fut, self._pending = self._pending, None
             fut.result()
 
-    def _exchange(self, step: int, packed: transfer.Packed) -> None:
+    def _exchange(self, step: int, ring: SnapshotRing, to: list[int], wards: list[int]) -> None:
+        _delay_for_tests(step)
         works = []
-        for h in self.holders:
-            works += transfer.send(packed, h, self.group)
-        for w in self.wards:
-            p = transfer.recv(w, self.group)
-            ring = self.copies[w]
-            ring[p.header["step"]] = p
-            while len(ring) > self.depth:
-                ring.popitem(last=False)
+        if to:
+            ring.wait()  # sealed: its checksums exist
+            slot = ring.slot(step)
+            for h in to:
+                works += transfer.send([(slot, self.parts, True)], h, self.group)
+        for w in wards:
+            (got,) = transfer.recv_headers(w, self.group)
+            slot = self.held[w].take(got.step)
+            slot.ensure(got.layout)
+            transfer.recv_bodies(w, self.group, [got], slot)
+            slot.seal({"step": got.step, "layout": got.layout.to_json(), "sums": got.sums,
+                       "meta": got.meta})
         transfer.wait_all(works)
 
-    def held(self) -> dict[int, list[int]]:
-        return {w: list(r) for w, r in self.copies.items()}
+    def held_steps(self) -> dict[int, list[int]]:
+        return {w: r.steps() for w, r in self.held.items()}
 
     def nbytes(self) -> int:
-        return sum(p.data.numel() for r in self.copies.values() for p in r.values())
+        return sum(r.nbytes() for r in self.held.values())
 
-    def close(self):
+    def adopt(self, old: "CopyExchange") -> None:
+        """Keep the copies ``old`` held for wards this rank still holds (a rebuild of groups)."""
+        for w, ring in old.held.items():
+            if w in self.held:
+                self.held[w].close()
+                self.held[w] = ring
+
+    def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _delay_for_tests(step: int) -> None:
+    """``FR_TEST_COPY_DELAY=STEP:SECONDS``: hold the copies of that step back, so that a test can
+    make a fault land while they are in flight."""
+    spec = os.environ.get("FR_TEST_COPY_DELAY")
+    if spec:
+        at, _, seconds = spec.partition(":")
+        if int(at) == step:
+            time.sleep(float(seconds))

@@ -1,74 +1,338 @@
-"""Step transactions: the state of the last committed steps, kept to roll back to.
+"""Step transactions: a rank's last committed steps, kept where its death cannot reach them.
 
-At each commit a rank copies its live state into preallocated host buffers (a ring of
-``depth`` steps). Ranks can be one step apart when a fault strikes (a rank that finished step C+1
-while a peer died inside it), and every rank must return to the last step *every* rank finished,
-so the ring holds two steps by default. Partial updates need no detection of their own: whatever a
-failed step changed (parameters mid-``optimizer.step``, half-reduced gradients, moments) is
-overwritten by the copy of the recovery point.
+At each commit a rank copies its live state into one of ``depth`` preallocated slots. Ranks can be
+one step apart when a fault strikes (a rank that finished step C+1 while a peer died inside it),
+and every rank must return to the last step *every* rank finished, so the ring holds two steps by
+default. Partial updates need no detection of their own: whatever a failed step changed
+(parameters mid-``optimizer.step``, moments) is overwritten by the copy of the recovery point.
+
+A slot is one flat byte buffer laid out by ``Layout``: the replicated tensors, then the unique
+ones, each region with its own xxh3 checksum, computed while the bytes are copied. The slot's
+header (step, layout, checksums, the pickled meta) is written after the data and removed before
+the data is overwritten, so a slot with a header always holds a whole committed step.
+
+Where the slots live: in a directory of the node's shared memory (``/dev/shm``, owned by the node
+agent), so a snapshot outlives the process that wrote it and a replacement on the same node
+restores from it at memory speed with no network at all; or in process memory, when there is no
+such directory or it has no room (then only copies held by peers survive the process).
+
+On CUDA the copy to host is issued on a side stream and sealed (checksummed, header written) by a
+background thread; ``wait`` blocks until the step is sealed, which the runtime does before the
+next optimizer phase changes the live tensors. On CPU the copy is made and sealed in ``write``.
 """
 
 from __future__ import annotations
 
-import copy
-from collections import OrderedDict
+import logging
+import os
+import pickle
+import threading
+from typing import Iterable, Optional
 
 import torch
+import xxhash
 
 from .integration import RankState
+from .layout import PARTS, ChecksumError, Layout, bytes_of, checksum, dumps_meta, loads_meta
 
+log = logging.getLogger("fr_megatron.snapshot")
 
-def _host_like(t: torch.Tensor) -> torch.Tensor:
-    pin = t.is_cuda
-    return torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=pin)
+CHUNK = 256 << 10  # copy and hash in pieces that stay in the CPU's cache between the two
+
+class Slot:
+    """One committed step's bytes and header, in a file of ``directory`` or in process memory."""
+
+    def __init__(self, directory: Optional[str], name: str):
+        self.base = os.path.join(directory, name) if directory else None
+        self.buf = torch.empty(0, dtype=torch.uint8)
+        self.header: Optional[dict] = None
+        self.layout: Optional[Layout] = None
+        self._registered = False  # buf is page-locked for CUDA copies
+        if self.base and os.path.exists(self.base + ".hdr"):
+            self._adopt()
+
+    @property
+    def step(self) -> Optional[int]:
+        return None if self.header is None else self.header["step"]
+
+    def _adopt(self) -> None:
+        """Take over the slot a previous process of this rank left in shared memory."""
+        try:
+            with open(self.base + ".hdr", "rb") as f:
+                header = pickle.load(f)
+            layout = Layout.from_json(header["layout"])
+            if os.path.getsize(self.base + ".bin") < layout.total:
+                raise ValueError("data file shorter than its layout")
+            self.buf = self._map(layout.total)
+            self.layout, self.header = layout, header
+        except Exception as e:  # noqa: BLE001 - whatever is wrong, the slot is not a step
+            log.warning("snapshot slot %s left by a previous process is unusable: %s", self.base, e)
+            self.invalidate()
+
+    def _map(self, nbytes: int) -> torch.Tensor:
+        if nbytes == 0:
+            return torch.empty(0, dtype=torch.uint8)
+        return torch.from_file(self.base + ".bin", shared=True, size=nbytes, dtype=torch.uint8)
+
+    def ensure(self, layout: Layout, pin: bool = False) -> None:
+        """Make room for ``layout`` (reusing the buffer when it fits exactly)."""
+        if self.layout is not None and self.buf.numel() == layout.total and \
+                (self._registered or not pin):
+            self.layout = layout
+            return
+        self._unregister()
+        if self.base is None:
+            self.buf = torch.empty(layout.total, dtype=torch.uint8, pin_memory=pin)
+        else:
+            # a new file: views of the old one stay valid while anybody holds them
+            self.buf = torch.empty(0, dtype=torch.uint8)
+            try:
+                os.unlink(self.base + ".bin")
+            except FileNotFoundError:
+                pass
+            fd = os.open(self.base + ".bin", os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                if layout.total:
+                    os.posix_fallocate(fd, 0, layout.total)  # ENOSPC now, not SIGBUS later
+            finally:
+                os.close(fd)
+            self.buf = self._map(layout.total)
+            if pin and layout.total:
+                self._register()
+        self.layout = layout
+
+    def _register(self) -> None:
+        rc = torch.cuda.cudart().cudaHostRegister(self.buf.data_ptr(), self.buf.numel(), 0)
+        self._registered = int(getattr(rc, "value", rc)) == 0
+
+    def _unregister(self) -> None:
+        if self._registered:
+            torch.cuda.cudart().cudaHostUnregister(self.buf.data_ptr())
+            self._registered = False
+
+    def invalidate(self) -> None:
+        self.header = None
+        if self.base:
+            try:
+                os.unlink(self.base + ".hdr")
+            except FileNotFoundError:
+                pass
+
+    def seal(self, header: dict) -> None:
+        if self.base:
+            tmp = self.base + ".hdr.tmp"
+            with open(tmp, "wb") as f:
+                pickle.dump(header, f, protocol=pickle.HIGHEST_PROTOCOL)
+            os.replace(tmp, self.base + ".hdr")
+        self.header = header
+
+    def region(self, part: str) -> torch.Tensor:
+        s, e = self.layout.spans[part]
+        return self.buf[s:e]
+
+    def verify(self, parts: Iterable[str]) -> None:
+        """Raise ``ChecksumError`` unless ``parts`` (and the meta) match their checksums."""
+        sums = self.header["sums"]
+        for part in parts:
+            got = checksum(self.region(part))
+            if got != sums[part]:
+                raise ChecksumError(f"checksum mismatch in the {part} state of step "
+                                    f"{self.step}: written {sums[part]}, read {got}")
+        if "meta" in sums and xxhash.xxh3_128(self.header["meta"]).hexdigest() != sums["meta"]:
+            raise ChecksumError(f"checksum mismatch in the meta state of step {self.step}")
+
+    def state(self) -> RankState:
+        views = self.layout.views(self.buf)
+        return RankState(views.get("replicated", {}), views.get("unique", {}),
+                         loads_meta(self.header["meta"]))
+
+    def remove(self) -> None:
+        self.invalidate()
+        self._unregister()
+        if self.base:
+            try:
+                os.unlink(self.base + ".bin")
+            except FileNotFoundError:
+                pass
 
 
 class SnapshotRing:
-    def __init__(self, depth: int = 2):
-        self.depth = depth
-        self._ring: "OrderedDict[int, RankState]" = OrderedDict()
+    """The last ``depth`` committed steps of one rank (or a holder's copies of one ward)."""
+
+    def __init__(self, depth: int = 2, directory: Optional[str] = None, name: str = "rank",
+                 parts: tuple[str, ...] = PARTS):
+        self.depth, self.directory, self.name, self.parts = depth, directory, name, parts
+        self.slots = [Slot(directory, f"{name}.slot{i}") for i in range(depth)]
+        self._stream = None
+        self._sealed = threading.Event()  # cleared while a GPU write is being sealed
+        self._sealed.set()
+        self._error: Optional[BaseException] = None
+
+    @property
+    def in_shared_memory(self) -> bool:
+        return self.directory is not None
 
     def steps(self) -> list[int]:
-        return list(self._ring)
+        return sorted(s.step for s in self.slots if s.step is not None)
 
     def __contains__(self, step: int) -> bool:
-        return step in self._ring
+        return self._find(step) is not None
 
-    def commit(self, step: int, live: RankState) -> None:
-        """Copy ``live`` into the buffers of ``step``, reusing the oldest step's buffers."""
-        if step in self._ring:
-            buf = self._ring.pop(step)
-        elif len(self._ring) >= self.depth:
-            _, buf = self._ring.popitem(last=False)
-        else:
-            buf = RankState()
-        for part in ("replicated", "unique"):
-            src, dst = getattr(live, part), getattr(buf, part)
-            for k in [k for k in dst if k not in src]:
-                del dst[k]
-            for k, t in src.items():
-                d = dst.get(k)
-                if d is None or d.shape != t.shape or d.dtype != t.dtype:
-                    d = dst[k] = _host_like(t)
-                d.copy_(t, non_blocking=True)
-        buf.meta = copy.deepcopy(live.meta)
-        self._ring[step] = buf
-        if any(t.is_cuda for t in live.replicated.values()):
-            torch.cuda.synchronize()
+    def _find(self, step: int) -> Optional[Slot]:
+        for s in self.slots:
+            if s.step == step:
+                return s
+        return None
 
-    def get(self, step: int) -> RankState:
-        return self._ring[step]
+    def slot(self, step: int) -> Slot:
+        s = self._find(step)
+        if s is None:
+            raise KeyError(f"step {step} is not in the snapshot ring ({self.steps()})")
+        return s
+
+    def take(self, step: int) -> Slot:
+        """The slot ``step`` is written to: its own, a free one, or the oldest step's."""
+        self.wait()
+        s = self._find(step) or next((s for s in self.slots if s.step is None), None) or \
+            min(self.slots, key=lambda s: s.step)
+        s.invalidate()
+        return s
+
+    # ---- writing ------------------------------------------------------------------------
+    def reserve(self, live: RankState) -> bool:
+        """Allocate the free slots for ``live``'s layout now, at start-up: a node whose shared
+        memory cannot hold them finds out here, and the ring moves to process memory and says
+        so, instead of failing in a commit. Returns whether the ring is in shared memory."""
+        layout = Layout.of(live, self.parts)
+        on_gpu = any(t.is_cuda for part in self.parts for t in getattr(live, part).values())
+        try:
+            for s in self.slots:
+                if s.step is None:
+                    s.ensure(layout, on_gpu)
+        except OSError as e:  # ENOSPC: the node's shared memory is full
+            self._to_process_memory(layout, e)
+            for s in self.slots:
+                s.ensure(layout, on_gpu)
+        return self.in_shared_memory
+
+    def _to_process_memory(self, layout: Layout, error: OSError) -> None:
+        log.warning("snapshots of %s do not fit in %s (%d MB needed: %s); keeping them in "
+                    "process memory, where they do not outlive the process (give the directory "
+                    "more room, e.g. docker --shm-size, or set snapshot_dir)", self.name,
+                    self.directory, (layout.total * self.depth) >> 20, error)
+        for s in self.slots:
+            s.remove()
+        self.directory = None
+        self.slots = [Slot(None, f"{self.name}.slot{i}") for i in range(self.depth)]
+
+    def write(self, step: int, live: RankState) -> None:
+        """Copy ``live`` into a slot as step ``step``: sealed on return on CPU, by ``wait`` when
+        tensors are on a GPU."""
+        layout = Layout.of(live, self.parts)
+        tensors = {n: t for part in self.parts for n, t in getattr(live, part).items()}
+        on_gpu = any(t.is_cuda for t in tensors.values())
+        slot = self.take(step)
+        try:
+            slot.ensure(layout, pin=on_gpu)
+        except OSError as e:
+            self._to_process_memory(layout, e)
+            slot = self.take(step)
+            slot.ensure(layout, pin=on_gpu)
+        meta = dumps_meta(live.meta)
+        header = {"step": step, "layout": layout.to_json(), "meta": meta,
+                  "sums": {"meta": xxhash.xxh3_128(meta).hexdigest()}}
+        if on_gpu:
+            self._copy_async(slot, layout, tensors, header)
+            return
+        for part in self.parts:
+            h = xxhash.xxh3_128()
+            for e in layout.regions[part]:
+                src, dst = bytes_of(tensors[e.name]), slot.buf[e.offset:e.offset + e.nbytes]
+                for off in range(0, e.nbytes, CHUNK):
+                    d = dst[off:off + CHUNK]
+                    d.copy_(src[off:off + CHUNK])
+                    h.update(d.numpy())
+            header["sums"][part] = h.hexdigest() if layout.size(part) else "0"
+        _corrupt_for_tests(slot)
+        slot.seal(header)
+
+    def _copy_async(self, slot: Slot, layout: Layout, tensors: dict, header: dict) -> None:
+        if self._stream is None:
+            self._stream = torch.cuda.Stream()
+        self._stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self._stream):
+            for part in self.parts:
+                for e in layout.regions[part]:
+                    t = tensors[e.name]
+                    slot.buf[e.offset:e.offset + e.nbytes].copy_(bytes_of(t), non_blocking=True)
+                    if t.is_cuda:  # the allocator must not reuse it before the copy is done
+                        t.record_stream(self._stream)
+            done = torch.cuda.Event()
+            done.record(self._stream)
+
+        def seal():
+            try:
+                done.synchronize()
+                for part in self.parts:
+                    header["sums"][part] = checksum(slot.region(part))
+                _corrupt_for_tests(slot)
+                slot.seal(header)
+            except BaseException as e:  # noqa: BLE001 - handed to the training thread by wait
+                self._error = e
+            finally:
+                self._sealed.set()
+
+        self._sealed.clear()
+        threading.Thread(target=seal, name="fr-snapshot-seal", daemon=True).start()
+
+    def wait(self) -> None:
+        """Block until the last ``write`` is sealed (at once on CPU); any thread may wait."""
+        self._sealed.wait()
+        if self._error is not None:
+            err, self._error = self._error, None
+            raise err
+
+    # ---- reading ------------------------------------------------------------------------
+    def get(self, step: int, verify: bool = True) -> RankState:
+        """The state of ``step`` as views into its slot (copy them out before the slot is
+        reused); checksums verified first."""
+        self.wait()
+        s = self.slot(step)
+        if verify:
+            s.verify(self.parts)
+        return s.state()
+
+    def validate(self) -> list[tuple[int, str]]:
+        """Check every sealed slot's checksums; drop the ones that fail. Returns what was
+        dropped (step, reason): a replacement runs this on the slots its predecessor left."""
+        dropped = []
+        for s in self.slots:
+            if s.step is None:
+                continue
+            try:
+                s.verify(self.parts)
+            except ChecksumError as e:
+                dropped.append((s.step, str(e)))
+                s.invalidate()
+        return dropped
 
     def drop_after(self, step: int) -> None:
-        for s in [s for s in self._ring if s > step]:
-            del self._ring[s]
-
-    def put(self, step: int, state: RankState) -> None:
-        """Adopt an already-copied state (a replacement's restored state)."""
-        self._ring[step] = state
-        while len(self._ring) > self.depth:
-            self._ring.popitem(last=False)
+        self.wait()
+        for s in self.slots:
+            if s.step is not None and s.step > step:
+                s.invalidate()
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for st in self._ring.values()
-                   for part in (st.replicated, st.unique) for t in part.values())
+        return sum(s.buf.numel() for s in self.slots)
+
+    def close(self, remove: bool = False) -> None:
+        self.wait()
+        if remove:
+            for s in self.slots:
+                s.remove()
+
+
+def _corrupt_for_tests(slot: Slot) -> None:
+    """``FR_CORRUPT_SNAPSHOTS=1``: flip one byte after checksumming, as bad memory would."""
+    if os.environ.get("FR_CORRUPT_SNAPSHOTS") == "1" and slot.layout.total:
+        slot.buf[slot.layout.total // 2] ^= 0xFF

@@ -1,120 +1,93 @@
-"""Moving state between ranks: packing, checksums, and point-to-point transfer.
+"""Moving committed state between ranks, straight out of one snapshot slot into another.
 
-State travels as one flat byte buffer (the tensors, then the pickled meta) plus a small header
-(names, dtypes, shapes, offsets and a BLAKE2b checksum of the buffer). The receiver recomputes the
-checksum before anything is restored: a mismatch raises ``ChecksumError`` and training never runs
-on wrong state. Tensors inside the meta (RNG states) are pickled as raw bytes: torch's own
-pickling of a tensor goes through ``torch.save`` and made up most of a commit's cost.
+A sender sends regions of a sealed slot (its own snapshot of a step, or a copy it holds for a
+ward) as they lie in memory, after a small JSON header: the step, the layout of what follows, the
+checksums written with the slot and, when asked, the slot's pickled meta. The receiver writes the
+regions straight into a slot of its own and keeps the sender's checksums, which are verified
+before anything is restored (``Slot.verify``): no intermediate copy, no checksum on the way.
 Transfers go over the runtime's own gloo group (CPU tensors), so they never interleave with the
-framework's collectives; CUDA state is staged through host memory.
+framework's collectives.
 """
 
 from __future__ import annotations
 
-import hashlib
-import io
 import json
-import os
-import pickle
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 
-
-class ChecksumError(RuntimeError):
-    """State received from a peer does not match the checksum its sender computed."""
+from .layout import Layout
 
 
 @dataclass
-class Packed:
-    header: dict
-    data: torch.Tensor  # uint8, CPU
+class Received:
+    """What ``recv_header`` announced, then what ``recv_body`` wrote."""
+
+    step: int
+    layout: Layout              # of the regions sent, packed from offset 0
+    sums: dict
+    meta_len: int
+    meta: bytes = b""
+    parts: list = field(default_factory=list)
 
 
-def checksum(data: torch.Tensor) -> str:
-    return hashlib.blake2b(data.numpy().tobytes(), digest_size=16).hexdigest()
-
-
-class _MetaPickler(pickle.Pickler):
-    """Pickles plain CPU tensors as (dtype, shape, bytes) instead of through ``torch.save``."""
-
-    def reducer_override(self, obj):
-        if (type(obj) is torch.Tensor and obj.device.type == "cpu" and obj.layout == torch.strided
-                and not obj.requires_grad):
-            raw = obj.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
-            return _tensor_from_bytes, (str(obj.dtype).removeprefix("torch."),
-                                        tuple(obj.shape), raw)
-        return NotImplemented
-
-
-def _tensor_from_bytes(dtype: str, shape: tuple, raw: bytes) -> torch.Tensor:
-    flat = torch.frombuffer(bytearray(raw), dtype=torch.uint8) if raw else \
+def _bytes_tensor(raw: bytes) -> torch.Tensor:
+    return torch.frombuffer(bytearray(raw), dtype=torch.uint8) if raw else \
         torch.empty(0, dtype=torch.uint8)
-    return flat.view(getattr(torch, dtype)).reshape(shape)
 
 
-def dumps_meta(meta: dict) -> bytes:
-    buf = io.BytesIO()
-    _MetaPickler(buf, protocol=pickle.HIGHEST_PROTOCOL).dump(meta)
-    return buf.getvalue()
+def send(messages: list[tuple], dst: int, group) -> list:
+    """Start sending to global rank ``dst`` each ``(slot, parts, with_meta)``: those regions of
+    the sealed slot, and its meta when ``with_meta``; returns the works to wait on
+    (``wait_all``). All headers go first, so the receiver can make room before any data."""
+    headers, keep, bodies = [], [], []
+    for slot, parts, with_meta in messages:
+        header = slot.header
+        meta = header["meta"] if with_meta else b""
+        sums = {p: header["sums"][p] for p in parts}
+        if with_meta:
+            sums["meta"] = header["sums"]["meta"]
+        headers.append({"step": header["step"], "sums": sums, "meta_len": len(meta),
+                        "layout": slot.layout.only(parts).to_json()})
+        bodies += [slot.region(p) for p in parts]
+        if meta:
+            bodies.append(_bytes_tensor(meta))
+    hdr = _bytes_tensor(json.dumps(headers).encode())
+    size = torch.tensor([hdr.numel()], dtype=torch.int64)
+    keep = [size, hdr, *bodies]
+    works = [dist.isend(t, dst, group=group) for t in (size, hdr, *bodies) if t.numel()]
+    return works + [_Keep(keep)]
 
 
-def pack(tensors: dict[str, torch.Tensor], meta: dict, step: int) -> Packed:
-    entries, total = [], 0
-    for name, t in tensors.items():
-        n = t.numel() * t.element_size()
-        entries.append([name, str(t.dtype).removeprefix("torch."), list(t.shape), total, n])
-        total += n
-    meta_raw = dumps_meta(meta)
-    data = torch.empty(total + len(meta_raw), dtype=torch.uint8)
-    for (name, _, _, off, n), t in zip(entries, tensors.values()):
-        if n:
-            data[off:off + n].copy_(t.detach().contiguous().reshape(-1).view(torch.uint8).cpu())
-    if meta_raw:
-        data[total:].copy_(torch.frombuffer(bytearray(meta_raw), dtype=torch.uint8))
-    header = {"step": step, "entries": entries, "meta": [total, len(meta_raw)],
-              "checksum": checksum(data)}
-    if os.environ.get("FR_CORRUPT_TRANSFER") == "1" and total:
-        data[total // 2] ^= 0xFF  # test hook: corrupt after checksumming, as a bad link would
-    return Packed(header, data)
-
-
-def unpack(p: Packed, verify: bool = True) -> tuple[dict[str, torch.Tensor], dict]:
-    if verify:
-        got = checksum(p.data)
-        if got != p.header["checksum"]:
-            raise ChecksumError(f"checksum mismatch for state of step {p.header['step']}: "
-                                f"sent {p.header['checksum']}, received {got}")
-    out = {}
-    for name, dtype, shape, off, n in p.header["entries"]:
-        dt = getattr(torch, dtype)
-        out[name] = p.data[off:off + n].view(dt).reshape(shape) if n else torch.empty(shape, dtype=dt)
-    off, n = p.header["meta"]
-    return out, pickle.loads(p.data[off:off + n].numpy().tobytes())
-
-
-def send(p: Packed, dst: int, group) -> list:
-    """Start sending ``p`` to global rank ``dst``; returns the works to wait on."""
-    hdr = torch.frombuffer(bytearray(json.dumps(p.header).encode()), dtype=torch.uint8)
-    sizes = torch.tensor([hdr.numel(), p.data.numel()], dtype=torch.int64)
-    works = [dist.isend(sizes, dst, group=group), dist.isend(hdr, dst, group=group)]
-    if p.data.numel():
-        works.append(dist.isend(p.data, dst, group=group))
-    # keep the buffers alive until the sends complete
-    works.append(_Keep(sizes, hdr, p.data))
-    return works
-
-
-def recv(src: int, group) -> Packed:
-    sizes = torch.empty(2, dtype=torch.int64)
-    dist.recv(sizes, src, group=group)
-    hdr = torch.empty(int(sizes[0]), dtype=torch.uint8)
+def recv_headers(src: int, group) -> list[Received]:
+    size = torch.empty(1, dtype=torch.int64)
+    dist.recv(size, src, group=group)
+    hdr = torch.empty(int(size[0]), dtype=torch.uint8)
     dist.recv(hdr, src, group=group)
-    data = torch.empty(int(sizes[1]), dtype=torch.uint8)
-    if data.numel():
-        dist.recv(data, src, group=group)
-    return Packed(json.loads(bytes(hdr.numpy()).decode()), data)
+    out = []
+    for h in json.loads(bytes(hdr.numpy()).decode()):
+        layout = Layout.from_json(h["layout"])
+        out.append(Received(h["step"], layout, h["sums"], h["meta_len"], parts=list(layout.regions)))
+    return out
+
+
+def recv_bodies(src: int, group, announced: list[Received], slot) -> list[Received]:
+    """Receive what ``recv_headers`` announced straight into the same regions of ``slot``, whose
+    layout must hold the same tensors there."""
+    for got in announced:
+        for part in got.parts:
+            if not slot.layout.same_tensors(got.layout, part):
+                raise ValueError(f"state of step {got.step} from rank {src}: its {part} tensors "
+                                 "do not match the slot they are received into")
+            region = slot.region(part)
+            if region.numel():
+                dist.recv(region, src, group=group)
+        if got.meta_len:
+            m = torch.empty(got.meta_len, dtype=torch.uint8)
+            dist.recv(m, src, group=group)
+            got.meta = bytes(m.numpy())
+    return announced
 
 
 def wait_all(works: list) -> None:
@@ -123,7 +96,9 @@ def wait_all(works: list) -> None:
 
 
 class _Keep:
-    def __init__(self, *objs):
+    """Holds a send's small buffers until its works are waited on."""
+
+    def __init__(self, objs):
         self.objs = objs
 
     def wait(self):

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import logging
 import os
 import signal
@@ -68,6 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--hidden-dropout", type=float, default=0.1)
     g.add_argument("--seed", type=int, default=1234)
     g.add_argument("--bf16", action="store_true")
+    g.add_argument("--num-distributed-optimizer-instances", type=int, default=1,
+                   help="split the data-parallel ranks into this many instances of the "
+                        "distributed optimizer, each holding every shard (must divide the "
+                        "data-parallel size); flash recovery then restores a shard from another "
+                        "instance and copies none")
     g.add_argument("--use-distributed-optimizer", action="store_true",
                    help="accepted for Megatron-LM compatibility; the distributed optimizer is "
                         "always on here")
@@ -94,6 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--wandb-exp-name", default="", help="the wandb run's name")
     g.add_argument("--wandb-save-dir", default="", help="where wandb writes the run")
     p.add_argument("--out", default=None, help="write PREFIX.rank<R>.pt with losses and state")
+    p.add_argument("--timings", default=None,
+                   help="rank 0 writes each iteration's wall time (JSON) to this file")
     add_flash_recovery_args(p)
     return p
 
@@ -106,6 +114,7 @@ def tiny_config(args, world_size: int):
         raise SystemExit(f"--tensor-model-parallel-size x --pipeline-model-parallel-size "
                          f"({tp}x{pp}) must divide the world size {world_size}")
     dp = world_size // (tp * pp)
+    flash_recovery.check_optimizer_instances(args.num_distributed_optimizer_instances, dp)
     gbs = args.global_batch_size or args.micro_batch_size * dp
     if gbs % (args.micro_batch_size * dp):
         raise SystemExit(f"--global-batch-size {gbs} must be a multiple of micro-batch-size x "
@@ -119,7 +128,8 @@ def tiny_config(args, world_size: int):
         num_microbatches=gbs // (args.micro_batch_size * dp), lr=args.lr, min_lr=args.min_lr,
         lr_warmup_steps=args.lr_warmup_iters, lr_decay_steps=max(args.train_iters, 1),
         weight_decay=args.weight_decay, clip_grad=args.clip_grad, dropout=args.hidden_dropout,
-        seed=args.seed, bf16=args.bf16)
+        seed=args.seed, bf16=args.bf16,
+        num_distributed_optimizer_instances=args.num_distributed_optimizer_instances)
 
 
 def save(prefix: str, rank: int, losses: dict, job) -> None:
@@ -226,9 +236,11 @@ def main(argv=None) -> int:
     iteration = flash_recovery.on_train_start(job.model, job.optimizer, job.scheduler, args,
                                               start, **hook_kwargs)
     losses: dict[int, float] = {}
+    timings: dict[int, float] = {}
     t_last = time.time()
     saved = start
     while iteration < args.train_iters:
+        t_step = time.perf_counter()
         try:
             # begin (a fault notice between steps) and end (the commit and its copies) can fail
             # too: a peer lost there is recovered like one lost inside the step
@@ -243,6 +255,7 @@ def main(argv=None) -> int:
             args.consumed_train_samples += job.global_batch_size
             job.consumed_samples = args.consumed_train_samples
         losses[iteration] = loss
+        timings[iteration] = time.perf_counter() - t_step
         if writer is not None and iteration % args.log_interval == 0:
             writer.log({"lm loss": loss}, iteration)
         if rank == 0 and iteration % args.log_interval == 0:
@@ -277,6 +290,9 @@ def main(argv=None) -> int:
         writer.finish()
     if args.out:
         save(args.out, rank, losses, job)
+    if args.timings and rank == 0:
+        with open(args.timings, "w") as f:
+            json.dump(timings, f)
     if session is None:
         dist.destroy_process_group()
     return 0
