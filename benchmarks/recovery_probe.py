@@ -101,10 +101,11 @@ def _mark_finished() -> None:
     takes the exit 0 for an early exit and respawns the rank; set the key ``Session.close``
     sets (after training, so no step is timed with it)."""
     from fr_megatron.config import parse_address
+    from fr_megatron.protocol import keys
     from fr_megatron.protocol.store import connect
 
     host, port = parse_address(os.environ["FR_CONTROLLER"], "FR_CONTROLLER")
-    connect(host, port).set(f"fr/finished/{os.environ['RANK']}", b"1")
+    connect(host, port).set(keys.finished(int(os.environ["RANK"])), b"1")
 
 
 def main() -> int:

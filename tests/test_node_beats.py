@@ -158,7 +158,7 @@ def test_agent_fences_when_cut_off_but_not_in_the_controllers_own_process(tmp_pa
                                     token_file=str(tmp_path / "token"), cfg=cfg,
                                     script="unused.py", script_args=[], spares=0,
                                     run_dir=str(run_dir), with_controller=with_controller))
-        now = time.time()
+        now = time.monotonic()
         for agent in agents:
             agent._beat_ok_t = now - 2.5  # no beat through for 2.5 s: over twice the timeout
         assert [a.cut_off(now) for a in agents] == [False, True]

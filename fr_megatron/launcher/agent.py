@@ -131,7 +131,7 @@ class NodeAgent:
         self.finished: set[int] = set()
         self._lock = threading.RLock()
         self._done = threading.Event()
-        self._beat_ok_t = time.time()
+        self._beat_ok_t = time.monotonic()
         self.fenced = False
         self.stopping: Optional[dict] = None  # the controller's signed stop, when one came
         self.end: Optional[dict] = None       # the controller's signed done
@@ -282,7 +282,7 @@ class NodeAgent:
 
     def _finished(self, rank: int) -> bool:
         try:
-            return self.store.check([f"fr/finished/{rank}"])
+            return self.store.check([keys.finished(rank)])
         except Exception:
             return False
 
@@ -427,7 +427,7 @@ class NodeAgent:
                     "agent_heartbeat", node=self.node, seq=seq, pid=os.getpid(),
                     spare=self.spare_node, ranks=ranks))
                 client.check([keys.agent(self.node)])  # a set is not answered; this round trip is
-                self._beat_ok_t = time.time()
+                self._beat_ok_t = time.monotonic()
                 self._done.wait(0.02)
             except Exception as e:
                 log.warning("node=%d heartbeat failed: %s", self.node, e)
@@ -448,7 +448,7 @@ class NodeAgent:
         log.error("node=%d has not reached the controller for %.1f s (twice the node timeout): "
                   "killing its workers; the job goes on without this node, or, if the "
                   "controller is gone, stops here: last good step %d (every rank of this node "
-                  "committed it)", self.node, time.time() - self._beat_ok_t,
+                  "committed it)", self.node, time.monotonic() - self._beat_ok_t,
                   min(committed, default=-1))
         self.fenced = True
         self._done.set()
@@ -500,8 +500,8 @@ class NodeAgent:
         makes it a rank (``_replace``). Each step is a journal event (``spare_held``,
         ``spare_woken``, ``spare_pool_refilled``)."""
         restored, committed = None, None
-        deadline = time.time() + self.REFILL_WAIT_S
-        while time.time() < deadline and not self._done.wait(0.05):
+        deadline = time.monotonic() + self.REFILL_WAIT_S
+        while time.monotonic() < deadline and not self._done.wait(0.05):
             beat = self._last_heartbeat(rank)
             if beat.get("generation", -1) < g or beat.get("state") != "running":
                 continue
@@ -614,11 +614,11 @@ class NodeAgent:
                              self._beat, self._learn_modules)]
         for t in threads:
             t.start()
-        self._beat_ok_t = time.time()
+        self._beat_ok_t = time.monotonic()
         while not self._done.wait(0.1):
             # twice the controller's timeout: a slow but connected node is declared lost (and
             # replaced) before it would ever fence itself; a cut-off one stops soon after
-            if self.cut_off(time.time()):
+            if self.cut_off(time.monotonic()):
                 self._fence()
         self.shutdown()
         return self.exit_code()

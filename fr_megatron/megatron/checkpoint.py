@@ -63,6 +63,8 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
+from fr_megatron.runtime import rng
+
 log = logging.getLogger(__name__)
 
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -109,32 +111,17 @@ def _topology() -> dict[str, int]:
 
 
 def _rng_state() -> dict[str, Any]:
-    """Megatron-LM's ``get_rng_state`` for this rank."""
-    import random
-
-    import numpy as np
+    """Megatron-LM's ``get_rng_state`` for this rank: the process's generators and the tracker."""
     from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
-    state = {"random_rng_state": random.getstate(), "np_rng_state": np.random.get_state(),
-             "torch_rng_state": torch.get_rng_state(),
-             "rng_tracker_states": {k: v.clone()
-                                    for k, v in get_cuda_rng_tracker().get_states().items()}}
-    if torch.cuda.is_available():
-        state["cuda_rng_state"] = torch.cuda.get_rng_state()
-    return state
+    return {**rng.capture(), "rng_tracker_states": {
+        k: v.clone() for k, v in get_cuda_rng_tracker().get_states().items()}}
 
 
 def _set_rng_state(state: dict[str, Any]) -> None:
-    import random
-
-    import numpy as np
     from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
-    random.setstate(state["random_rng_state"])
-    np.random.set_state(state["np_rng_state"])
-    torch.set_rng_state(state["torch_rng_state"])
-    if "cuda_rng_state" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda_rng_state"])
+    rng.restore(state)
     get_cuda_rng_tracker().set_states({k: v.clone()
                                        for k, v in state["rng_tracker_states"].items()})
 

@@ -11,9 +11,10 @@ State split, for megatron-core 0.16.1 with the DistributedOptimizer:
   ``state[shard_param]`` (``exp_avg``, ``exp_avg_sq``, ``step``) for every shard param of
   ``optimizer.optimizer.param_groups``, and with 16-bit params the fp32 master shards
   ``optimizer.shard_fp32_from_float16_groups``.
-* ``meta``: CPU RNG state and the RNG tracker's named states, the LR scheduler, the inner
-  optimizer's param-group hyper-parameters (lr, wd, ...), the grad scaler, and the progress
-  counters (``iteration``, ``consumed_samples``) of the object passed as ``progress``.
+* ``meta``: the RNG tracker's named states (the runtime keeps the process's own generators), the
+  LR scheduler, the inner optimizer's param-group hyper-parameters (lr, wd, ...), the grad
+  scaler, and the progress counters (``iteration``, ``consumed_samples``) of the object passed
+  as ``progress``.
 
 Groups: ``teardown``/``rebuild`` replay ``initialize_model_parallel`` through
 ``parallel_state_hook`` (install it before that call, in every process, survivors and replacements
@@ -158,12 +159,11 @@ class MegatronIntegration(Integration):
     def _capture_meta(self) -> dict[str, Any]:
         from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
+        # the process's own generators are the runtime's (``runtime.rng``); the tracker's
+        # named states are megatron-core's
         meta: dict[str, Any] = {
-            "rng_cpu": torch.get_rng_state(),
             "rng_tracker": {k: v.clone() for k, v in get_cuda_rng_tracker().get_states().items()},
         }
-        if torch.cuda.is_available():
-            meta["rng_cuda"] = torch.cuda.get_rng_state()
         groups = []
         for opt in sub_optimizers(self.optimizer):
             inner = getattr(opt, "optimizer", None)
@@ -207,13 +207,9 @@ class MegatronIntegration(Integration):
     def _restore_meta(self, meta: dict[str, Any]) -> None:
         from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
-        if "rng_cpu" in meta:
-            torch.set_rng_state(meta["rng_cpu"])
         if "rng_tracker" in meta:
             states = {k: v.clone() for k, v in meta["rng_tracker"].items()}
             get_cuda_rng_tracker().set_states(states)
-        if "rng_cuda" in meta and torch.cuda.is_available():
-            torch.cuda.set_rng_state(meta["rng_cuda"])
         if self.scheduler is not None and "scheduler" in meta:
             # load_state_dict() *adds* the saved step count to the current one.
             self.scheduler.num_steps = 0

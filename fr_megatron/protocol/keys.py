@@ -28,6 +28,11 @@ def agent(node: int) -> str:
     return f"fr/agent/{node}"
 
 
+def finished(rank: int) -> str:
+    """Set by ``rank`` when it has trained its last step: its exit is its end, not a fault."""
+    return f"fr/finished/{rank}"
+
+
 def injection_fired(index: int) -> str:
     return f"fr/inject/fired/{index}"
 

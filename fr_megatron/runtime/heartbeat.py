@@ -37,7 +37,7 @@ class Heartbeat(threading.Thread):
         self.orphan_timeout, self.orphaned = orphan_timeout, orphaned
         self._halt = threading.Event()
         self._changed = threading.Event()
-        self._sent_t = time.time()
+        self._sent_t = time.monotonic()
 
     # changes closer together than this share one beat: a step has several phases per
     # micro-batch, and each beat is signed, relayed by the agent and written to the store
@@ -50,12 +50,12 @@ class Heartbeat(threading.Thread):
     def beat(self) -> None:
         self.send(self.signer.sign("heartbeat", rank=self.rank, pid=os.getpid(),
                                    hb_interval=self.interval, **self.status()))
-        self._sent_t = time.time()
+        self._sent_t = time.monotonic()
 
     def run(self) -> None:
         while not self._halt.is_set():
             self._changed.wait(self.interval)
-            gap = self._sent_t + self.interval * self.MIN_GAP_FRACTION - time.time()
+            gap = self._sent_t + self.interval * self.MIN_GAP_FRACTION - time.monotonic()
             if gap > 0:
                 self._halt.wait(gap)
             self._changed.clear()
@@ -63,7 +63,7 @@ class Heartbeat(threading.Thread):
                 self.beat()
             except Exception as e:  # a busy or restarting agent; keep beating
                 log.debug("heartbeat failed: %s", e)
-                silent = time.time() - self._sent_t
+                silent = time.monotonic() - self._sent_t
                 if self.orphan_timeout is not None and silent > self.orphan_timeout \
                         and not self._halt.is_set():
                     self.orphaned(silent)

@@ -129,3 +129,57 @@ def fire(inj: Injection) -> None:
         os._exit(0)
     elif inj.kind == "node_crash":
         os.killpg(os.getpgrp(), signal.SIGKILL)
+
+
+class Injector:
+    """A rank's injections: fired at a phase marker, or armed there to fire before the nth
+    operation on a group of a kind (``comm_progress``). ``claim(inj)`` is true for the first
+    rank of the job to reach ``inj`` (the controller's store remembers it); ``before_fire``
+    runs first (the rank's report of the fault must name its step and phase);
+    ``group_kinds()`` maps a kind to the job's groups of it."""
+
+    def __init__(self, rank: int, spec: str, claim, before_fire, group_kinds):
+        self.rank, self.injections = rank, parse(spec)
+        self.claim, self.before_fire, self.group_kinds = claim, before_fire, group_kinds
+        self.fired_t: float | None = None  # when an injected fault fired (benchmarks measure)
+        self._armed: set[int] = set()
+
+    def at_phase(self, step: int, phase: str) -> None:
+        for inj in self.injections:
+            if inj.rank != self.rank or inj.step != step or inj.phase != phase:
+                continue
+            if inj.group:
+                self._arm(inj, step)
+            elif self.claim(inj):
+                self._fire(inj)
+
+    def _fire(self, inj: Injection) -> None:
+        self.fired_t = time.time()
+        self.before_fire()
+        fire(inj)
+
+    def _arm(self, inj: Injection, step: int) -> None:
+        """From the phase marker on, count this step's operations on groups of ``inj.group``
+        in that phase; the fault fires before the ``inj.nth``."""
+        from . import comm_progress
+
+        if inj.index in self._armed:
+            return
+        self._armed.add(inj.index)
+        groups = self.group_kinds().get(inj.group)
+        if not groups:
+            log.warning("rank=%d step=%d phase=%s injection %s: this job has no group of kind %r",
+                        self.rank, step, inj.phase, inj, inj.group)
+            return
+        comm_progress.TRACKER.arm(groups, inj.phase, inj.nth,
+                                  lambda: self.claim(inj) and self._fire(inj))
+
+    def new_step(self, step: int) -> None:
+        """A step begins: what was armed in the last one and never fired is dropped."""
+        from . import comm_progress
+
+        for a in comm_progress.TRACKER.disarm():
+            log.warning("rank=%d step=%d an injection armed in phase %s did not fire: the step "
+                        "ended %d operations on its group short", self.rank, step, a.phase,
+                        a.left)
+        self._armed.clear()

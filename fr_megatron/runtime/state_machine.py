@@ -40,13 +40,13 @@ class RecoveryStateMachine:
         self.rank = rank
         self.on_change = on_change  # e.g. send a heartbeat now
         self.state = State.STARTING
-        self.since = time.time()
+        self.since = time.monotonic()
         self.phases: dict[str, float] = {}
 
     def to(self, new: State, generation: int, step: int) -> None:
         if new not in ALLOWED[self.state]:
             raise RuntimeError(f"illegal recovery transition {self.state.value} -> {new.value}")
-        now = time.time()
+        now = time.monotonic()
         phase = PHASE_OF.get(self.state)
         if phase:
             self.phases[phase] = self.phases.get(phase, 0.0) + now - self.since

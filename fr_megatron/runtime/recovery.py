@@ -1,0 +1,222 @@
+"""The recovery procedure on one rank, once a plan has opened a new generation.
+
+``rebuild``: the framework lets go of its groups, the old world is destroyed, the new
+generation's world is joined on its own store prefix, the framework's groups are built again with
+the same topology (every cached reference rebound, none to an old group left), and the runtime's
+own group and copy plan after them.
+
+``sync``: every rank reports what it holds (``recovery_point.RankReport``); from the same reports
+every rank decides the recovery point and where each lost rank's state comes from
+(``recovery_point.decide``); the sources send it (``transfer``), each lost rank pulling from all its
+sources at once; every rank restores the point in place, checksums verified first, and the holders
+that lack a copy of it get it again before training resumes. When no step can be assembled, every
+rank falls back to the framework's disk checkpoint, or the job stops with the reason.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Optional
+
+import torch.distributed as dist
+
+from . import recovery_point, transaction, transfer
+from .errors import RecoveryImpossible
+from .layout import ChecksumError, Layout
+from .state_machine import State
+
+if TYPE_CHECKING:
+    from .session import Session
+
+log = logging.getLogger("fr_megatron.runtime")
+
+
+class Recovery:
+    def __init__(self, session: "Session"):
+        self.s = session
+        self.last: dict = {}  # what the last sync found, for the recovery report
+
+    def rebuild(self, plan: dict) -> None:
+        s = self.s
+        s.sm.to(State.REBUILDING, s.generation, s.step)
+        t = [time.monotonic()]
+        if s.integration:
+            s.integration.teardown()  # the framework lets go of its groups first
+        old_groups = s.comms.destroy_world() if s.comms else []
+        t.append(time.monotonic())
+        s.enter_generation(plan)
+        s.comms.init_world(s.generation, s.superseded)
+        t.append(time.monotonic())
+        if s.integration:
+            s.integration.rebuild()
+            stale = s.integration.old_group_references(old_groups)
+            if stale:
+                raise RecoveryImpossible(f"{stale} references to old groups survived the rebuild")
+        t.append(time.monotonic())
+        s.build_runtime_groups()
+        t.append(time.monotonic())
+        log.info("rank=%d generation=%d step=%d phase=rebuild teardown %.3fs world %.3fs "
+                 "framework groups %.3fs runtime groups %.3fs", s.rank, s.generation, s.step,
+                 *(b - a for a, b in zip(t, t[1:])))
+        s.sm.to(State.SYNCING, s.generation, s.step)
+
+    # ---- agreeing on the point and restoring it ------------------------------------------
+    def sync(self, plan: dict) -> int:
+        """Agree on the recovery point, restore every rank to it, return the step to redo."""
+        s, tx = self.s, self.s.tx
+        s.phase_name = "restore"
+        me_lost = s.rank in plan["replaced"] or not s.has_state
+        mine = recovery_point.RankReport(
+            lost=me_lost, ring=tx.ring.steps(), held=tx.copies.held_steps(),
+            committed=-1 if me_lost else tx.committed,
+            refused=self._check_inherited() if me_lost else [])
+        wire: list = [None] * s.world_size
+        dist.all_gather_object(wire, mine.to_wire(), group=s.group)
+        reports = [recovery_point.RankReport.from_wire(w) for w in wire]
+        lost = {r for r, rep in enumerate(reports) if rep.lost}
+        decision = recovery_point.decide(reports, tx.replica_of, tx.shard_replicas_of, tx.plan)
+        if decision is None:
+            return self._no_live_state(reports, lost)
+        point = decision.point
+        if s.rank in decision.sources:
+            tx.ring.drop_after(point)
+        t_move = time.perf_counter()
+        self._transfer(decision)
+        if lost:  # what the steps up to the point returned, for the lost ranks too
+            self._share_history(point, lost)
+        # every rank now restores the state that ends step ``point``, to redo ``point + 1``
+        # (injections at phase "restore" fire here: a replacement lost while it restores)
+        s.step = point + 1
+        s.injector.at_phase(s.step, s.phase_name)
+        try:
+            transaction.restore(s.integration, tx.ring.get(point, verify=s.cfg.verify_checksums))
+            moved = (tx.ring.slot(point).layout.total, time.perf_counter() - t_move)
+        except ChecksumError as e:
+            s.link.send("fatal", reason=str(e), step=point, last_good_step=point)
+            log.error("rank=%d generation=%d step=%d phase=restore %s", s.rank, s.generation,
+                      point, e)
+            raise
+        tx.ring.drop_after(point)
+        s.history = {k: v for k, v in s.history.items() if k <= point}
+        restored = {"from": decision.sources[s.rank], "bytes": moved[0],
+                    "seconds": round(moved[1], 4)} if s.rank in decision.sources else None
+        self._settle(point, decision.steps_lost, lost, decision.resend, restored=restored)
+        log.info("rank=%d generation=%d step=%d phase=restore recovered to step %d%s",
+                 s.rank, s.generation, point, point,
+                 " from its predecessor's snapshot" if decision.sources.get(s.rank, {})
+                 .get("unique") == s.rank else "")
+        return point + 1
+
+    def _check_inherited(self) -> list[str]:
+        """A replacement offers what its predecessor left in shared memory only once checked;
+        returns what it refused, and why."""
+        s, tx = self.s, self.s.tx
+        refused = [f"rank {s.rank}'s snapshot of step {step}: {why}"
+                   for step, why in tx.ring.validate()]
+        for ward, ring in tx.copies.held.items():
+            refused += [f"the copy of rank {ward} held by rank {s.rank}, step {step}: {why}"
+                        for step, why in ring.validate()]
+        for why in refused:
+            log.warning("rank=%d generation=%d step=%d phase=restore refused %s", s.rank,
+                        s.generation, s.step, why)
+        return refused
+
+    def _transfer(self, decision: recovery_point.RecoveryPlan) -> None:
+        """Send and receive the lost ranks' state of the point, every source in parallel,
+        straight from the sources' slots into the lost rank's slot of the point (laid out as
+        the sources announce: a replacement's own optimizer may not have its state yet)."""
+        s, tx = self.s, self.s.tx
+        point, works, pulls = decision.point, [], []
+        for (src, dst), messages in decision.transfers(tx.plan).items():
+            if src == s.rank:
+                works += transfer.send(
+                    [(tx.ring.slot(point) if origin == "ring" else
+                      tx.copies.held[dst].slot(point),
+                      tuple(p for p in parts if p != "meta"), "meta" in parts)
+                     for origin, parts in messages], dst, s.group)
+            elif dst == s.rank:
+                pulls.append(src)
+        if pulls:
+            with ThreadPoolExecutor(len(pulls), thread_name_prefix="fr-pull") as pool:
+                announced = dict(zip(pulls, pool.map(
+                    lambda src: transfer.recv_headers(src, s.group), pulls)))
+                got = [g for gs in announced.values() for g in gs]
+                slot = tx.ring.take(point)
+                slot.ensure(Layout.assemble(tx.ring.parts, {
+                    part: g.layout for g in got for part in g.parts}))
+                list(pool.map(lambda src: transfer.recv_bodies(src, s.group, announced[src],
+                                                               slot), pulls))
+            slot.seal({"step": point, "layout": slot.layout.to_json(),
+                       "sums": {k: v for g in got for k, v in g.sums.items()},
+                       "meta": next((g.meta for g in got if g.meta_len), b"")})
+        transfer.wait_all(works)
+
+    def _share_history(self, upto: int, lost: set) -> None:
+        """What the steps up to ``upto`` returned, from the first survivor to every rank."""
+        s = self.s
+        survivors = sorted(set(range(s.world_size)) - lost)
+        history = [{k: v for k, v in s.history.items() if k <= upto}]
+        if survivors:
+            dist.broadcast_object_list(history, src=survivors[0], group=s.group)
+        s.history = history[0]
+
+    def _no_live_state(self, reports: list, lost: set) -> int:
+        """No step can be assembled for every lost rank from live peers: fall back to the disk
+        checkpoint when there is one, else stop the job with the reason."""
+        s = self.s
+        reason = (f"ranks {sorted(lost)} and every holder of their copies are lost; "
+                  "no consistent state among live peers")
+        refused = [why for rep in reports for why in rep.refused]
+        if refused:
+            reason += "; refused: " + "; ".join(refused)
+        if s.cfg.checkpoint_dir:  # every rank takes this branch: the reports are the same
+            resume = self._fall_back_to_checkpoint(reports, lost)
+            if resume is not None:
+                return resume
+            reason += f", and {s.cfg.checkpoint_dir} holds no checkpoint to fall back to"
+        good = min((rep.committed for rep in reports if not rep.lost), default=-1)
+        s.link.send("fatal", reason=reason, step=s.step, last_good_step=good)
+        raise RecoveryImpossible(reason)
+
+    def _fall_back_to_checkpoint(self, reports: list, lost: set) -> Optional[int]:
+        """No live copy of a lost rank's state: every rank loads the framework's latest disk
+        checkpoint instead, and the steps since it are redone (and reported as lost)."""
+        s, tx = self.s, self.s.tx
+        step = s.integration.load_checkpoint(s.cfg.checkpoint_dir)
+        if step is None:
+            return None
+        finished = [rep.committed for rep in reports if not rep.lost]
+        steps_lost = max(0, min(finished) - step) if finished else 0
+        self._share_history(step, lost)
+        tx.ring.drop_after(-1)
+        tx.ring.write(step, transaction.capture(s.integration, step))
+        everyone = {r: hs for r, hs in tx.plan.holders.items() if hs}
+        self._settle(step, steps_lost, lost, everyone, fallback=True)
+        log.warning("rank=%d generation=%d step=%d phase=restore no live copy of ranks %s: fell "
+                    "back to the checkpoint of step %d in %s (%d steps redone)", s.rank,
+                    s.generation, step, sorted(lost), step, s.cfg.checkpoint_dir, steps_lost)
+        if s.rank == 0:
+            s.event("fallback_to_checkpoint", checkpoint_step=step, steps_lost=steps_lost,
+                    lost=sorted(lost), directory=s.cfg.checkpoint_dir)
+        return step + 1
+
+    def _settle(self, point: int, steps_lost: int, lost: set, resend: dict[int, list[int]],
+                fallback: bool = False, restored: Optional[dict] = None) -> None:
+        """Every rank stands at ``point`` now: its counters, its copies, what it will report (a
+        lost rank: where its state came from, how many bytes, how long from the decision to
+        the state restored in place). Holders that lack a copy of the point (a replaced holder,
+        a copy that was in flight) get it again before training resumes."""
+        s = self.s
+        s.step = point
+        s.tx.settled(point)
+        s.has_state = True
+        to = resend.get(s.rank, [])
+        s.tx.resend(point, to, sorted(r for r, hs in resend.items() if s.rank in hs))
+        if to:
+            log.info("rank=%d generation=%d step=%d phase=restore copy of step %d sent again "
+                     "to holders %s", s.rank, s.generation, point, point, to)
+        self.last = {"recovery_point": point, "steps_lost": steps_lost, "lost": sorted(lost),
+                     "restored_t": time.monotonic(), **({"fallback": True} if fallback else {}),
+                     **({"restored": restored} if restored else {})}

@@ -1,0 +1,149 @@
+"""The step transaction of one rank: commit a step's state, keep it durable, put it back.
+
+``commit(step, live)`` copies the state into the snapshot ring (``snapshot``; in the node's shared
+memory, where it outlives the process) and, where a copy is needed (``failure_domains``), starts
+sending the unique state to its holders (``redundancy``). Those copies run during the next step's
+forward and backward; ``wait_durable`` blocks until they are in place, which the session does
+before the next optimizer phase changes the state. With the snapshot in process memory the
+commit itself waits: there the copy is the step's only protection against a process fault.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Optional
+
+import torch.distributed as dist
+
+from ..config import FlashRecoveryConfig
+from . import failure_domains, rng
+from .integration import Integration, RankState
+from .redundancy import CopyExchange
+from .snapshot import SnapshotRing
+
+
+def capture(integration: Integration, step: int) -> RankState:
+    """The live state, with what the runtime itself restores (the process's RNG) in its meta."""
+    live = integration.capture()
+    live.meta["fr/rng"] = rng.capture()
+    live.meta["fr/step"] = step
+    return live
+
+
+def restore(integration: Integration, state: RankState) -> None:
+    integration.restore(state)
+    if "fr/rng" in state.meta:
+        rng.restore(state.meta["fr/rng"])
+
+
+def _median(values: list[float]) -> Optional[float]:
+    return round(sorted(values)[len(values) // 2], 5) if values else None
+
+
+class StepTransaction:
+    def __init__(self, rank: int, cfg: FlashRecoveryConfig, snapshot_dir: Optional[str]):
+        self.rank, self.cfg = rank, cfg
+        # the node agent's shared-memory directory: a replacement finds its predecessor's
+        # snapshots there under the same name
+        self.snapshot_dir = snapshot_dir if cfg.snapshot_dir else None
+        self.ring = SnapshotRing(cfg.snapshot_depth, self.snapshot_dir, f"rank{rank}")
+        self.copies: Optional[CopyExchange] = None
+        self.plan: Optional[failure_domains.CopyPlan] = None
+        self.replica_of: list[list[int]] = []
+        self.shard_replicas_of: list[list[int]] = []
+        self.committed = -1
+        self.durable_step = -1   # the newest step whose snapshot and copies are all in place
+        self.commit_blocked_s: list[float] = []  # training-thread seconds per commit
+
+    def configure(self, integration: Integration, group, world_size: int, nproc: int,
+                  has_state: bool) -> Optional[dict]:
+        """Who copies what to whom, the same on every rank (from every rank's replicas and
+        whether its snapshot is in shared memory), over the runtime's ``group``. Returns the
+        job's redundancy summary on the first configuration, else None."""
+        if not self.ring.steps() and has_state:
+            self.ring.reserve(capture(integration, self.committed))
+        mine = (integration.replica_ranks(), integration.shard_replica_ranks(),
+                self.ring.in_shared_memory)
+        every: list = [None] * world_size
+        dist.all_gather_object(every, mine, group=group)
+        self.replica_of = [e[0] for e in every]
+        self.shard_replicas_of = [e[1] for e in every]
+        self.plan = failure_domains.copy_plan(world_size, nproc, self.replica_of,
+                                              self.shard_replicas_of, [e[2] for e in every],
+                                              self.cfg.replicas)
+        old = self.copies
+        self.copies = CopyExchange(self.rank, self.plan.holders[self.rank],
+                                   self.plan.wards(self.rank), self.plan.parts, group,
+                                   self.cfg.snapshot_depth, self.snapshot_dir)
+        if old is not None:
+            self.copies.adopt(old)
+            old.close()
+            return None
+        in_shm = [e[2] for e in every]
+        return {"snapshots": "shared memory" if all(in_shm) else
+                "process memory" if not any(in_shm) else "mixed",
+                "instances": max(len(r) for r in self.shard_replicas_of), **self.plan.summary()}
+
+    def commit(self, step: int, live: RankState) -> None:
+        t0 = time.perf_counter()
+        self.wait_durable()  # the previous step's copies read a slot this one may reuse
+        self.ring.write(step, live)
+        if self.copies.active:
+            self.copies.start(step, self.ring)
+        self.committed = step
+        if not self.ring.in_shared_memory:
+            self.wait_durable()
+        self.commit_blocked_s.append(time.perf_counter() - t0)
+
+    def wait_durable(self) -> float:
+        """Wait until the last commit's snapshot is sealed and its copies are in place; the
+        seconds waited."""
+        if self.durable_step >= self.committed:
+            return 0.0
+        t0 = time.perf_counter()
+        self.ring.wait()
+        if self.copies is not None:
+            self.copies.wait()
+        self.durable_step = self.committed
+        return time.perf_counter() - t0
+
+    def before_optimizer(self) -> None:
+        """The state is about to change: the last commit must be complete (counted as time the
+        training thread spent on that commit)."""
+        if self.commit_blocked_s:
+            self.commit_blocked_s[-1] += self.wait_durable()
+
+    def abandon_copies(self) -> None:
+        """A failed step's exchange is void: the rollback makes it moot."""
+        try:
+            if self.copies is not None:
+                self.copies.wait()
+        except Exception:  # noqa: BLE001 - whatever it raised, the recovery replaces it
+            pass
+
+    def settled(self, point: int) -> None:
+        """The rank stands at ``point`` again, its snapshot of it durable."""
+        self.committed = self.durable_step = point
+
+    def resend(self, point: int, to: list[int], wards: list[int]) -> None:
+        """Send this rank's copy of ``point`` to ``to`` and take ``wards``' copies, now."""
+        if to or wards:
+            self.copies.start(point, self.ring, to=to, wards=wards)
+            self.copies.wait()
+
+    def stats(self, integration: Optional[Integration], step_times: list[float]) -> dict[str, Any]:
+        """What this rank's redundancy costs it: bytes of state, of its snapshots and of the
+        copies it holds; training-thread seconds per commit and per step (medians)."""
+        live = integration.capture() if integration else RankState()
+        return {"replicated_bytes": sum(t.numel() * t.element_size()
+                                        for t in live.replicated.values()),
+                "unique_bytes": sum(t.numel() * t.element_size() for t in live.unique.values()),
+                "snapshot_bytes": self.ring.nbytes(),
+                "snapshots_in_shared_memory": self.ring.in_shared_memory,
+                "held_copy_bytes": self.copies.nbytes() if self.copies else 0,
+                "commit_blocked_s_p50": _median(self.commit_blocked_s[1:]),
+                "step_s_p50": _median(step_times)}
+
+    def close(self) -> None:
+        if self.copies is not None:
+            self.copies.close()
