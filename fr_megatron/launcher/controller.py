@@ -95,6 +95,14 @@ class Fault:
     joined_t: Optional[float] = None        # that process joined the new generation's world
 
 
+# what each kind of message a rank or an agent sends is handled by
+_MESSAGE_KINDS = {"fault": "_on_fault", "stop_requested": "_on_stop_requested",
+                  "saves_on_stop": "_on_saves_on_stop", "replaced": "_on_replaced",
+                  "joined": "_on_joined", "recovered": "_on_recovered",
+                  "finished": "_on_finished", "agent_started": "_on_agent_started",
+                  "node_done": "_on_node_done", "fatal": "_on_fatal", "event": "_on_record"}
+
+
 @dataclass
 class AgentView:
     """A node agent's liveness, by the controller's clock."""
@@ -354,111 +362,125 @@ class Controller:
 
     # ---- events ------------------------------------------------------------------------
     def _on_event(self, ev: dict):
-        kind = ev["kind"]
+        """One verified message from a rank or an agent, handled by its kind."""
+        name = _MESSAGE_KINDS.get(ev["kind"])
+        handler = getattr(self, name) if name else None
         with self._lock:
-            if kind == "fault" and (self.stopping or ev.get("fault") == "stop_signal"):
-                rank = int(ev["rank"])
-                if ev.get("fault") == "stop_signal":  # a rank ended by SIGINT / SIGTERM
-                    self.request_stop(ev.get("signal", "SIGTERM"),
-                                      f"rank {rank} (pid {ev.get('pid')})")
-                if rank not in self.exited_ranks and ev.get("pid") not in self.replaced_pids:
-                    self.exited_ranks.add(rank)
-                    self.journal.write("rank_exited", generation=self.generation, rank=rank,
-                                       how=ev.get("fault"), pid=ev.get("pid"),
-                                       **{k: ev[k] for k in ("signal", "exit_code") if k in ev})
-            elif kind == "stop_requested":
-                self.request_stop(str(ev.get("signal", "SIGTERM")), str(ev.get("by", "?")))
-            elif kind == "saves_on_stop":
-                self.saving_ranks.add(int(ev["rank"]))
-            elif kind == "fault":
-                rank = int(ev["rank"])
-                v = self.views[rank]
-                step = ev.get("step", v.step)
-                phase = ev.get("phase", v.phase)
-                if ev.get("pid") in self.replaced_pids or (
-                        ev.get("pid") and v.pid and ev["pid"] != v.pid
-                        and v.generation == self.generation):
-                    # a report about a process that has already been replaced
-                    self.journal.write("stale_fault_ignored", generation=self.generation, rank=rank,
-                                       pid=ev["pid"])
-                    return
-                self._report_fault(Fault(rank, ev["fault"], step, phase, ev.get("pid", v.pid),
-                                         ev.get("generation", self.generation),
-                                         fault_t=ev.get("fault_t", ev["ts"]),
-                                         reported_t=time.time(),
-                                         detail={k: ev[k] for k in ("traceback", "exit_code",
-                                                                    "signal", "node", "stderr",
-                                                                    "committed")
-                                                 if k in ev}))
-            elif kind == "replaced":
-                for rec in self.recoveries[::-1]:
-                    if rec.generation == ev["generation"]:
-                        for f in rec.faults:
-                            if f.rank == ev["rank"]:
-                                f.replacement, f.replacement_t = ev["how"], ev["ts"]
-                                f.replacement_pid = ev.get("pid")
-                self.journal.write("replacement_started", generation=ev["generation"],
-                                   rank=ev["rank"], how=ev["how"], pid=ev.get("pid"))
-            elif kind == "joined":
-                for rec in self.recoveries:
-                    for f in rec.faults:
-                        if rec.generation == ev["generation"] and f.rank == ev["rank"]:
-                            f.joined_t = ev["ts"]
-            elif kind == "recovered":
-                self._rank_committed(int(ev["rank"]), int(ev.get("recovery_point", -2)) + 1)
-                for rec in self.recoveries:
-                    if rec.generation == ev["generation"]:
-                        rec.reports[int(ev["rank"])] = ev
-                        if len(rec.reports) == self.world_size:
-                            # earlier recoveries cut short by a new fault end with this one
-                            for older in self.recoveries:
-                                if older.generation <= rec.generation and \
-                                        older.summary is None:
-                                    older.reports = rec.reports
-                                    # a survivor of the older plan that a later one replaced
-                                    # did not stay alive through it
-                                    later = {f.rank for r in self.recoveries
-                                             if older.generation < r.generation <= rec.generation
-                                             for f in r.faults}
-                                    self._recovery_complete(older, rec.generation,
-                                                            excused=later)
-                            self.restarts_without_progress.clear()
-            elif kind == "finished":
-                self.finished_ranks.add(int(ev["rank"]))
-                self._rank_committed(int(ev["rank"]), int(ev.get("step", -1)))
-                if ev.get("stats"):
-                    self.rank_stats[int(ev["rank"])] = ev["stats"]
-            elif kind == "agent_started":
-                node = int(ev["node"])
-                if ev.get("pid") == os.getpid():
-                    # the agent in the controller's own process: if its node goes, so does the
-                    # controller; a stall of this process must not read as a lost node
-                    return
-                self.agents[node] = AgentView(node, bool(ev.get("spare")), ev.get("pid"),
-                                              seen_t=time.time())
-                self.journal.write("agent_started", generation=self.generation, node=node,
-                                   spare=bool(ev.get("spare")), pid=ev.get("pid"))
-            elif kind == "node_done":
-                self.done_nodes.add(int(ev["node"]))
-            elif kind == "fatal":
-                if self.fatal:
-                    return  # every rank that finds the job unrecoverable says so; once is enough
-                self.fatal = ev.get("reason", "fatal error")
-                self.exit_code = 1
-                self.journal.write("job_stopped", generation=self.generation, rank=ev.get("rank"),
-                                   step=ev.get("step"), reason=self.fatal,
-                                   last_good_step=ev.get("last_good_step"))
-            elif kind == "event":
-                if ev["event"] == "checkpoint_saved":
-                    self.checkpoints.append({"rank": ev.get("rank"), **ev.get("fields", {})})
-                if ev["event"] == "redundancy":
-                    self.redundancy = ev.get("fields", {})
-                self.journal.write(ev["event"], generation=ev.get("generation", self.generation),
-                                   rank=ev.get("rank"), step=ev.get("step"),
-                                   phase=ev.get("phase"), **ev.get("fields", {}))
-            else:
+            if handler is None:
                 self.journal.write("unknown_message_ignored", generation=self.generation,
-                                   kind=str(kind)[:64])
+                                   kind=str(ev["kind"])[:64])
+            else:
+                handler(ev)
+
+    def _on_fault(self, ev: dict) -> None:
+        rank = int(ev["rank"])
+        if self.stopping or ev.get("fault") == "stop_signal":
+            if ev.get("fault") == "stop_signal":  # a rank ended by SIGINT / SIGTERM
+                self.request_stop(ev.get("signal", "SIGTERM"), f"rank {rank} (pid {ev.get('pid')})")
+            if rank not in self.exited_ranks and ev.get("pid") not in self.replaced_pids:
+                self.exited_ranks.add(rank)
+                self.journal.write("rank_exited", generation=self.generation, rank=rank,
+                                   how=ev.get("fault"), pid=ev.get("pid"),
+                                   **{k: ev[k] for k in ("signal", "exit_code") if k in ev})
+            return
+        v = self.views[rank]
+        if ev.get("pid") in self.replaced_pids or (
+                ev.get("pid") and v.pid and ev["pid"] != v.pid and v.generation == self.generation):
+            # a report about a process that has already been replaced
+            self.journal.write("stale_fault_ignored", generation=self.generation, rank=rank,
+                               pid=ev["pid"])
+            return
+        self._report_fault(Fault(rank, ev["fault"], ev.get("step", v.step),
+                                 ev.get("phase", v.phase), ev.get("pid", v.pid),
+                                 ev.get("generation", self.generation),
+                                 fault_t=ev.get("fault_t", ev["ts"]), reported_t=time.time(),
+                                 detail={k: ev[k] for k in ("traceback", "exit_code", "signal",
+                                                            "node", "stderr", "committed")
+                                         if k in ev}))
+
+    def _on_stop_requested(self, ev: dict) -> None:
+        self.request_stop(str(ev.get("signal", "SIGTERM")), str(ev.get("by", "?")))
+
+    def _on_saves_on_stop(self, ev: dict) -> None:
+        self.saving_ranks.add(int(ev["rank"]))
+
+    def _on_replaced(self, ev: dict) -> None:
+        """An agent handed a replaced rank to a process."""
+        for f in self._faults_of(ev["generation"], ev["rank"]):
+            f.replacement, f.replacement_t = ev["how"], ev["ts"]
+            f.replacement_pid = ev.get("pid")
+        self.journal.write("replacement_started", generation=ev["generation"], rank=ev["rank"],
+                           how=ev["how"], pid=ev.get("pid"))
+
+    def _on_joined(self, ev: dict) -> None:
+        """A replacement joined its generation's world."""
+        for f in self._faults_of(ev["generation"], ev["rank"]):
+            f.joined_t = ev["ts"]
+
+    def _faults_of(self, generation: int, rank: int) -> list[Fault]:
+        return [f for rec in self.recoveries if rec.generation == generation
+                for f in rec.faults if f.rank == rank]
+
+    def _on_recovered(self, ev: dict) -> None:
+        """A rank committed its first step after a recovery; once every rank has, the recovery
+        (and any earlier one a new fault cut short) is complete."""
+        self._rank_committed(int(ev["rank"]), int(ev.get("recovery_point", -2)) + 1)
+        for rec in self.recoveries:
+            if rec.generation != ev["generation"]:
+                continue
+            rec.reports[int(ev["rank"])] = ev
+            if len(rec.reports) < self.world_size:
+                continue
+            for older in self.recoveries:
+                if older.generation <= rec.generation and older.summary is None:
+                    older.reports = rec.reports
+                    # a survivor of the older plan that a later one replaced did not stay
+                    # alive through it
+                    later = {f.rank for r in self.recoveries
+                             if older.generation < r.generation <= rec.generation
+                             for f in r.faults}
+                    self._recovery_complete(older, rec.generation, excused=later)
+            self.restarts_without_progress.clear()
+
+    def _on_finished(self, ev: dict) -> None:
+        rank = int(ev["rank"])
+        self.finished_ranks.add(rank)
+        self._rank_committed(rank, int(ev.get("step", -1)))
+        if ev.get("stats"):
+            self.rank_stats[rank] = ev["stats"]
+
+    def _on_agent_started(self, ev: dict) -> None:
+        node = int(ev["node"])
+        if ev.get("pid") == os.getpid():
+            # the agent in the controller's own process: if its node goes, so does the
+            # controller; a stall of this process must not read as a lost node
+            return
+        self.agents[node] = AgentView(node, bool(ev.get("spare")), ev.get("pid"),
+                                      seen_t=time.time())
+        self.journal.write("agent_started", generation=self.generation, node=node,
+                           spare=bool(ev.get("spare")), pid=ev.get("pid"))
+
+    def _on_node_done(self, ev: dict) -> None:
+        self.done_nodes.add(int(ev["node"]))
+
+    def _on_fatal(self, ev: dict) -> None:
+        if self.fatal:
+            return  # every rank that finds the job unrecoverable says so; once is enough
+        self.fatal = ev.get("reason", "fatal error")
+        self.exit_code = 1
+        self.journal.write("job_stopped", generation=self.generation, rank=ev.get("rank"),
+                           step=ev.get("step"), reason=self.fatal,
+                           last_good_step=ev.get("last_good_step"))
+
+    def _on_record(self, ev: dict) -> None:
+        """An event a rank reports (``Session.event``), journaled as it is."""
+        if ev["event"] == "checkpoint_saved":
+            self.checkpoints.append({"rank": ev.get("rank"), **ev.get("fields", {})})
+        if ev["event"] == "redundancy":
+            self.redundancy = ev.get("fields", {})
+        self.journal.write(ev["event"], generation=ev.get("generation", self.generation),
+                           rank=ev.get("rank"), step=ev.get("step"), phase=ev.get("phase"),
+                           **ev.get("fields", {}))
 
     def _report_fault(self, f: Fault):
         if self.fatal or self.stopping:
