@@ -122,3 +122,33 @@ def test_socket_scan_finds_exactly_the_connected_tcp_sockets():
     finally:
         for s in (listener, *clients, *accepted, *unix):
             s.close()
+
+
+@pytest.mark.timeout(60)
+def test_abort_cuts_the_groups_sockets_not_the_scripts():
+    # a script's own connection (a metrics client, a data loader's) opened after the runtime
+    # started must survive an abort, which cuts only what the process groups opened
+    import socket
+
+    from fr_megatron.runtime.comms import group_socket_fds
+
+    server = dist.TCPStore("127.0.0.1", 0, 1, True, wait_for_workers=False)
+    port = server.port
+    comms = Communicators(lambda: connect_cuttable("127.0.0.1", port), port, rank=0,
+                          world_size=1, backend="gloo", timeout_s=30)
+    listener = socket.create_server(("127.0.0.1", 0))
+    user = socket.create_connection(listener.getsockname())
+    peer, _ = listener.accept()
+    try:
+        comms.init_world(1)
+        group = dist.new_group([0], backend="gloo")
+        dist.barrier(group=group)
+        assert not {user.fileno(), peer.fileno(), listener.fileno()} & group_socket_fds()
+        comms.abort()
+        user.sendall(b"x")
+        assert peer.recv(1) == b"x"
+    finally:
+        for s in (listener, user, peer):
+            s.close()
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -70,6 +70,20 @@ def _socket_fds() -> list[int]:
     return fds
 
 
+def socket_ids() -> dict[int, str]:
+    """This process's sockets: fd -> the socket's identity (``socket:[inode]``), which, unlike
+    an fd number, is not reused while the socket exists."""
+    out = {}
+    for name in os.listdir("/proc/self/fd") if os.path.isdir("/proc/self/fd") else ():
+        try:
+            target = os.readlink(f"/proc/self/fd/{name}")
+        except OSError:  # closed meanwhile
+            continue
+        if target.startswith("socket:"):
+            out[int(name)] = target
+    return out
+
+
 def tcp_peers(fds: Iterable[int] | None = None) -> dict[int, int]:
     """This process's connected TCP sockets (among ``fds``, if given): fd -> the peer's port.
 

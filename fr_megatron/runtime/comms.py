@@ -2,8 +2,10 @@
 
 Abort: NCCL communicators are aborted (``_abort_process_group``), which makes a blocked collective
 raise. gloo has no working abort (``abort()``/``shutdown()`` leave an in-flight op blocked), so for
-gloo the process shuts down its own peer sockets: its in-flight op raises at once and every peer
-blocked on it sees the connection close. Store connections are never touched.
+gloo the process shuts down the sockets its process groups opened: its in-flight op raises at
+once and every peer blocked on it sees the connection close. Which sockets those are is recorded
+as each group is created (``track_group_sockets``); store connections and the script's own
+sockets (a metrics client, a data loader's) are never touched.
 
 Rebuild: the old world is destroyed, but its group objects are kept alive for one more
 generation (destroying a gloo group with a failed op in flight blocks for ~20 s) and then dropped
@@ -20,6 +22,7 @@ which ``interrupt_rendezvous`` shuts down when a newer plan arrives, so the wait
 from __future__ import annotations
 
 import datetime
+import functools
 import logging
 import threading
 from typing import Callable
@@ -27,7 +30,7 @@ from typing import Callable
 import torch.distributed as dist
 
 from ..protocol import keys
-from ..protocol.store import shutdown_sockets, tcp_fds, tcp_peers
+from ..protocol.store import shutdown_sockets, socket_ids, tcp_peers
 from . import comm_progress
 
 log = logging.getLogger("fr_megatron.comms")
@@ -53,6 +56,37 @@ def release_deferred() -> None:
         threading.Thread(target=batches.clear, name="fr-release-groups").start()
 
 
+_GROUP_SOCKETS: set[str] = set()  # the identities of the sockets process groups opened
+
+
+def track_group_sockets() -> None:
+    """Record the sockets every process group opens as it is created (gloo connects each pair
+    of members then), once per process: torch creates every group, the default one included,
+    through ``_new_process_group_helper``."""
+    c10d = dist.distributed_c10d
+    create = c10d._new_process_group_helper
+    if getattr(create, "_fr_tracked", False):
+        return
+
+    @functools.wraps(create)
+    def tracked(*args, **kwargs):
+        before = set(socket_ids().values())
+        try:
+            return create(*args, **kwargs)
+        finally:  # a rendezvous cut short leaves sockets too
+            _GROUP_SOCKETS.update(set(socket_ids().values()) - before)
+
+    tracked._fr_tracked = True
+    c10d._new_process_group_helper = tracked
+
+
+def group_socket_fds() -> set[int]:
+    """The fds of this process's process-group sockets that are still open."""
+    ids = socket_ids()
+    _GROUP_SOCKETS.intersection_update(ids.values())  # closed ones go: their ids may be reused
+    return {fd for fd, i in ids.items() if i in _GROUP_SOCKETS}
+
+
 class RendezvousInterrupted(ConnectionError):
     """A newer generation was opened while this one's groups were being built."""
 
@@ -68,7 +102,7 @@ class Communicators:
         self.timeout = datetime.timedelta(seconds=timeout_s)
         self.generation = -1
         self.graveyard: list = []  # the last world's groups, kept one generation (module doc)
-        self._baseline = tcp_fds()
+        track_group_sockets()
         self._rdzv_lock = threading.Lock()
         self._rdzv_fds: set[int] = set()
         self._rdzv_stores: list = []  # kept open: a shut-down client must not be reused or freed
@@ -112,8 +146,9 @@ class Communicators:
                 dist.distributed_c10d._abort_process_group()
             except Exception as e:
                 log.warning("NCCL abort: %s", e)
-        peers = {fd for fd, port in tcp_peers().items() if port != self.store_port}
-        return shutdown_sockets(peers - self._baseline)
+        # connected TCP sockets only: gloo's listening socket and its own socket pairs are its
+        # machinery, and shutting those aborts the process
+        return shutdown_sockets(set(tcp_peers(group_socket_fds())))
 
     def destroy_world(self) -> list:
         """Destroy every group of the current world; returns the old group objects.
