@@ -74,8 +74,8 @@ def read_out(hooks) -> dict:
     if session is None:
         return out
     live = session.integration.capture()
-    ring = session.ring
-    copies = session.copies
+    ring = session.tx.ring
+    copies = session.tx.copies
     ring_meta = sum(len(ring.slot(s).header["meta"]) for s in ring.steps())
     out.update({
         "flash_recovery": True,

@@ -104,8 +104,8 @@ class FlashRecoveryConfig(BaseModel):
         return cls.from_dict(json.loads(raw), "FR_CONFIG") if raw else cls()
 
     # the first step after a recovery: survivors wait in it for a replacement's one-off costs
-    # (first calls into everything, on a busy node); at 32 ranks on 2 cores it took longer than
-    # 10x a steady step, and survivors were blamed for hangs one after another
+    # (first calls into everything, on a busy node), which can exceed ten steady steps; with
+    # the plain timeout the survivors waiting there would be blamed for a hang
     RESUME_HANG_FACTOR: ClassVar[float] = 3.0
 
     def step_hang_timeout(self, phase: str, step_times: list[float], resuming: bool) -> float:

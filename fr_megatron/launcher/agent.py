@@ -37,6 +37,7 @@ from ..protocol.auth import AuthError, Signer
 from ..protocol.stderr_tail import STDERR_FD_ENV, StderrTail
 from ..protocol.store import connect, wait_key
 from . import shared_memory
+from .detector import fault_time
 from .spare import DEFAULT_PRELOAD, MODULES_ENV, SCRIPT_ENV
 
 log = logging.getLogger("fr_megatron.agent")
@@ -101,7 +102,8 @@ class NodeAgent:
                  spare_node: bool = False, run_dir: str, with_controller: bool = False):
         self.node, self.nnodes, self.nproc = node_rank, nnodes, nproc
         # in the controller's own process the agent cannot be cut off from it: a stall of the
-        # process (measured 6 s with 32 ranks on 2 cores) must not make it kill its workers
+        # process (seconds, on a node with more ranks than cores) must not make it kill its
+        # workers
         self.with_controller = with_controller
         self.spare_node = spare_node
         # the ranks this node hosts: its own, or, for a spare node, those the plans move to it
@@ -270,9 +272,8 @@ class NodeAgent:
                 log.warning("node=%d rank=%d pid=%d fault=%s %s step=%s phase=%s", self.node,
                             w.rank, pid, kind, {k: v for k, v in detail.items() if k != "stderr"},
                             hb.get("step"), hb.get("phase"))
-                inj = hb.get("inject_t")
-                fault_t = inj if inj and t - 60 < inj <= t else t
-                self._send("fault", rank=w.rank, pid=pid, fault=kind, fault_t=fault_t, node=self.node,
+                self._send("fault", rank=w.rank, pid=pid, fault=kind,
+                           fault_t=fault_time(hb.get("inject_t"), t, t), node=self.node,
                            generation=w.generation, step=hb.get("step", -1),
                            phase=hb.get("phase", "unknown"),
                            committed=hb.get("committed", -1), **detail)
@@ -301,9 +302,8 @@ class NodeAgent:
                     reported.add(pid)
                     hb = self._last_heartbeat(w.rank)
                     now = time.time()
-                    inj = hb.get("inject_t")
                     self._send("fault", rank=w.rank, pid=pid, fault="stop",
-                               fault_t=inj if inj and now - 60 < inj <= now else now,
+                               fault_t=fault_time(hb.get("inject_t"), now, now),
                                node=self.node, generation=w.generation,
                                step=hb.get("step", -1), phase=hb.get("phase", "unknown"))
 
@@ -377,12 +377,19 @@ class NodeAgent:
     def _release(self, rank: int):
         with self._lock:
             self.ranks.discard(rank)
-            for w in [w for w in self.workers.values() if w.rank == rank]:
-                w.expected_exit = True
-                try:
-                    w.proc.kill()
-                except ProcessLookupError:
-                    pass
+            self._kill_rank(rank)
+
+    def _kill_rank(self, rank: int) -> list[Worker]:
+        """Kill the processes of ``rank`` (a hung or stopped one becomes a dead one); their exit
+        is expected, not a new fault. Call with the lock held."""
+        old = [w for w in self.workers.values() if w.rank == rank]
+        for w in old:
+            w.expected_exit = True
+            try:
+                w.proc.kill()
+            except ProcessLookupError:
+                pass
+        return old
 
     def _inbox(self):
         """Keeps the newest verified beat of each rank of this node; progress wakes ``_beat``."""
@@ -459,13 +466,7 @@ class NodeAgent:
 
     def _apply(self, rank: int, g: int):
         with self._lock:
-            old = [w for w in self.workers.values() if w.rank == rank]
-            for w in old:
-                w.expected_exit = True
-                try:
-                    w.proc.kill()  # a hung or stopped rank becomes a dead one
-                except ProcessLookupError:
-                    pass
+            old = self._kill_rank(rank)
         for w in old:
             try:
                 psutil.Process(w.proc.pid).wait(10)
@@ -492,9 +493,8 @@ class NodeAgent:
         """Top the spare pool up after the recovery that used a spare.
 
         A new spare imports torch and the framework: seconds of CPU that, started at the fault,
-        compete with the recovery (on 2 cores the redone step took 1.9 s instead of 0.3 s with
-        the pool refilled at once; a single spare still took 0.6 of the 2.6 CPU-s the node spent
-        in a 1.4 s recovery). So the pool waits until rank ``rank`` has committed a step in
+        compete with the recovery on the same cores (the redone step and the replacement's
+        start-up both wait for them). So the pool waits until rank ``rank`` has committed a step in
         generation ``g`` after its restore (at most ``REFILL_WAIT_S``). The spare ``_apply``
         started ``held`` for an empty pool loads then, or at once if a fault comes first and
         makes it a rank (``_replace``). Each step is a journal event (``spare_held``,

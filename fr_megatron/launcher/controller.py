@@ -29,14 +29,14 @@ from ..protocol import keys
 from ..protocol.auth import AuthError, ReplayGuard, Signer, read_token
 from ..protocol.store import connect, host_store
 from ..runtime.inject import parse as parse_inject
-from .detector import RankView, find_hang
+from .detector import RankView, fault_time, find_hang
 
 log = logging.getLogger("fr_megatron.controller")
 
 FAULT_KINDS = ("crash", "segv", "exit", "exit0_early", "exception", "hang", "hang_gil", "stop",
                "node_lost")
 DEBOUNCE_S = 0.03  # reports arriving this close together are decided as one fault
-MAX_FAILED_RESTARTS = 3
+MAX_FAILED_RESTARTS = 3  # a rank replaced this often in a row without recovering is not again
 # how a script fails, as opposed to how a process is lost: in its start-up (before it has
 # committed its first training step, in the job's first generation) these stop the job at once,
 # since a replacement would run into the same error; a crash, a hang or a lost node there is
@@ -53,14 +53,6 @@ def startup_failure(kind: str, generation: int, committed: int) -> bool:
 def _last_line(text: str) -> str:
     lines = [ln.strip() for ln in (text or "").splitlines() if ln.strip()]
     return lines[-1][:300] if lines else ""
-
-
-def _fault_time(inject_t: Optional[float], observed_t: float, now: float) -> float:
-    """When the fault happened: the injection time when one fired just before (benchmarks and
-    tests measure from the fault itself), else the earliest observation."""
-    if inject_t and observed_t - 5.0 <= inject_t <= now:
-        return inject_t
-    return observed_t
 
 
 def _restored(r: Optional[dict]) -> dict:
@@ -310,7 +302,7 @@ class Controller:
                         blame.rank, v.generation, v.step, v.phase, blame.kind,
                         ", ".join(blame.evidence), blame.waits or "")
             self._report_fault(Fault(blame.rank, blame.kind, v.step, v.phase, v.pid,
-                                     v.generation, fault_t=_fault_time(v.extra.get("inject_t"),
+                                     v.generation, fault_t=fault_time(v.extra.get("inject_t"),
                                                                        v.progress_t, now),
                                      reported_t=now, detail=detail))
 

@@ -90,6 +90,18 @@ class RankView:
         self.hb_interval = hb.get("hb_interval", self.hb_interval)
 
 
+# an injected fault's own time is the fault's time when it fired this long before it was seen
+INJECTION_WINDOW_S = 10.0
+
+
+def fault_time(inject_t: Optional[float], observed_t: float, now: float) -> float:
+    """When a fault happened: the time an injection fired just before it was observed (tests and
+    benchmarks measure from the fault itself), else when it was observed."""
+    if inject_t and observed_t - INJECTION_WINDOW_S <= inject_t <= now:
+        return inject_t
+    return observed_t
+
+
 PHASE_ORDER = {"init": 0, "forward": 1, "backward": 2, "grad_reduce": 3, "optimizer": 4,
                "after_step": 5, "checkpoint": 6}
 

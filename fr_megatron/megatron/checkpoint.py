@@ -21,18 +21,17 @@ one when there is one, megatron's RNG tracker) are saved per global rank (a ``Sh
 shape ``(world,)``), so a checkpoint loads back only into the same world size and TP x PP layout;
 ``load`` checks that.
 
-megatron-core 0.16.1 on CPU with gloo (measured):
+What megatron-core 0.16.1 does on CPU with gloo, and how this module deals with it:
 
 * The default ``torch_dist`` backend (torch.distributed.checkpoint, ``TorchDistSaveShardedStrategy``
   / the default load strategy) works as is on a gloo default group: its collectives (plans,
   ``all_gather_object`` of the sharding metadata for ``validate_access_integrity``, barriers) all
   run on the default group, and gloo runs them on CPU tensors. Nothing CPU-specific is needed
-  besides what the job's CPU mode already bridges. (On GPUs with NCCL, as in Megatron-LM: not
-  exercised here.)
+  besides what the job's CPU mode already bridges (on GPUs it runs on NCCL, as in Megatron-LM).
 * ``FileSystemWriterAsync`` fetches its results queue from a ``multiprocessing`` *spawn*
   ``Manager`` the first time a rank saves: that starts a server process which re-imports the main
-  script (which must be guarded by ``if __name__ == "__main__"``); 4 ranks on 2 cores, the first
-  save took 7.4 s instead of 0.5 s. A synchronous save produces and consumes the results in the
+  script (which must be guarded by ``if __name__ == "__main__"``), which multiplies the first
+  save's time several times over. A synchronous save produces and consumes the results in the
   calling process, so ``save`` hands it a plain ``queue.Queue`` instead (``_in_process_queue``).
   The writer still forks one process per ``thread_count`` bucket per save (we use 1).
 * Adam's ``step`` without apex/TE (torch's Adam): ``DistributedOptimizer.state_dict()`` keeps it

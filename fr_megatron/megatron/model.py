@@ -22,20 +22,25 @@ from fr_megatron.megatron.data import learnable_labels, micro_batch
 class TinyGPTConfig:
     """Sizes and hyper-parameters of the tiny job; ``num_layers`` must divide by ``pp``."""
 
+    # parallelism
     tp: int = 1
     pp: int = 1
+    # the model
     num_layers: int = 2
     hidden_size: int = 32
     num_attention_heads: int = 4
     ffn_hidden_size: int = 64
+    # the data
     vocab_size: int = 64
     seq_length: int = 16
     micro_batch_size: int = 2
     num_microbatches: int = 2
+    # the learning rate schedule
     lr: float = 1e-3
     min_lr: float = 1e-4
     lr_warmup_steps: int = 2
     lr_decay_steps: int = 50
+    # regularisation and randomness
     weight_decay: float = 0.01
     clip_grad: float = 1.0
     dropout: float = 0.1

@@ -105,10 +105,10 @@ class _RefusingStore(dist.Store):
     get = wait = compare_set = delete_key = num_keys = multi_get = multi_set = _refuse
 
 
-# Backends replaced by the last retire_groups() call. Dropping a gloo backend runs its destructor:
-# ~15 ms each with live peers (0.33 s for 20, measured), ~19 s when an op on it was abandoned
-# mid-flight. They are kept alive for one generation and then handed to the runtime's
-# defer_release, which drops them on a background thread once that recovery is over.
+# Backends replaced by the last retire_groups() call. Dropping a gloo backend runs its destructor,
+# which joins its threads and closes its sockets, and blocks for the group's timeout when an op
+# on it was abandoned mid-flight. They are kept alive for one generation and then handed to the
+# runtime's defer_release, which drops them on a background thread once that recovery is over.
 _RETIRED_BACKENDS: list[Any] = []
 
 

@@ -17,8 +17,7 @@ def plan(generation: int) -> str:
 def agent_wake(generation: int) -> str:
     """What an agent waits on: the signed plan of ``generation``, or the signed ``done`` when the
     job ends first. One key for both lets an idle agent block in one long wait instead of
-    polling for the end (five store messages a second per node before, the bulk of a big job's
-    idle load)."""
+    polling for the end, which at thousands of nodes would be most of the store's load."""
     return f"fr/agent_wake/{generation}"
 
 

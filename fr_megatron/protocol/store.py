@@ -87,10 +87,10 @@ def socket_ids() -> dict[int, str]:
 def tcp_peers(fds: Iterable[int] | None = None) -> dict[int, int]:
     """This process's connected TCP sockets (among ``fds``, if given): fd -> the peer's port.
 
-    From ``/proc/self/fd`` and ``getpeername`` on a duplicate of each socket. psutil's
-    ``net_connections`` parses the whole machine's ``/proc/net/tcp`` instead: 25 ms against 8 ms
-    for a process with 400 sockets here, and it grows with every other rank's sockets on the
-    node. Every rank scans at least twice per recovery."""
+    From ``/proc/self/fd`` and ``getpeername`` on a duplicate of each socket, which costs what
+    this process holds; psutil's ``net_connections`` parses the whole machine's ``/proc/net/tcp``
+    instead, which grows with every other rank's sockets on the node. Every rank scans at least
+    twice per recovery."""
     peers = {}
     for fd in _socket_fds() if fds is None else fds:
         try:

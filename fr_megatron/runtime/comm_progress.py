@@ -186,19 +186,23 @@ def _done(rec: list, work) -> None:
         rec[1] = None
 
 
+def _tracked(pg, rec: Optional[list], call: Callable):
+    """Run one operation, counted on ``rec`` (None: not counted) while it is in flight."""
+    if rec is None:
+        return call()
+    TRACKER.enter(pg, rec)
+    try:
+        work = call()
+    except BaseException:
+        rec[1] = None
+        raise
+    _done(rec, work)
+    return work
+
+
 def _wrap_collective(orig):
     def op(pg, *args, **kwargs):
-        rec = TRACKER.collective(pg)
-        if rec is None:
-            return orig(pg, *args, **kwargs)
-        TRACKER.enter(pg, rec)
-        try:
-            work = orig(pg, *args, **kwargs)
-        except BaseException:
-            rec[1] = None
-            raise
-        _done(rec, work)
-        return work
+        return _tracked(pg, TRACKER.collective(pg), lambda: orig(pg, *args, **kwargs))
     op.__wrapped__ = orig
     return op
 
@@ -207,17 +211,8 @@ def _wrap_p2p(orig, sending: bool):
     def op(pg, tensors, peer=None, *args, **kwargs):
         if peer is None:
             peer = kwargs.pop("dstRank" if sending else "srcRank", None)
-        rec = TRACKER.channel(pg, peer, sending)
-        if rec is None:
-            return orig(pg, tensors, peer, *args, **kwargs)
-        TRACKER.enter(pg, rec)
-        try:
-            work = orig(pg, tensors, peer, *args, **kwargs)
-        except BaseException:
-            rec[1] = None
-            raise
-        _done(rec, work)
-        return work
+        return _tracked(pg, TRACKER.channel(pg, peer, sending),
+                        lambda: orig(pg, tensors, peer, *args, **kwargs))
     op.__wrapped__ = orig
     return op
 

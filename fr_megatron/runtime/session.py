@@ -128,18 +128,6 @@ class Session:
     def committed(self) -> int:
         return self.tx.committed
 
-    @property
-    def ring(self):
-        return self.tx.ring
-
-    @property
-    def copies(self):
-        return self.tx.copies
-
-    @property
-    def inject_t(self) -> Optional[float]:
-        return self.injector.fired_t
-
     def send(self, kind: str, **body) -> None:
         self.link.send(kind, **body)
 
@@ -155,7 +143,7 @@ class Session:
                                              resuming=self._pending_report is not None)
         status = {"generation": self.generation, "step": self.step, "phase": self.phase_name,
                   "state": self.sm.state.value, "committed": self.tx.committed,
-                  "inject_t": self.inject_t, "hang_timeout": timeout}
+                  "inject_t": self.injector.fired_t, "hang_timeout": timeout}
         # bounded by the job's hang timeout: a rank in its first step (no timeout of its own
         # yet) may be the one its peers wait for, or one waiting
         stall_after = COMM_AFTER_FRACTION * min(
