@@ -270,19 +270,20 @@ def _restore_check(integ, job, step: int, cfg, startup):
     The fresh job is initialised from another seed and built as a replacement process builds it:
     its collectives answered from ``startup``, the record of the original job's construction
     (``runtime.startup_calls``), none reaching c10d. It only trains like the original if
-    ``capture()`` holds every bit of state that matters. Returns the fresh job (training goes on
-    with it), its integration, the loss and the findings.
+    the runtime's capture (the integration's state and the process's RNG) holds every bit of
+    state that matters. Returns the fresh job (training goes on with it), its integration, the
+    loss and the findings.
     """
     import torch
 
     from fr_megatron.megatron.integration import MegatronIntegration
     from fr_megatron.megatron.model import TinyGPTJob
-    from fr_megatron.runtime import startup_calls
+    from fr_megatron.runtime import startup_calls, transaction
 
-    snapshot = _clone_state(integ.capture())
+    snapshot = _clone_state(transaction.capture(integ, step))
     loss_first = job.train_step(step)
-    after_first = _clone_state(integ.capture())
-    integ.restore(snapshot)
+    after_first = _clone_state(transaction.capture(integ, step))
+    transaction.restore(integ, snapshot)
     restored_ok = _states_equal(integ.capture(), snapshot)
     loss_again = job.train_step(step)
     params_equal = _states_equal(after_first, integ.capture())
@@ -296,7 +297,7 @@ def _restore_check(integ, job, step: int, cfg, startup):
         replayer.close()
     fresh_integ = MegatronIntegration.from_job(fresh)
     differs_before = not _states_equal(fresh_integ.capture(), snapshot)
-    fresh_integ.restore(snapshot)
+    transaction.restore(fresh_integ, snapshot)
     loss_fresh = fresh.train_step(step)
     fresh_equal = _states_equal(after_first, fresh_integ.capture())
     return fresh, fresh_integ, loss_fresh, {
