@@ -1,4 +1,4 @@
-"""``fr-megatron``: run, controller, demo, patch, bench."""
+"""``fr-megatron``: run, controller, demo, patch, bench, config."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ COMMANDS = {
     "demo": ("fr_megatron.demo", "the fault-injected tiny-GPT demo on CPU"),
     "patch": ("fr_megatron.megatron.patch_tool", "apply the Megatron-LM patch"),
     "bench": ("benchmarks.__main__", "run the benchmarks"),
+    "config": ("fr_megatron.config_reference", "print the configuration reference (Markdown)"),
 }
 
 

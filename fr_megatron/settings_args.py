@@ -10,7 +10,6 @@ bad value is reported with the flag the user typed.
 from __future__ import annotations
 
 import argparse
-import json
 import typing
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -170,22 +169,3 @@ def config_from_args(args: argparse.Namespace,
             shown = " ".join(map(str, shown)) if isinstance(shown, list) else shown
             lines.setdefault(flag, f"{flag}: {_reason(err['msg'], spec_path)} (got {shown})")
         raise ConfigError("; ".join(lines.values())) from None
-
-
-def reference_table(run_flags: dict[str, str]) -> str:
-    """The configuration reference (a Markdown table, one row per setting): field, Megatron-LM
-    flag, DeepSpeed ``"flash_recovery"`` key, ``fr-megatron run`` flag (``run_flags``: field path
-    -> flag), default, meaning. README.md carries it; a test checks that they agree."""
-    rows = ["| field | Megatron-LM flag | DeepSpeed key | `fr-megatron run` | default | meaning |",
-            "|---|---|---|---|---|---|"]
-    for s in SPECS:
-        field = ".".join(s.path)
-        model = FlashRecoveryConfig
-        for p in s.path[:-1]:
-            model = model.model_fields[p].annotation
-        info = model.model_fields[s.path[-1]]
-        default = info.default_factory() if info.default_factory is not None else info.default
-        run = run_flags.get(field)
-        rows.append(f"| `{field}` | `{s.flag}` | `{field}` | {f'`{run}`' if run else '-'} | "
-                    f"`{json.dumps(default)}` | {info.description} |")
-    return "\n".join(rows)

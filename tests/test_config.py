@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+from pathlib import Path
 
 import pytest
 
@@ -219,3 +220,25 @@ def test_hang_timeout_a_rank_reports_where_it_is():
     fixed = FlashRecoveryConfig(hang_timeout=2)
     assert fixed.step_hang_timeout("backward", [0.1], resuming=False) == 2.0
     assert fixed.step_hang_timeout("backward", [0.1], resuming=True) == 6.0
+
+
+def test_readme_carries_the_configuration_reference_of_the_schema():
+    from fr_megatron import config_reference
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert config_reference.in_readme(readme) == config_reference.table(), (
+        "README.md's configuration reference differs from the schema: replace the block between "
+        "its config-reference markers with the output of `fr-megatron config`")
+    rows = config_reference.table().splitlines()[2:]
+    assert len(rows) == len(FlashRecoveryConfig.model_fields) - 1 + len(
+        FlashRecoveryConfig.model_fields["wandb"].annotation.model_fields)
+
+
+def test_run_flags_name_real_settings_and_real_options():
+    from fr_megatron.launcher.launch import RUN_FLAGS, build_parser
+
+    paths = {".".join(s.path) for s in SPECS}
+    options = {o for action in build_parser()._actions for o in action.option_strings}
+    for field, flag in RUN_FLAGS.items():
+        assert field in paths, field
+        assert flag in options, flag

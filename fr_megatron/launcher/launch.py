@@ -20,6 +20,15 @@ from ..runtime.inject import InjectSpecError, parse as parse_inject
 log = logging.getLogger("fr_megatron.launch")
 
 
+# settings of FlashRecoveryConfig that `fr-megatron run` sets, and the flag that sets each
+RUN_FLAGS = {
+    "spares": "--spares", "journal": "--journal", "heartbeat_interval": "--heartbeat-interval",
+    "hang_timeout": "--hang-timeout", "controller": "--controller",
+    "node_timeout": "--node-timeout", "stop_timeout": "--stop-timeout",
+    "snapshot_dir": "--snapshot-dir", "wandb.enabled": "--no-wandb",
+}
+
+
 class UsageError(ValueError):
     """Bad command-line input; the message names the argument and the fix (exit code 2)."""
 
@@ -156,11 +165,9 @@ def validate(a) -> FlashRecoveryConfig:
         raise UsageError(str(e)) from None
     check_preload(a.preload)
     base = FlashRecoveryConfig.from_env()
-    updates = {k: v for k, v in {
-        "spares": a.spares, "journal": a.journal, "heartbeat_interval": a.heartbeat_interval,
-        "hang_timeout": a.hang_timeout, "controller": a.controller,
-        "node_timeout": a.node_timeout, "stop_timeout": a.stop_timeout,
-        "snapshot_dir": a.snapshot_dir}.items() if v is not None}
+    given = {field: getattr(a, flag[2:].replace("-", "_")) for field, flag in RUN_FLAGS.items()
+             if "." not in field}
+    updates = {field: value for field, value in given.items() if value is not None}
     if a.no_wandb:
         updates["wandb"] = {**base.wandb.model_dump(), "enabled": False}
     try:
