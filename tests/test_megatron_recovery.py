@@ -1,6 +1,6 @@
 """Checkpoint-free recovery of megatron-core 3D-parallel training (TP=2 x PP=2 x DP=2, the
-DistributedOptimizer), faults inside the optimizer step, the gradient reduction and the commit:
-the job ends with every rank's parameters and optimizer shards torch.equal to a fault-free run,
+DistributedOptimizer), faults and hangs inside the optimizer step, the gradient reduction, a
+tensor-parallel collective and the commit, each hang blamed on the hung rank alone: the job ends with every rank's parameters and optimizer shards torch.equal to a fault-free run,
 the same loss at every step, the same consumed samples, steps_lost 0, and survivors that kept
 their processes. The recipe reads its data through a loader built at start-up, as Megatron-LM
 does, so the replacements must also put their loaders at the recovery point. The warm spares
@@ -24,9 +24,9 @@ WORLD = 8
 ARGS = ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2",
         "--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4",
         "--seq-length", "16", "--micro-batch-size", "2", "--global-batch-size", "8",
-        "--train-iters", "7", "--use-distributed-optimizer", "--flash-recovery",
-        # 8 ranks and spares importing megatron on 2 cores stall a rank for seconds at times;
-        # hangs are tested (with their own timeout) in test_faults_torch
+        "--train-iters", "8", "--use-distributed-optimizer", "--flash-recovery",
+        # 8 ranks and spares importing megatron on 2 cores stall a rank for seconds at times:
+        # a job with injected hangs gives its own --hang-timeout
         "--flash-recovery-hang-timeout-min", "30"]
 
 
@@ -63,24 +63,36 @@ def baseline(tmp_path_factory):
     return load_ranks(tmp, "base")
 
 
-# several faults in one job, each in its own phase and generation: a kill inside optimizer.step
-# (after the local Adam update, before the parameter all-gather: a partial update) on the last
-# pipeline stage, an exception in the gradient reduction on the first, and a fault between the
-# step and its commit (forward and backward faults: test_faults_torch, test_deepspeed_recovery)
+# several faults in one job, each in its own step, phase and generation (one start-up for all):
+# - a kill inside optimizer.step (after the local Adam update, before the parameter all-gather: a
+#   partial update) on the last pipeline stage, an exception in the gradient reduction on the
+#   first, and a fault between the step and its commit (forward and backward faults:
+#   test_faults_torch, test_deepspeed_recovery);
+# - hangs, each with every other rank of its groups blocked in an operation it never entered: in
+#   the first tensor-parallel collective of a forward, in the distributed optimizer's parameter
+#   all-gather (the first operation on its group after the local Adam update) and in the gradient
+#   reduction.
 FAULTS = ("kill:rank=5:step=2:phase=optimizer;"
           "exception:rank=1:step=3:phase=grad_reduce;"
-          "kill:rank=3:step=5:phase=after_step")
+          "hang:rank=2:step=4:phase=forward:group=tp;"
+          "kill:rank=3:step=5:phase=after_step;"
+          "hang:rank=1:step=6:phase=optimizer:group=dist_opt;"
+          "hang:rank=5:step=7:phase=grad_reduce")
+KINDS = {"kill": "crash", "exception": "exception", "hang": "hang"}
+# ranks 0-7 at TP=2 x PP=2 x DP=2: tensor groups {0,1} {2,3} ..., data-parallel {0,2} {1,3} ...
+PEERS = {"tp": {2: [2, 3]}, "dist_opt": {1: [1, 3]}}
 
 
 @pytest.mark.timeout(900)
-def test_faults_inside_the_step_and_its_commit_are_recovered_bit_exact(tmp_path, baseline):
+def test_faults_and_hangs_anywhere_in_the_step_are_recovered_bit_exact(tmp_path, baseline):
     token = new_token()
     write_token_file(str(tmp_path / "token"), token)
     script_wandb = tmp_path / "script_wandb"
     job = megatron_job(tmp_path, "f", args=[*ARGS, "--wandb-project", "fr-tests",
                                             "--wandb-save-dir", str(script_wandb)],
                        inject=FAULTS, spares=2, wandb_dir=tmp_path,
-                       extra=["--token-file", str(tmp_path / "token")])
+                       extra=["--token-file", str(tmp_path / "token"),
+                              "--hang-timeout", "8", "--heartbeat-interval", "0.5"])
     faults = job.report["faults"]
     expected = [s.split(":") for s in FAULTS.split(";")]
     assert len(faults) == len(expected), faults
@@ -88,11 +100,20 @@ def test_faults_inside_the_step_and_its_commit_are_recovered_bit_exact(tmp_path,
         fields = dict(p.split("=") for p in parts[1:])
         assert (f["rank"], f["step"], f["phase"]) == (int(fields["rank"]), int(fields["step"]),
                                                       fields["phase"])
-        assert f["kind"] == {"kill": "crash", "exception": "exception"}[parts[0]]
+        assert f["kind"] == KINDS[parts[0]]
         assert f["survivor_pids_unchanged"] is True
         assert set(f["phases"]) >= {"detect", "abort", "rebuild", "restore", "resume"}
         assert f["steps_lost"] == 0 and f["recovery_point"] == f["step"] - 1, f
         assert f["fallback_to_checkpoint"] is False
+        if f["kind"] == "hang":  # blamed alone, on the evidence of its waiting peers
+            assert f["evidence"][0] == "not_in_collective", f
+            for w in f["waits"]:  # each wait is on an operation the hung rank is a member of
+                assert f["rank"] in progress.members(w["key"]) and w["its_count"] < w["their_count"]
+            if "group" in fields:  # its peer in that group waits inside the operation
+                members = PEERS[fields["group"]][f["rank"]]
+                peer = [r for r in members if r != f["rank"]]
+                assert any(progress.members(w["key"]) == members and w["waiting"] == peer
+                           for w in f["waits"]), f
     # the recipe reads its data as Megatron-LM does, from a loader built at start-up: each
     # replacement read its loader ahead to the recovery point (2 micro-batches a step)
     for f in faults:
@@ -118,41 +139,8 @@ def test_faults_inside_the_step_and_its_commit_are_recovered_bit_exact(tmp_path,
                 row["recovery/steps_lost"]) == (f["rank"], f["kind"], f["step"], 0), row
         assert row["recovery/phase_rebuild_s"] > 0 and row["recovery/phase_detect_s"] >= 0
         assert row["lm loss"] == load_ranks(tmp_path, "f")[WORLD - 1]["losses"][f["step"]]
-    assert {h["_step"] for h in script_run["history"] if "lm loss" in h} == set(range(1, 8))
+    assert {h["_step"] for h in script_run["history"] if "lm loss" in h} == set(range(1, 9))
     # the job token is in none of what the job wrote: the wandb run's files, its log, the journal
     written = [p for p in (tmp_path / "wandb").rglob("*") if p.is_file()]
     assert written and all(token.encode() not in p.read_bytes() for p in written)
     assert token not in job.output and token not in json.dumps(job.journal)
-
-
-# hangs, each with every other rank of its groups blocked in an operation it never entered: in
-# the gradient reduction, in the first tensor-parallel collective of a forward, and in the
-# distributed optimizer's parameter all-gather (the first operation on its group after the
-# local Adam update)
-HANGS = ("hang:rank=5:step=2:phase=grad_reduce;"
-         "hang:rank=2:step=4:phase=forward:group=tp;"
-         "hang:rank=1:step=6:phase=optimizer:group=dist_opt")
-# ranks 0-7 at TP=2 x PP=2 x DP=2: tensor groups {0,1} {2,3} ..., data-parallel {0,2} {1,3} ...
-PEERS = {"tp": {2: [2, 3]}, "dist_opt": {1: [1, 3]}}
-
-
-@pytest.mark.timeout(900)
-def test_hangs_inside_collectives_blame_the_hung_rank_only(tmp_path, baseline):
-    job = megatron_job(tmp_path, "h", inject=HANGS, spares=2,
-                       extra=["--hang-timeout", "8", "--heartbeat-interval", "0.5"])
-    faults = sorted(job.report["faults"], key=lambda f: f["step"])
-    assert len(faults) == 3, faults  # nobody else was blamed
-    for f, spec in zip(faults, HANGS.split(";")):
-        fields = dict(p.split("=") for p in spec.split(":")[1:])
-        assert (f["rank"], f["step"], f["phase"], f["kind"]) == \
-            (int(fields["rank"]), int(fields["step"]), fields["phase"], "hang"), f
-        assert f["evidence"][0] == "not_in_collective", f
-        assert f["steps_lost"] == 0 and f["survivor_pids_unchanged"] is True, f
-        for w in f["waits"]:  # each wait is on an operation the hung rank is a member of
-            assert f["rank"] in progress.members(w["key"]) and w["its_count"] < w["their_count"]
-        if "group" in fields:  # its peer in that group waits inside the operation
-            members = PEERS[fields["group"]][f["rank"]]
-            peer = [r for r in members if r != f["rank"]]
-            assert any(progress.members(w["key"]) == members and w["waiting"] == peer
-                       for w in f["waits"]), f
-    assert_ranks_equal(baseline, load_ranks(tmp_path, "h"))
