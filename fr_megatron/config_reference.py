@@ -7,6 +7,7 @@ matches the schema, and ``fr-megatron config`` prints it.
 
 from __future__ import annotations
 
+import argparse
 import json
 
 from fr_megatron.config import FlashRecoveryConfig
@@ -40,6 +41,14 @@ def in_readme(text: str) -> str:
     return text[start:text.index(END, start)].strip()
 
 
+def build_parser() -> argparse.ArgumentParser:
+    return argparse.ArgumentParser(prog="fr-megatron config", description=(
+        "Print the configuration reference: every flash-recovery setting with its Megatron-LM "
+        "flag, DeepSpeed key, fr-megatron run flag, default and meaning (the Markdown table "
+        "README.md carries)."))
+
+
 def main(argv=None) -> int:
+    build_parser().parse_args(argv)
     print(f"{BEGIN}\n{table()}\n{END}")
     return 0

@@ -38,8 +38,15 @@ JOBS = {
 @pytest.mark.parametrize("name", list(JOBS))
 def test_faults_recovered_bit_exact(tmp_path, torch_baseline, name):
     spec, kinds, spares, extra = JOBS[name]
-    job = run_job(tmp_path, TORCH_RECIPE, STEPS, inject=spec, spares=spares, extra=extra)
+    # workers are forked from the node's worker template; the job without spares starts them
+    # (and its spawned replacements) as processes of their own instead
+    forked = bool(spares)
+    job = run_job(tmp_path, TORCH_RECIPE, STEPS, inject=spec, spares=spares, extra=extra,
+                  env={} if forked else {"FR_WORKER_TEMPLATE": "0"})
     assert job.rc == 0, job.failure(4000)
+    started = [e for e in job.journal if e["event"] == "worker_started"]
+    assert sorted(e["rank"] for e in started) == [0, 1, 2, 3]
+    assert all(e["forked"] is forked for e in started), started
     faults = {(f["rank"], f["step"], f["phase"]): f for f in job.report["faults"]}
     assert len(faults) == len(kinds), job.report["faults"]
     for part, kind in zip(spec.split(";"), kinds):

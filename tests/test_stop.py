@@ -74,14 +74,12 @@ class Launched:
         return out
 
     def rank_pid(self, rank: int) -> int:
-        """The process that runs ``rank`` now (its environment says so; a spare's does not)."""
-        for p in self.processes():
-            try:
-                if p.environ().get("RANK") == str(rank):
-                    return p.pid
-            except psutil.Error:
-                pass
-        raise AssertionError(f"no process runs rank {rank}:\n{self.output()[-4000:]}")
+        """The process that runs ``rank`` now (the journal's worker_started and
+        replacement_started events name it)."""
+        events = [e for e in Journal.read(str(self.journal))
+                  if e["event"] in ("worker_started", "replacement_started") and e["rank"] == rank]
+        assert events, f"no process runs rank {rank}:\n{self.output()[-4000:]}"
+        return events[-1]["pid"]
 
     def ended(self, timeout: float = 90) -> int:
         try:

@@ -36,7 +36,7 @@ from ..protocol import node_beats
 from ..protocol.auth import AuthError, Signer
 from ..protocol.stderr_tail import STDERR_FD_ENV, StderrTail
 from ..protocol.store import connect, wait_key
-from . import shared_memory
+from . import shared_memory, template
 from .detector import fault_time
 from .spare import DEFAULT_PRELOAD, MODULES_ENV, SCRIPT_ENV
 
@@ -52,6 +52,8 @@ class Worker:
     expected_exit: bool = False  # killed by a plan: its death is not a new fault
     stderr: Optional[StderrTail] = None  # its start-up output, for a start-up failure's report
 
+
+TEMPLATE_ENV = "FR_WORKER_TEMPLATE"
 
 # a worker ended by one of these was told to stop (by a user or a scheduler): the job stops
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -147,6 +149,12 @@ class NodeAgent:
         self._rejected_beats = 0
         self.snapshot_dir = shared_memory.make(cfg.snapshot_dir, os.path.basename(run_dir),
                                                node_rank)
+        # this node's workers are forked from one process that has imported torch and the
+        # runtime (``template``); FR_WORKER_TEMPLATE=0 starts each as its own process
+        self.template: Optional[template.Template] = None
+        if (self.ranks and os.environ.get(TEMPLATE_ENV, "1") != "0"
+                and template.become_subreaper()):
+            self.template = template.Template(self.python, self._base_env(), popen_without_sigint)
 
     # ---- processes ---------------------------------------------------------------------
     def _env(self, rank: int, generation: int, replacement: bool) -> dict:
@@ -186,16 +194,46 @@ class NodeAgent:
             env[shared_memory.ENV] = self.snapshot_dir
         return env
 
-    def _spawn_worker(self, rank: int, generation: int, replacement: bool) -> subprocess.Popen:
+    def _spawn_worker(self, rank: int, generation: int, replacement: bool):
         env = {**self._base_env(), **self._env(rank, generation, replacement),
                STDERR_FD_ENV: str(self._stderr_fd)}
-        proc = popen_without_sigint([self.python, "-u", self.script, *self.script_args], env=env,
-                                    stderr=subprocess.PIPE, pass_fds=(self._stderr_fd,))
+        argv = [self.script, *self.script_args]
+        proc = None
+        if self.template is not None:
+            read, write = os.pipe()
+            try:
+                pid = self.template.fork(argv, env, {"stderr": write,
+                                                     STDERR_FD_ENV: self._stderr_fd})
+                proc = template.ForkedWorker(pid, stderr=os.fdopen(read, "rb"))
+            except (OSError, ValueError) as e:
+                log.warning("node=%d the worker template failed (%s); starting workers as "
+                            "processes of their own", self.node, e)
+                os.close(read)
+                self.template.close()
+                self.template = None
+            finally:
+                os.close(write)
+        if proc is None:
+            proc = popen_without_sigint([self.python, "-u", *argv], env=env,
+                                        stderr=subprocess.PIPE, pass_fds=(self._stderr_fd,))
         proc.fr_stderr = StderrTail(proc.stderr, self._stderr_fd, f"rank{rank}")
         proc.fr_stderr.start()
         return proc
 
-    def _spawn_spare(self) -> subprocess.Popen:
+    def _spawn_spare(self):
+        if self.template is not None:
+            read, write = os.pipe()
+            try:
+                pid = self.template.fork([], self._base_env(), {"stdin": read}, spare=True)
+                return template.ForkedWorker(pid, stdin=os.fdopen(write, "wb"))
+            except (OSError, ValueError) as e:
+                log.warning("node=%d the worker template failed (%s); starting spares as "
+                            "processes of their own", self.node, e)
+                os.close(write)
+                self.template.close()
+                self.template = None
+            finally:
+                os.close(read)
         return popen_without_sigint([self.python, "-u", "-m", "fr_megatron.launcher.spare"],
                                     env=self._base_env(), stdin=subprocess.PIPE)
 
@@ -604,6 +642,8 @@ class NodeAgent:
             for rank in sorted(self.ranks):
                 proc = self._spawn_worker(rank, 0, False)
                 self.workers[proc.pid] = Worker(rank, proc, 0, stderr=proc.fr_stderr)
+                self._event("worker_started", 0, rank, pid=proc.pid,
+                            forked=isinstance(proc, template.ForkedWorker))
             for _ in range(self.n_spares):
                 self.spares.append(self._spawn_spare())
         self._send("agent_started", node=self.node, spare=self.spare_node, pid=os.getpid())
@@ -651,9 +691,14 @@ class NodeAgent:
                 if w.proc.poll() is None:
                     w.expected_exit = True
             spares, self.spares = list(self.spares), []
+            if self.template is not None:
+                spares.append(self.template.proc)
+                self.template.close()
+                self.template = None
         for s in spares:
             try:
-                s.stdin.close()
+                if s.stdin is not None:
+                    s.stdin.close()
             except OSError:
                 pass
         for p in [*(w.proc for w in workers), *spares, *procs]:

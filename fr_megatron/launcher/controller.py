@@ -330,12 +330,10 @@ class Controller:
                       and n not in self.node_of.values())
         for node in lost_nodes:
             if not free:
-                self.fatal = (f"node {node} is lost and no spare node is left to take its ranks: "
-                              "start one with `fr-megatron run --spare-node --node-rank K "
-                              "--controller HOST:PORT ...`, or restart the job")
-                self.exit_code = 1
-                self.journal.write("job_stopped", generation=self.generation, node=node,
-                                   reason=self.fatal, last_good_step=self._last_good_step())
+                self._stop_job(f"node {node} is lost and no spare node is left to take its "
+                               "ranks: start one with `fr-megatron run --spare-node --node-rank "
+                               "K --controller HOST:PORT ...`, or restart the job",
+                               node=node, last_good_step=self._last_good_step())
                 return {}
             target = free.pop(0)
             for r, n in self.node_of.items():
@@ -452,17 +450,21 @@ class Controller:
         self.journal.write("agent_started", generation=self.generation, node=node,
                            spare=bool(ev.get("spare")), pid=ev.get("pid"))
 
+    def _stop_job(self, reason: str, **fields) -> None:
+        """The one way a job ends unrecovered: ``fatal`` says why (report, last line, agents'
+        ``done``), exit code 1, a ``job_stopped`` event with where it stopped."""
+        self.fatal = reason
+        self.exit_code = 1
+        self.journal.write("job_stopped", generation=self.generation, reason=reason, **fields)
+
     def _on_node_done(self, ev: dict) -> None:
         self.done_nodes.add(int(ev["node"]))
 
     def _on_fatal(self, ev: dict) -> None:
         if self.fatal:
             return  # every rank that finds the job unrecoverable says so; once is enough
-        self.fatal = ev.get("reason", "fatal error")
-        self.exit_code = 1
-        self.journal.write("job_stopped", generation=self.generation, rank=ev.get("rank"),
-                           step=ev.get("step"), reason=self.fatal,
-                           last_good_step=ev.get("last_good_step"))
+        self._stop_job(ev.get("reason", "fatal error"), rank=ev.get("rank"), step=ev.get("step"),
+                       last_good_step=ev.get("last_good_step"))
 
     def _on_record(self, ev: dict) -> None:
         """An event a rank reports (``Session.event``), journaled as it is."""
@@ -502,15 +504,13 @@ class Controller:
         error = f.detail.get("traceback") or f.detail.get("stderr") or ""
         lost = sorted(p.rank for p in self.pending.values() if p.kind not in FAILURE_KINDS)
         self.startup_error = error
-        self.fatal = (f"rank {f.rank} {how} during start-up, before the job's first training "
-                      f"step{f' (after rank(s) {lost} were lost)' if lost else ''}: "
-                      f"{_last_line(error) or 'see its output above'}; a start-up error is "
-                      "not retried: fix it and start the job again")
-        self.exit_code = 1
         self.journal.write("fault_reported", generation=self.generation, rank=f.rank,
                            step=f.step, phase=f.phase, kind=f.kind, pid=f.pid, **f.detail)
-        self.journal.write("job_stopped", generation=self.generation, rank=f.rank, step=f.step,
-                           phase=f.phase, reason=self.fatal, startup=True, last_good_step=-1)
+        self._stop_job(f"rank {f.rank} {how} during start-up, before the job's first training "
+                       f"step{f' (after rank(s) {lost} were lost)' if lost else ''}: "
+                       f"{_last_line(error) or 'see its output above'}; a start-up error is "
+                       "not retried: fix it and start the job again",
+                       rank=f.rank, step=f.step, phase=f.phase, startup=True, last_good_step=-1)
 
     # ---- a stop by signal --------------------------------------------------------------
     def request_stop(self, signal_name: str, by: str, force: bool = False) -> None:
@@ -575,12 +575,10 @@ class Controller:
                 self.restarts_without_progress[f.rank] = \
                     self.restarts_without_progress.get(f.rank, 1) + 1
             if self.restarts_without_progress.get(f.rank, 0) > MAX_FAILED_RESTARTS:
-                self.fatal = (f"rank {f.rank} failed {MAX_FAILED_RESTARTS + 1} times in a row "
-                              f"before recovering (last: {f.kind} at step {f.step}); not "
-                              "restarting it again: see its traceback in the journal")
-                self.exit_code = 1
-                self.journal.write("job_stopped", generation=self.generation, rank=f.rank,
-                                   step=f.step, phase=f.phase, reason=self.fatal)
+                self._stop_job(f"rank {f.rank} failed {MAX_FAILED_RESTARTS + 1} times in a row "
+                               f"before recovering (last: {f.kind} at step {f.step}); not "
+                               "restarting it again: see its traceback in the journal",
+                               rank=f.rank, step=f.step, phase=f.phase)
                 return
         # a replacement that has not joined its generation yet waits in a rendezvous that can no
         # longer complete (a member just died): it is replaced again in the new generation
