@@ -143,3 +143,25 @@ def test_latest_reads_only_the_tracker_file(tmp_path):
     (tmp_path / checkpoint.TRACKER).write_text("12\n")
     assert checkpoint.latest(tmp_path) == 12
     assert checkpoint.checkpoint_dir(tmp_path, 12).name == "iter_0000012"
+
+
+@pytest.mark.timeout(600)
+def test_rank_killed_a_step_after_its_copy_holder_was_replaced_is_bit_exact(tmp_path, whole):
+    """With snapshots in process memory, ranks 2 and 3 (the last stage's data-parallel
+    replicas) hold each other's copies. Rank 3 dies in step 3: its replacement holds nothing
+    until rank 2's copy of step 2 is sent to it again, before training resumes. Rank 2 dies in
+    step 4 and restores its unique state (its distributed-optimizer shard) from that
+    replacement. The job ends equal to the uninterrupted one (it is also the reference here)."""
+    job = run_job(tmp_path, RECIPE, [*ARGS, "--flash-recovery", "--out", str(tmp_path / "h")],
+                  nproc=WORLD, spares=2, name="h", timeout=400, extra=["--snapshot-dir", ""],
+                  inject="kill:rank=3:step=3:phase=backward;kill:rank=2:step=4:phase=forward")
+    assert job.rc == 0, job.failure(5000)
+    assert job.report["redundancy"]["holders"] == {"0": [1], "1": [0], "2": [3], "3": [2]}
+    faults = sorted(job.report["faults"], key=lambda f: f["step"])
+    assert [(f["rank"], f["step"], f["recovery_point"], f["steps_lost"]) for f in faults] == \
+        [(3, 3, 2, 0), (2, 4, 3, 0)], faults
+    assert faults[1]["restored_from"]["unique"] == 3, faults[1]  # the holder's replacement
+    for r in range(WORLD):
+        got = torch.load(tmp_path / f"h.rank{r}.pt", weights_only=False)
+        assert got["losses"] == whole[r]["losses"], (r, got["losses"], whole[r]["losses"])
+        assert_final_state_equal(whole[r], got, r)

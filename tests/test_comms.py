@@ -18,12 +18,17 @@ from fr_megatron.protocol.store import connect_cuttable
 from fr_megatron.runtime.comms import Communicators, RendezvousInterrupted, release_deferred
 
 
+def _communicators(world_size: int) -> tuple[dist.TCPStore, Communicators]:
+    """A store on a free port and rank 0's communicators on it."""
+    server = dist.TCPStore("127.0.0.1", 0, world_size, True, wait_for_workers=False)
+    port = server.port
+    return server, Communicators(lambda: connect_cuttable("127.0.0.1", port), port, rank=0,
+                                 world_size=world_size, backend="gloo", timeout_s=30)
+
+
 @pytest.mark.timeout(60)
 def test_interrupted_rendezvous_does_not_rename_the_next_generation():
-    server = dist.TCPStore("127.0.0.1", 0, 2, True, wait_for_workers=False)
-    port = server.port
-    comms = Communicators(lambda: connect_cuttable("127.0.0.1", port), port, rank=0,
-                          world_size=2, backend="gloo", timeout_s=30)
+    server, comms = _communicators(2)
     errors: list = []
 
     def join(generation: int) -> None:
@@ -66,10 +71,7 @@ def test_old_generations_groups_are_released_not_piled_up():
     """Each gloo group holds three native threads and its sockets. The world's groups are kept
     one generation (a destructor can block while an abandoned op fails), then released: over
     many recoveries a rank's thread count stays flat instead of growing by every group."""
-    server = dist.TCPStore("127.0.0.1", 0, 1, True, wait_for_workers=False)
-    port = server.port
-    comms = Communicators(lambda: connect_cuttable("127.0.0.1", port), port, rank=0,
-                          world_size=1, backend="gloo", timeout_s=30)
+    server, comms = _communicators(1)
     counts = []
     try:
         for generation in range(1, 8):
@@ -132,10 +134,7 @@ def test_abort_cuts_the_groups_sockets_not_the_scripts():
 
     from fr_megatron.runtime.comms import group_socket_fds
 
-    server = dist.TCPStore("127.0.0.1", 0, 1, True, wait_for_workers=False)
-    port = server.port
-    comms = Communicators(lambda: connect_cuttable("127.0.0.1", port), port, rank=0,
-                          world_size=1, backend="gloo", timeout_s=30)
+    server, comms = _communicators(1)
     listener = socket.create_server(("127.0.0.1", 0))
     user = socket.create_connection(listener.getsockname())
     peer, _ = listener.accept()

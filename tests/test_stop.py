@@ -111,6 +111,15 @@ def assert_nothing_left(job: Launched) -> None:
     assert left == [], [p.cmdline() for p in left]
 
 
+def ended_with(job: Launched, rc: int, expected: int) -> tuple[str, dict]:
+    """A stopped job: its exit code as expected, none of its processes left; its output and
+    report."""
+    out = job.output()
+    assert rc == expected, out[-4000:]
+    assert_nothing_left(job)
+    return out, json.loads(job.report.read_text())
+
+
 @pytest.mark.timeout(300)
 def test_ctrl_c_stops_the_job_and_a_spare_had_learned_the_scripts_modules(tmp_path):
     # the script imports a module of its own; importing it records who did, and how
@@ -141,10 +150,7 @@ def test_ctrl_c_stops_the_job_and_a_spare_had_learned_the_scripts_modules(tmp_pa
         rc = job.ended()
     finally:
         job.kill()
-    out = job.output()
-    assert rc == 130, out[-4000:]
-    assert_nothing_left(job)
-    report = json.loads(job.report.read_text())
+    out, report = ended_with(job, rc, 130)
     stopped = report["stopped"]
     assert stopped["signal"] == "SIGINT" and stopped["save"] is False, stopped
     assert stopped["last_committed_step"] >= 1 and report["exit_code"] == 130
@@ -193,10 +199,7 @@ def test_a_second_ctrl_c_stops_the_job_at_once_and_a_startup_crash_is_replaced(t
         rc = job.ended()
     finally:
         job.kill()
-    out = job.output()
-    assert rc == 130, out[-4000:]
-    assert_nothing_left(job)
-    report = json.loads(job.report.read_text())
+    out, report = ended_with(job, rc, 130)
     (fault,) = report["faults"]
     assert (fault["rank"], fault["step"], fault["kind"], fault["replacement"]) == \
         (1, 1, "crash", "spare")
@@ -219,10 +222,7 @@ def test_sigterm_to_the_launcher_saves_a_megatron_checkpoint_then_stops(tmp_path
         rc = job.ended(timeout=200)
     finally:
         job.kill()
-    out = job.output()
-    assert rc == 143, out[-4000:]
-    assert_nothing_left(job)
-    report = json.loads(job.report.read_text())
+    out, report = ended_with(job, rc, 143)
     stopped = report["stopped"]
     assert stopped["signal"] == "SIGTERM" and stopped["save"] is True and not stopped["forced"]
     saved = int(tracker.read_text())

@@ -194,6 +194,20 @@ class NodeAgent:
             env[shared_memory.ENV] = self.snapshot_dir
         return env
 
+    def _fork(self, argv: list[str], env: dict, fds: dict[str, int], spare: bool) -> Optional[int]:
+        """A process forked by the worker template (its pid), or None when there is no template
+        (any more): after a failure the node starts processes of their own."""
+        if self.template is None:
+            return None
+        try:
+            return self.template.fork(argv, env, fds, spare=spare)
+        except (OSError, ValueError) as e:
+            log.warning("node=%d the worker template failed (%s); starting workers and spares "
+                        "as processes of their own", self.node, e)
+            self.template.close()
+            self.template = None
+            return None
+
     def _spawn_worker(self, rank: int, generation: int, replacement: bool):
         env = {**self._base_env(), **self._env(rank, generation, replacement),
                STDERR_FD_ENV: str(self._stderr_fd)}
@@ -201,18 +215,12 @@ class NodeAgent:
         proc = None
         if self.template is not None:
             read, write = os.pipe()
-            try:
-                pid = self.template.fork(argv, env, {"stderr": write,
-                                                     STDERR_FD_ENV: self._stderr_fd})
-                proc = template.ForkedWorker(pid, stderr=os.fdopen(read, "rb"))
-            except (OSError, ValueError) as e:
-                log.warning("node=%d the worker template failed (%s); starting workers as "
-                            "processes of their own", self.node, e)
+            pid = self._fork(argv, env, {"stderr": write, STDERR_FD_ENV: self._stderr_fd}, False)
+            os.close(write)
+            if pid is None:
                 os.close(read)
-                self.template.close()
-                self.template = None
-            finally:
-                os.close(write)
+            else:
+                proc = template.ForkedWorker(pid, stderr=os.fdopen(read, "rb"))
         if proc is None:
             proc = popen_without_sigint([self.python, "-u", *argv], env=env,
                                         stderr=subprocess.PIPE, pass_fds=(self._stderr_fd,))
@@ -223,17 +231,11 @@ class NodeAgent:
     def _spawn_spare(self):
         if self.template is not None:
             read, write = os.pipe()
-            try:
-                pid = self.template.fork([], self._base_env(), {"stdin": read}, spare=True)
+            pid = self._fork([], self._base_env(), {"stdin": read}, True)
+            os.close(read)
+            if pid is not None:
                 return template.ForkedWorker(pid, stdin=os.fdopen(write, "wb"))
-            except (OSError, ValueError) as e:
-                log.warning("node=%d the worker template failed (%s); starting spares as "
-                            "processes of their own", self.node, e)
-                os.close(write)
-                self.template.close()
-                self.template = None
-            finally:
-                os.close(read)
+            os.close(write)
         return popen_without_sigint([self.python, "-u", "-m", "fr_megatron.launcher.spare"],
                                     env=self._base_env(), stdin=subprocess.PIPE)
 
