@@ -143,12 +143,12 @@ def memory_rows(probes: list[dict]) -> list[dict]:
             "ring_KiB": ring_b / 1024, "ring_steps": len(ring["steps"]),
             "ring_x_state": ring_b / protected if protected else None,
             "ring_meta_KiB": ring["meta_pickled_bytes"] / 1024,
-            "copies_KiB": held / 1024, "copies_header_KiB": cp["header_bytes"] / 1024,
+            "copies_KiB": held / 1024,
             "wards": ",".join(map(str, cp["wards"])),
             "copies_x_optim": held / st["unique_bytes"] if st["unique_bytes"] else None,
-            "total_KiB": (ring_b + ring["meta_pickled_bytes"] + held + cp["header_bytes"]) / 1024,
-            "total_x_state": (ring_b + ring["meta_pickled_bytes"] + held + cp["header_bytes"])
-            / protected if protected else None,
+            "total_KiB": (ring_b + ring["meta_pickled_bytes"] + held) / 1024,
+            "total_x_state": (ring_b + ring["meta_pickled_bytes"] + held) / protected
+            if protected else None,
             "rss_MiB": pr["rss_bytes"] / 2**20,
         })
     return rows
@@ -245,9 +245,10 @@ def main(argv=None) -> int:
         mem = memory_rows(job["probes"])
         print("\n(b) Host memory per rank held by flash recovery, next to the state it protects "
               "(ring: depth 2 x params+optimizer shard; copies: 1 replica x depth 2 of each ward's "
-              "optimizer shard and pickled RNG/scheduler meta, + its header)\n")
+              "optimizer shard and pickled RNG/scheduler meta; none on one node with shared-memory "
+              "snapshots)\n")
         print(table(mem, ["rank", "params_KiB", "optim_shard_KiB", "ring_KiB", "ring_x_state",
-                          "ring_meta_KiB", "copies_KiB", "copies_header_KiB", "wards",
+                          "ring_meta_KiB", "copies_KiB", "wards",
                           "copies_x_optim", "total_KiB", "total_x_state", "rss_MiB"]))
         data.update(recovery={"inject": spec, "iters": iters, "spares": spares,
                               "rows": rows, "summary": s, "report": rep,

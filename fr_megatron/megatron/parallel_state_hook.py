@@ -239,14 +239,8 @@ def _member_name(ranks, backend, group_desc) -> str:
     return f"{base}_{k}"
 
 
-def _create_group(
-    ranks=None,
-    timeout=None,
-    backend=None,
-    pg_options=None,
-    use_local_synchronization=False,
-    group_desc=None,
-):
+def _create_group(ranks=None, timeout=None, backend=None, pg_options=None,
+                  use_local_synchronization=False, group_desc=None):
     """``parallel_state.create_group`` that gives a gloo group already joined with the same
     members again, and with local synchronisation only lets members call into torch (see the
     module docstring).
