@@ -18,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+from .launcher.spare import MEGATRON_PRELOAD as PRELOAD
 from .runtime.inject import KINDS, STEP_PHASES
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "megatron" / "pretrain_gpt.py"
@@ -68,7 +69,10 @@ def _job(a, out: Path, name: str, inject: str | None, wandb: bool) -> dict:
     if not wandb:
         cmd.append("--no-wandb")
     if inject:
-        cmd += ["--inject", inject]
+        # the spare loads megatron-core at its start, as a user's --preload makes it: the
+        # fault comes a few seconds into training, before a spare could have learned the
+        # ranks' modules and imported them
+        cmd += ["--inject", inject, "--preload", PRELOAD]
     cmd += [str(RECIPE), "--tensor-model-parallel-size", str(a.tp),
             "--pipeline-model-parallel-size", str(a.pp), "--num-layers", str(2 * a.pp),
             "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "16",
