@@ -25,10 +25,6 @@ REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "recipes" / "megatron" / "pretrain_gpt.py"
 
 
-def _tensor_bytes(tensors) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors)
-
-
 def _rss_bytes() -> int:
     try:
         import psutil
@@ -73,7 +69,10 @@ def read_out(hooks) -> dict:
     session = hooks.session()
     if session is None:
         return out
+    from fr_megatron.runtime.layout import Layout
+
     live = session.integration.capture()
+    layout = Layout.of(live)
     ring = session.tx.ring
     copies = session.tx.copies
     ring_meta = sum(len(ring.slot(s).header["meta"]) for s in ring.steps())
@@ -82,8 +81,8 @@ def read_out(hooks) -> dict:
         "world_size": dist.get_world_size() if dist.is_initialized() else None,
         "snapshot_depth": session.cfg.snapshot_depth,
         "replicas": session.cfg.replicas,
-        "state": {"replicated_bytes": _tensor_bytes(live.replicated.values()),
-                  "unique_bytes": _tensor_bytes(live.unique.values()),
+        "state": {"replicated_bytes": layout.nbytes("replicated"),
+                  "unique_bytes": layout.nbytes("unique"),
                   "meta_pickled_bytes": len(pickle.dumps(live.meta)),
                   "replicated_tensors": len(live.replicated),
                   "unique_tensors": len(live.unique)},

@@ -66,6 +66,11 @@ class Layout:
             self.spans[part] = (pos, pos) if s is None else (s, e)
             pos = self.spans[part][1]
 
+    def nbytes(self, part: str) -> int:
+        """The bytes of ``part``'s tensors."""
+        start, end = self.spans[part]
+        return end - start
+
     @classmethod
     def of(cls, state: RankState, parts: Iterable[str] = PARTS) -> "Layout":
         regions, off = {}, 0

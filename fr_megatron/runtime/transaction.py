@@ -18,6 +18,7 @@ import torch.distributed as dist
 from ..config import FlashRecoveryConfig
 from . import failure_domains, rng
 from .integration import Integration, RankState
+from .layout import Layout
 from .redundancy import CopyExchange
 from .snapshot import SnapshotRing
 
@@ -134,10 +135,9 @@ class StepTransaction:
     def stats(self, integration: Optional[Integration], step_times: list[float]) -> dict[str, Any]:
         """What this rank's redundancy costs it: bytes of state, of its snapshots and of the
         copies it holds; training-thread seconds per commit and per step (medians)."""
-        live = integration.capture() if integration else RankState()
-        return {"replicated_bytes": sum(t.numel() * t.element_size()
-                                        for t in live.replicated.values()),
-                "unique_bytes": sum(t.numel() * t.element_size() for t in live.unique.values()),
+        layout = Layout.of(integration.capture() if integration else RankState())
+        return {"replicated_bytes": layout.nbytes("replicated"),
+                "unique_bytes": layout.nbytes("unique"),
                 "snapshot_bytes": self.ring.nbytes(),
                 "snapshots_in_shared_memory": self.ring.in_shared_memory,
                 "held_copy_bytes": self.copies.nbytes() if self.copies else 0,
