@@ -17,6 +17,10 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 TORCH_RECIPE = REPO / "recipes" / "torch_ddp" / "train.py"
 TORCH_STEPS = ["--steps", "8"]  # the fault runs of TORCH_RECIPE and their shared baseline
+MEGATRON_RECIPE = REPO / "recipes" / "megatron" / "pretrain_gpt.py"
+# what a megatron job's workers and spares import before the script runs (the worker template
+# imports it once per node); the tests of spares that learn their imports pass preload=""
+MEGATRON_PRELOAD = "fr_megatron.megatron.preload"
 
 
 @dataclass
@@ -35,7 +39,9 @@ class Job:
 
 def run_job(tmp: Path, script: Path, script_args: list[str], nproc: int = 4, spares: int = 1,
             inject: str | None = None, extra: list[str] = (), timeout: float = 240,
-            env: dict | None = None, name: str = "job", wandb_dir: Path | None = None) -> Job:
+            env: dict | None = None, name: str = "job", wandb_dir: Path | None = None,
+            preload: str | None = None) -> Job:
+    """``preload``: the --preload list; by default megatron-core's for the megatron recipe."""
     out = tmp / f"{name}.pt"
     report = tmp / f"{name}.report.json"
     journal = tmp / f"{name}.journal.jsonl"
@@ -49,6 +55,10 @@ def run_job(tmp: Path, script: Path, script_args: list[str], nproc: int = 4, spa
                                                  "dir": str(wandb_dir), "project": "fr-tests"}})
     if inject:
         cmd += ["--inject", inject]
+    if preload is None and Path(script) == MEGATRON_RECIPE:
+        preload = MEGATRON_PRELOAD
+    if preload:
+        cmd += ["--preload", preload]
     cmd += [str(script), *script_args]
     if "--out" not in script_args:
         cmd += ["--out", str(out)]

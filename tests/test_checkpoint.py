@@ -28,11 +28,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from jobs import REPO, run_job
+from jobs import MEGATRON_RECIPE as RECIPE, REPO, run_job
 
 from fr_megatron.megatron import checkpoint
 
-RECIPE = REPO / "recipes" / "megatron" / "pretrain_gpt.py"
 WORLD = 4
 ARGS = ["--tensor-model-parallel-size", "1", "--pipeline-model-parallel-size", "2",
         "--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4",

@@ -17,9 +17,8 @@ import torch
 from fr_megatron.protocol import progress
 from fr_megatron.protocol.auth import new_token, write_token_file
 from fr_megatron.wandb_reader import read_run
-from jobs import REPO, run_job
+from jobs import MEGATRON_RECIPE as RECIPE, run_job
 
-RECIPE = REPO / "recipes" / "megatron" / "pretrain_gpt.py"
 WORLD = 8
 ARGS = ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2",
         "--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4",
@@ -47,10 +46,10 @@ def assert_ranks_equal(base: list[dict], got: list[dict]) -> None:
 
 
 def megatron_job(tmp: Path, name: str, args=ARGS, inject=None, nproc=WORLD, spares=1,
-                 wandb_dir=None, extra=()):
+                 wandb_dir=None, extra=(), preload=None):
     job = run_job(tmp, RECIPE, [*args, "--out", str(tmp / name)], nproc=nproc, spares=spares,
                   inject=inject, name=name, timeout=600, extra=list(extra),
-                  wandb_dir=wandb_dir)
+                  wandb_dir=wandb_dir, preload=preload)
     assert job.rc == 0, job.failure(5000)
     return job
 
@@ -90,7 +89,7 @@ def test_faults_and_hangs_anywhere_in_the_step_are_recovered_bit_exact(tmp_path,
     script_wandb = tmp_path / "script_wandb"
     job = megatron_job(tmp_path, "f", args=[*ARGS, "--wandb-project", "fr-tests",
                                             "--wandb-save-dir", str(script_wandb)],
-                       inject=FAULTS, spares=2, wandb_dir=tmp_path,
+                       inject=FAULTS, spares=2, wandb_dir=tmp_path, preload="",
                        extra=["--token-file", str(tmp_path / "token"),
                               "--hang-timeout", "8", "--heartbeat-interval", "0.5"])
     faults = job.report["faults"]

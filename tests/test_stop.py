@@ -29,9 +29,7 @@ import psutil
 import pytest
 
 from fr_megatron.events import Journal
-from jobs import REPO, TORCH_RECIPE, run_job
-
-MEGATRON_RECIPE = REPO / "recipes" / "megatron" / "pretrain_gpt.py"
+from jobs import MEGATRON_RECIPE, REPO, TORCH_RECIPE, run_job
 
 
 class Launched:

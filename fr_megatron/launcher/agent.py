@@ -38,7 +38,7 @@ from ..protocol.stderr_tail import STDERR_FD_ENV, StderrTail
 from ..protocol.store import connect, wait_key
 from . import shared_memory, template
 from .detector import fault_time
-from .spare import DEFAULT_PRELOAD, MODULES_ENV, SCRIPT_ENV
+from .spare import DEFAULT_PRELOAD, MODULES_ENV, PRELOAD_ENV, SCRIPT_ENV
 
 log = logging.getLogger("fr_megatron.agent")
 
@@ -183,7 +183,7 @@ class NodeAgent:
             # ranks on a node fight over its cores (and a spare must start with it too)
             env.setdefault("OMP_NUM_THREADS", "1")
         env.update(self.extra_env)
-        env["FR_SPARE_PRELOAD"] = self.preload
+        env[PRELOAD_ENV] = self.preload
         env[SCRIPT_ENV] = self.script
         if self._learned:
             env[MODULES_ENV] = self._learned

@@ -25,6 +25,7 @@ import warnings
 DEFAULT_PRELOAD = "torch,torch.distributed,fr_megatron.runtime"
 # optional: megatron-core at the spare's start instead of after the job's first step
 MEGATRON_PRELOAD = f"{DEFAULT_PRELOAD},fr_megatron.megatron.preload"
+PRELOAD_ENV = "FR_SPARE_PRELOAD"   # what a spare (and the worker template) imports at its start
 MODULES_ENV = "FR_SPARE_MODULES"   # the learned list, once the agent has it
 SCRIPT_ENV = "FR_SPARE_SCRIPT"     # the training script: its directory holds its own modules
 
@@ -109,7 +110,7 @@ def preload_learned(path: str, stdin: _Stdin) -> int:
 
 
 def main() -> None:
-    preload(os.environ.get("FR_SPARE_PRELOAD", DEFAULT_PRELOAD))
+    preload(os.environ.get(PRELOAD_ENV, DEFAULT_PRELOAD))
     stdin = _Stdin()
     if os.environ.get(MODULES_ENV):
         preload_learned(os.environ[MODULES_ENV], stdin)

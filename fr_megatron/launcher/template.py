@@ -10,9 +10,11 @@ The worker takes the environment, argv, stderr pipe and launcher stderr the agen
 runs the script as ``__main__``, as ``python -u script`` would. Warm spares are forked the same
 way (``spare.main`` then waits for a rank on the stdin pipe the agent sends).
 
-The template imports only what cannot touch a device (``spare.DEFAULT_PRELOAD``): forking after
-a CUDA context exists is not safe. Without ``prctl`` (not Linux) the agent starts each worker
-as its own process, as it does when the template fails.
+The template imports what the spares import at their start (``spare.DEFAULT_PRELOAD`` and the
+job's ``--preload`` list), so workers start with e.g. megatron-core already loaded. Forking is
+safe only while the process has one thread and no CUDA context: when an import started either,
+the template says so and exits, and the agent starts each worker as its own process, as it does
+without ``prctl`` (not Linux) or when the template fails.
 """
 
 from __future__ import annotations
@@ -25,12 +27,13 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 from typing import Optional
 
 import psutil
 
 from ..protocol.stderr_tail import STDERR_FD_ENV
-from .spare import DEFAULT_PRELOAD, preload
+from .spare import DEFAULT_PRELOAD, PRELOAD_ENV, preload
 
 FD_ENV = "FR_TEMPLATE_FD"       # in the template: its end of the agent's socket
 PR_SET_CHILD_SUBREAPER = 36
@@ -154,13 +157,15 @@ def main() -> None:
     # torch.cuda.is_available() through NVML: the CUDA runtime's device count would initialise
     # the driver here, and a forked child could not use CUDA after that
     os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
-    preload(DEFAULT_PRELOAD)
+    preload(os.environ.get(PRELOAD_ENV, DEFAULT_PRELOAD))
     import torch
 
-    if torch.cuda.is_initialized():
-        # something initialised CUDA at import: forking now is unsafe; the agent starts its
-        # workers as processes of their own when the template exits
-        print("fr-megatron worker template: CUDA is initialised after the imports; not forking",
+    unsafe = ("CUDA is initialised" if torch.cuda.is_initialized() else
+              f"{threading.active_count()} threads run" if threading.active_count() > 1 else "")
+    if unsafe:
+        # a forked child would inherit a CUDA context it cannot use, or locks held by threads
+        # it does not have; the agent starts its workers as processes of their own
+        print(f"fr-megatron worker template: {unsafe} after the imports; not forking",
               file=sys.stderr)
         return
     sock = socket.socket(fileno=int(os.environ.pop(FD_ENV)))
