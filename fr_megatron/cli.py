@@ -3,14 +3,22 @@
 from __future__ import annotations
 
 import sys
+from typing import NamedTuple
+
+class Command(NamedTuple):
+    module: str  # imported only when its command runs; its main(argv) runs it
+    help: str
+
 
 COMMANDS = {
-    "run": ("fr_megatron.launcher.launch", "launch a training script with flash recovery"),
-    "controller": ("fr_megatron.launcher.controller", "host a job's store and decide recoveries"),
-    "demo": ("fr_megatron.demo", "the fault-injected tiny-GPT demo on CPU"),
-    "patch": ("fr_megatron.megatron.patch_tool", "apply the Megatron-LM patch"),
-    "bench": ("benchmarks.__main__", "run the benchmarks"),
-    "config": ("fr_megatron.config_reference", "print the configuration reference (Markdown)"),
+    "run": Command("fr_megatron.launcher.launch", "launch a training script with flash recovery"),
+    "controller": Command("fr_megatron.launcher.controller",
+                          "host a job's store and decide recoveries"),
+    "demo": Command("fr_megatron.demo", "the fault-injected tiny-GPT demo on CPU"),
+    "patch": Command("fr_megatron.megatron.patch_tool", "apply the Megatron-LM patch"),
+    "bench": Command("benchmarks.__main__", "run the benchmarks"),
+    "config": Command("fr_megatron.config_reference",
+                      "print the configuration reference (Markdown)"),
 }
 
 
@@ -39,7 +47,7 @@ def _find_benchmarks() -> str | None:
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        lines = [f"  {name:<11} {help_}" for name, (_, help_) in COMMANDS.items()]
+        lines = [f"  {name:<11} {c.help}" for name, c in COMMANDS.items()]
         out = sys.stdout if argv and argv[0] in ("-h", "--help") else sys.stderr
         if argv and argv[0] not in ("-h", "--help"):
             print(f"fr-megatron: unknown command {argv[0]!r}", file=out)
@@ -56,7 +64,7 @@ def main(argv=None) -> int:
         if err:
             print(err, file=sys.stderr)
             return 2
-    mod = importlib.import_module(COMMANDS[argv[0]][0])
+    mod = importlib.import_module(COMMANDS[argv[0]].module)
     return int(mod.main(argv[1:]) or 0)
 
 
