@@ -139,6 +139,9 @@ class DeepSpeedIntegration(Integration):
     def _inner_optimizer(self) -> torch.optim.Optimizer:
         return self.engine.optimizer.optimizer if self._zero else self.engine.optimizer
 
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        return [self._inner_optimizer()]
+
     def _optim_slots(self) -> list[tuple[str, torch.Tensor]]:
         """(name prefix, optimizer parameter) pairs, stable across ranks and restarts."""
         if self._zero:

@@ -2,7 +2,7 @@
 
 State split, for megatron-core 0.16.1 with the DistributedOptimizer:
 
-* ``replicated``: every model parameter and buffer of every model chunk (``param.data``). They are
+* ``replicated``: every model parameter of every model chunk (``param.data``). They are
   views into DDP's param buffer and bit-identical across the data-parallel group *with* context
   parallelism (the group the DistributedOptimizer shards over and all-gathers params in). With fp32
   params the optimizer's "main params" are views into these same tensors
@@ -11,10 +11,10 @@ State split, for megatron-core 0.16.1 with the DistributedOptimizer:
   ``state[shard_param]`` (``exp_avg``, ``exp_avg_sq``, ``step``) for every shard param of
   ``optimizer.optimizer.param_groups``, and with 16-bit params the fp32 master shards
   ``optimizer.shard_fp32_from_float16_groups``.
-* ``meta``: the RNG tracker's named states (the runtime keeps the process's own generators), the
-  LR scheduler, the inner optimizer's param-group hyper-parameters (lr, wd, ...), the grad
-  scaler, and the progress counters (``iteration``, ``consumed_samples``) of the object passed
-  as ``progress``.
+* ``meta``: the model chunks' buffers (copied at the commit: some change in the forward), the
+  RNG tracker's named states (the runtime keeps the process's own generators), the LR scheduler,
+  the inner optimizer's param-group hyper-parameters (lr, wd, ...), the grad scaler, and the
+  progress counters (``iteration``, ``consumed_samples``) of the object passed as ``progress``.
 
 Groups: ``teardown``/``rebuild`` replay ``initialize_model_parallel`` through
 ``parallel_state_hook`` (install it before that call, in every process, survivors and replacements
@@ -132,13 +132,15 @@ class MegatronIntegration(Integration):
         pos = ranks.index(me) % size
         return [ranks[k * size + pos] for k in range(n)]
 
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        return [inner for opt in sub_optimizers(self.optimizer)
+                if (inner := getattr(opt, "optimizer", None)) is not None]
+
     def capture(self) -> RankState:
         state = RankState()
         for i, chunk in enumerate(self.model):
             for name, p in chunk.named_parameters():
                 state.replicated[f"model{i}/param/{name}"] = p.data
-            for name, b in chunk.named_buffers():
-                state.replicated[f"model{i}/buffer/{name}"] = b
         for k, opt in enumerate(sub_optimizers(self.optimizer)):
             inner = getattr(opt, "optimizer", None)
             if inner is None:  # a rank with no trainable params in this sub-optimizer
@@ -163,6 +165,11 @@ class MegatronIntegration(Integration):
         # named states are megatron-core's
         meta: dict[str, Any] = {
             "rng_tracker": {k: v.clone() for k, v in get_cuda_rng_tracker().get_states().items()},
+            # buffers may change outside the optimizer step (a MoE router's token counts and
+            # expert bias): copied now, not by the snapshot's background copy
+            "buffers": {f"model{i}/{name}": b.detach().clone()
+                        for i, chunk in enumerate(self.model)
+                        for name, b in chunk.named_buffers()},
         }
         groups = []
         for opt in sub_optimizers(self.optimizer):
@@ -210,6 +217,12 @@ class MegatronIntegration(Integration):
         if "rng_tracker" in meta:
             states = {k: v.clone() for k, v in meta["rng_tracker"].items()}
             get_cuda_rng_tracker().set_states(states)
+        saved = meta.get("buffers", {})
+        with torch.no_grad():
+            for i, chunk in enumerate(self.model):
+                for name, b in chunk.named_buffers():
+                    if f"model{i}/{name}" in saved:
+                        b.copy_(saved[f"model{i}/{name}"])
         if self.scheduler is not None and "scheduler" in meta:
             # load_state_dict() *adds* the saved step count to the current one.
             self.scheduler.num_steps = 0

@@ -79,6 +79,12 @@ class Integration(abc.ABC):
         """Mark phases inside the framework's own step with ``mark(name)`` (e.g. where it reduces
         gradients); called once by ``Session.attach``."""
 
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        """The torch optimizers whose ``step`` is the first thing of a training step to change
+        the captured state: the runtime waits there (a step pre-hook) until the last commit's
+        snapshot, still being copied in the background, is sealed."""
+        return []
+
     def group_kinds(self) -> dict[str, list[Any]]:
         """This generation's groups by kind (``inject.GROUP_KINDS``: "tp", "dp", ...), for
         injections at the nth operation on a group of a kind; kinds the framework does not have
@@ -124,6 +130,9 @@ class TorchIntegration(Integration):
 
     def rebuild(self) -> None:
         self.model = self._wrap()
+
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        return [self.optimizer]
 
     def teardown(self) -> None:
         self.model = None

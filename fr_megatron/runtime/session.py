@@ -80,7 +80,7 @@ class Session:
         self.integration: Optional[Integration] = None
         self.tx = StepTransaction(rank, self.cfg, snapshot_dir)
         self.recovery = Recovery(self)
-        self.injector = inject.Injector(rank, injections, self._claim, self.link.beat_now,
+        self.injector = inject.Injector(rank, injections, self._claim, self._before_injected,
                                         self._group_kinds)
         self.group = None
         self.comms: Optional[Communicators] = None
@@ -216,6 +216,7 @@ class Session:
         """Hand the runtime the framework's state; builds the runtime's own groups."""
         self.integration = integration
         integration.install_phase_marks(self.phase)
+        self.tx.guard(integration.optimizers())
         self.build_runtime_groups()
 
     def build_runtime_groups(self) -> None:
@@ -240,6 +241,14 @@ class Session:
             raise RecoveryRequested(f"generation {self._notice['generation']} opened")
         if name == "optimizer":
             self.tx.before_optimizer()
+
+    def _before_injected(self) -> None:
+        """An injected fault lands once the last commit's snapshot is sealed, so the step it
+        names is the one redone whatever the copy's timing (a real fault during the copy costs
+        the step before it too: the recovery point is then the step before that), and after the
+        heartbeat that names its step and phase."""
+        self.tx.wait_snapshot()
+        self.link.beat_now()
 
     def _claim(self, inj: inject.Injection) -> bool:
         return self.link.claim(keys.injection_fired(inj.index))
@@ -340,7 +349,7 @@ class Session:
             log.warning("rank=%d generation=%d step=%d phase=%s communication failed: %s",
                         self.rank, self.generation, self.step, self.phase_name,
                         str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__)
-            self.tx.abandon_copies()
+            self.tx.abandon()
             plan = self._wait_plan()
             self._leave_if_replaced(plan, "declared faulty")
             try:
@@ -362,6 +371,7 @@ class Session:
     def _die(self, exc: BaseException) -> None:
         """This rank's own fault: report it with its traceback and exit; an agent replaces us."""
         tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        self.tx.wait_snapshot()  # the replacement adopts it from shared memory
         log.error("rank=%d generation=%d step=%d phase=%s exception: %s", self.rank,
                   self.generation, self.step, self.phase_name, exc)
         self.send("fault", fault="exception", pid=os.getpid(), step=self.step,

@@ -16,9 +16,10 @@ agent), so a snapshot outlives the process that wrote it and a replacement on th
 restores from it at memory speed with no network at all; or in process memory, when there is no
 such directory or it has no room (then only copies held by peers survive the process).
 
-On CUDA the copy to host is issued on a side stream and sealed (checksummed, header written) by a
-background thread; ``wait`` blocks until the step is sealed, which the runtime does before the
-next optimizer phase changes the live tensors. On CPU the copy is made and sealed in ``write``.
+The copy runs off the training thread: on CUDA it is issued on a side stream, on CPU a background
+thread copies and hashes; either way that thread seals the slot (checksums, header). ``wait``
+blocks until the step is sealed, which the runtime does before the next optimizer step changes the
+live tensors, so the copy overlaps the next step's forward and backward.
 """
 
 from __future__ import annotations
@@ -173,6 +174,8 @@ class SnapshotRing:
         return self.directory is not None
 
     def steps(self) -> list[int]:
+        """The sealed steps (a write in progress is waited for)."""
+        self._sealed.wait()
         return sorted(s.step for s in self.slots if s.step is not None)
 
     def __contains__(self, step: int) -> bool:
@@ -226,8 +229,8 @@ class SnapshotRing:
         self.slots = [Slot(None, f"{self.name}.slot{i}") for i in range(self.depth)]
 
     def write(self, step: int, live: RankState) -> None:
-        """Copy ``live`` into a slot as step ``step``: sealed on return on CPU, by ``wait`` when
-        tensors are on a GPU."""
+        """Copy ``live`` into a slot as step ``step``, sealed in the background (``wait``); the
+        tensors of ``live`` must not change until then."""
         layout = Layout.of(live, self.parts)
         tensors = {n: t for part in self.parts for n, t in getattr(live, part).items()}
         on_gpu = any(t.is_cuda for t in tensors.values())
@@ -242,21 +245,20 @@ class SnapshotRing:
         header = {"step": step, "layout": layout.to_json(), "meta": meta,
                   "sums": {"meta": xxhash.xxh3_128(meta).hexdigest()}}
         if on_gpu:
-            self._copy_async(slot, layout, tensors, header)
-            return
-        for part in self.parts:
-            h = xxhash.xxh3_128()
-            for e in layout.regions[part]:
-                src, dst = bytes_of(tensors[e.name]), slot.buf[e.offset:e.offset + e.nbytes]
-                for off in range(0, e.nbytes, CHUNK):
-                    d = dst[off:off + CHUNK]
-                    d.copy_(src[off:off + CHUNK])
-                    h.update(d.numpy())
-            header["sums"][part] = h.hexdigest() if layout.size(part) else "0"
-        _corrupt_for_tests(slot)
-        slot.seal(header)
+            done = self._copy_on_side_stream(slot, layout, tensors)
 
-    def _copy_async(self, slot: Slot, layout: Layout, tensors: dict, header: dict) -> None:
+            def fill():
+                done.synchronize()
+                for part in self.parts:
+                    header["sums"][part] = checksum(slot.region(part))
+        else:
+            def fill():
+                for part in self.parts:
+                    header["sums"][part] = _copy_and_hash(layout, part, tensors, slot.buf)
+        self._seal_in_background(slot, header, fill)
+
+    def _copy_on_side_stream(self, slot: Slot, layout: Layout, tensors: dict):
+        """Issue the device-to-host copies on a side stream; the event that marks them done."""
         if self._stream is None:
             self._stream = torch.cuda.Stream()
         self._stream.wait_stream(torch.cuda.current_stream())
@@ -269,12 +271,15 @@ class SnapshotRing:
                         t.record_stream(self._stream)
             done = torch.cuda.Event()
             done.record(self._stream)
+        return done
 
+    def _seal_in_background(self, slot: Slot, header: dict, fill) -> None:
+        """Run ``fill`` (the copy and its checksums) on a thread, then write the header: the
+        training thread goes on with the next step meanwhile (the live tensors do not change
+        until its optimizer phase, which waits)."""
         def seal():
             try:
-                done.synchronize()
-                for part in self.parts:
-                    header["sums"][part] = checksum(slot.region(part))
+                fill()
                 _corrupt_for_tests(slot)
                 slot.seal(header)
             except BaseException as e:  # noqa: BLE001 - handed to the training thread by wait
@@ -330,6 +335,21 @@ class SnapshotRing:
         if remove:
             for s in self.slots:
                 s.remove()
+
+
+def _copy_and_hash(layout: Layout, part: str, tensors: dict, buf: torch.Tensor) -> str:
+    """Copy ``part``'s tensors into ``buf`` at their offsets and return the region's checksum,
+    hashing each piece while it is still in the CPU's cache (torch and xxhash release the GIL)."""
+    if not layout.size(part):
+        return "0"
+    h = xxhash.xxh3_128()
+    for e in layout.regions[part]:
+        src, dst = bytes_of(tensors[e.name]), buf[e.offset:e.offset + e.nbytes]
+        for off in range(0, e.nbytes, CHUNK):
+            d = dst[off:off + CHUNK]
+            d.copy_(src[off:off + CHUNK])
+            h.update(d.numpy())
+    return h.hexdigest()
 
 
 def _corrupt_for_tests(slot: Slot) -> None:

@@ -1,16 +1,19 @@
 """The step transaction of one rank: commit a step's state, keep it durable, put it back.
 
-``commit(step, live)`` copies the state into the snapshot ring (``snapshot``; in the node's shared
-memory, where it outlives the process) and, where a copy is needed (``failure_domains``), starts
-sending the unique state to its holders (``redundancy``). Those copies run during the next step's
-forward and backward; ``wait_durable`` blocks until they are in place, which the session does
-before the next optimizer phase changes the state. With the snapshot in process memory the
+``commit(step, live)`` starts copying the state into the snapshot ring (``snapshot``; in the node's
+shared memory, where it outlives the process) and, where a copy is needed (``failure_domains``),
+sending the unique state to its holders (``redundancy``). Both run in the background during the
+next step's forward and backward; ``wait_durable`` blocks until they are in place, which the
+session does before the next optimizer step changes the state. A step is durable, and counts as
+finished for a recovery, once its snapshot is sealed. With the snapshot in process memory the
 commit itself waits: there the copy is the step's only protection against a process fault.
 """
 
 from __future__ import annotations
 
+import logging
 import time
+import weakref
 from typing import Any, Optional
 
 import torch.distributed as dist
@@ -21,6 +24,8 @@ from .integration import Integration, RankState
 from .layout import Layout
 from .redundancy import CopyExchange
 from .snapshot import SnapshotRing
+
+log = logging.getLogger("fr_megatron.transaction")
 
 
 def capture(integration: Integration, step: int) -> RankState:
@@ -89,7 +94,7 @@ class StepTransaction:
         t0 = time.perf_counter()
         self.wait_durable()  # the previous step's copies read a slot this one may reuse
         self.ring.write(step, live)
-        if self.copies.active:
+        if self.copies is not None and self.copies.active:
             self.copies.start(step, self.ring)
         self.committed = step
         if not self.ring.in_shared_memory:
@@ -99,13 +104,12 @@ class StepTransaction:
     def wait_durable(self) -> float:
         """Wait until the last commit's snapshot is sealed and its copies are in place; the
         seconds waited."""
-        if self.durable_step >= self.committed:
-            return 0.0
         t0 = time.perf_counter()
-        self.ring.wait()
-        if self.copies is not None:
-            self.copies.wait()
-        self.durable_step = self.committed
+        self.ring.wait()  # also a snapshot written outside a commit (a checkpoint fallback's)
+        if self.durable_step < self.committed:
+            if self.copies is not None:
+                self.copies.wait()
+            self.durable_step = self.committed
         return time.perf_counter() - t0
 
     def before_optimizer(self) -> None:
@@ -114,8 +118,33 @@ class StepTransaction:
         if self.commit_blocked_s:
             self.commit_blocked_s[-1] += self.wait_durable()
 
-    def abandon_copies(self) -> None:
-        """A failed step's exchange is void: the rollback makes it moot."""
+    def wait_snapshot(self) -> None:
+        """Wait until the last commit's snapshot is sealed (or failed to: then it is not in the
+        ring); its copies to holders may still be in flight."""
+        try:
+            self.ring.wait()
+        except Exception as e:  # noqa: BLE001 - the step is simply not in the ring
+            log.warning("rank=%d step=%d snapshot not sealed: %s", self.rank, self.committed, e)
+
+    def guard(self, optimizers) -> None:
+        """Before each of ``optimizers``' steps changes the state, wait for the last commit
+        (the training script may mark its optimizer phase only after the step, or not at all)."""
+        # weakly: through the hook, the framework's optimizer must not reach the runtime's own
+        # groups (the rebuild's walk would find them stale) nor keep this transaction alive
+        wait = weakref.WeakMethod(self.before_optimizer)
+
+        def before_step(*_):
+            method = wait()
+            if method is not None:
+                method()
+        for opt in optimizers:
+            opt.register_step_pre_hook(before_step)
+
+    def abandon(self) -> None:
+        """A fault: let the background work of the last commit end before the recovery reads
+        the ring or restores the live tensors. A snapshot that failed to seal is simply not in
+        the ring; a failed exchange is void (the recovery sends what holders lack again)."""
+        self.wait_snapshot()
         try:
             if self.copies is not None:
                 self.copies.wait()

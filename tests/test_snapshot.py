@@ -1,0 +1,97 @@
+"""The step transaction of one rank, in one process: a commit's snapshot is copied in the
+background while the next step's forward and backward run, and the optimizer's step waits for it.
+
+The copy is held back on a gate the test opens, so the order of events is the test's, not a
+race: without the wait in the optimizer's step pre-hook, the step would change the parameters
+before the copy reads them and the snapshot would hold the next step's values.
+"""
+
+import threading
+
+import pytest
+import torch
+
+from fr_megatron.config import FlashRecoveryConfig
+from fr_megatron.runtime import snapshot
+from fr_megatron.runtime.integration import TorchIntegration
+from fr_megatron.runtime.transaction import StepTransaction, capture
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture
+def gate(monkeypatch):
+    """Copies into a snapshot start only once the returned event is set."""
+    opened = threading.Event()
+    copy = snapshot._copy_and_hash
+
+    def gated(*args):
+        assert opened.wait(30), "the test never opened the gate"
+        return copy(*args)
+
+    monkeypatch.setattr(snapshot, "_copy_and_hash", gated)
+    return opened
+
+
+def _job(tmp_path):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(256, 256)
+    opt = torch.optim.Adam(model.parameters(), lr=0.1)
+    integration = TorchIntegration(model, opt, ddp=False)
+    tx = StepTransaction(0, FlashRecoveryConfig(), str(tmp_path))
+    tx.guard(integration.optimizers())
+
+    def step():
+        opt.zero_grad()
+        model(torch.randn(8, 256)).square().mean().backward()
+        opt.step()
+    step()  # the optimizer has its moments from here on
+    return integration, tx, step
+
+
+def _copy(state):
+    return {k: v.clone() for part in (state.replicated, state.unique) for k, v in part.items()}
+
+
+def test_optimizer_step_waits_for_the_snapshot_copied_in_the_background(tmp_path, gate):
+    integration, tx, step = _job(tmp_path)
+    tx.commit(1, capture(integration, 1))
+    committed = _copy(integration.capture())
+    assert tx.durable_step < 1  # the copy is still waiting at the gate: not durable yet
+    threading.Timer(0.3, gate.set).start()
+    step()  # forward and backward go on; the optimizer's step waits for the copy
+    assert tx.durable_step == 1
+    saved = _copy(tx.ring.get(1))
+    live = _copy(integration.capture())
+    assert saved.keys() == committed.keys()
+    assert all(torch.equal(saved[k], committed[k]) for k in committed)
+    assert not all(torch.equal(live[k], committed[k]) for k in committed)  # the step did change it
+    assert tx.ring.steps() == [1]
+
+
+def test_fault_during_the_background_copy_keeps_the_committed_step(tmp_path, gate):
+    """A fault while the copy runs: the recovery waits for it (``abandon``) before it reads the
+    ring or restores the live tensors, and the step is there, checksums verified."""
+    integration, tx, _ = _job(tmp_path)
+    tx.commit(1, capture(integration, 1))
+    committed = _copy(integration.capture())
+    threading.Timer(0.3, gate.set).start()
+    tx.abandon()
+    assert tx.ring.steps() == [1]
+    saved = _copy(tx.ring.get(1, verify=True))
+    assert all(torch.equal(saved[k], committed[k]) for k in committed)
+
+
+def test_snapshot_that_fails_to_seal_is_not_a_step(tmp_path, monkeypatch):
+    def broken(*args):
+        raise OSError("no room")
+
+    integration, tx, _ = _job(tmp_path)
+    tx.commit(1, capture(integration, 1))
+    tx.before_optimizer()
+    monkeypatch.setattr(snapshot, "_copy_and_hash", broken)
+    tx.commit(2, capture(integration, 2))
+    with pytest.raises(OSError, match="no room"):
+        tx.before_optimizer()  # the training thread learns of it before the state changes
+    assert tx.ring.steps() == [1]
+    tx.abandon()  # after a fault: nothing left to raise
