@@ -86,7 +86,7 @@ def seed_rngs(cfg: TinyGPTConfig) -> None:
     model_parallel_cuda_manual_seed(seed)
 
 
-def _transformer_config(cfg: TinyGPTConfig):
+def _transformer_config(cfg: TinyGPTConfig, initialize: bool = True):
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     dtype = torch.bfloat16 if cfg.bf16 else torch.float32
@@ -101,6 +101,7 @@ def _transformer_config(cfg: TinyGPTConfig):
         params_dtype=dtype,
         bf16=cfg.bf16,
         use_cpu_initialization=True,
+        perform_initialization=initialize,
         hidden_dropout=cfg.dropout,
         attention_dropout=cfg.dropout,
         bias_dropout_fusion=False,
@@ -117,15 +118,16 @@ class TinyGPTJob:
 
     Call ``initialize_parallel`` first. ``iteration`` counts finished steps. A replacement
     process builds it as every rank does (its collectives are answered from the replaced rank's
-    start-up record, ``runtime.startup_calls``) and then gets its state restored.
+    start-up record, ``runtime.startup_calls``) and then gets its state restored; with
+    ``initialize=False`` (``training_hooks.replacing()``) it skips the random weights.
     """
 
-    def __init__(self, cfg: TinyGPTConfig):
-        self._build(cfg)
+    def __init__(self, cfg: TinyGPTConfig, initialize: bool = True):
+        self._build(cfg, initialize)
         self.iteration = 0
         self.consumed_samples = 0
 
-    def _build(self, cfg: TinyGPTConfig) -> None:
+    def _build(self, cfg: TinyGPTConfig, initialize: bool = True) -> None:
         from megatron.core import parallel_state
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
         from megatron.core.distributed.finalize_model_grads import finalize_model_grads
@@ -138,7 +140,7 @@ class TinyGPTJob:
         if cfg.num_layers % cfg.pp:
             raise ValueError("num_layers must be divisible by pp")
         self.cfg = cfg
-        self.config = _transformer_config(cfg)
+        self.config = _transformer_config(cfg, initialize)
         gpt = GPTModel(
             config=self.config,
             transformer_layer_spec=get_gpt_layer_local_spec(),

@@ -102,6 +102,9 @@ def init_process_group(backend: str, args=None, **_ignored):
             cfg = cfg.model_copy(update={"checkpoint_dir": args.save})
     _session = Session.from_env(config=cfg)
     _session.init_process_group(backend)
+    if args is not None and replacing():
+        # Megatron-LM builds its TransformerConfig from args: no random weights to overwrite
+        args.perform_initialization = False
     minutes = getattr(args, "distributed_timeout_minutes", None)
     if minutes:
         _set_world_timeout(datetime.timedelta(minutes=minutes))
@@ -128,6 +131,15 @@ def _set_world_timeout(timeout: datetime.timedelta) -> None:
 
 def session():
     return _session
+
+
+def replacing() -> bool:
+    """True in a process that takes over a lost rank: its parameters, optimizer state and RNG
+    come from its peers, so its model is built without random initialization (megatron-core's
+    ``TransformerConfig.perform_initialization=False``; with ``use_cpu_initialization`` every
+    tensor-parallel rank would otherwise draw the whole weight, seconds at real sizes, while
+    its peers wait)."""
+    return _session is not None and _session.replacement
 
 
 def check_optimizer_instances(instances: int, data_parallel_size: int) -> None:

@@ -220,7 +220,8 @@ def main(argv=None) -> int:
 
     cfg = tiny_config(args, world)
     initialize_parallel(cfg)
-    job = TinyGPTJob(cfg)
+    # as Megatron-LM's TransformerConfig does: the hook turns it off in a replacement process
+    job = TinyGPTJob(cfg, initialize=getattr(args, "perform_initialization", True))
     job._forward_step = flash_recovery.wrap_forward_step(job._forward_step)
     start = 0
     if args.load and not (session and session.replacement):  # a replacement's state is its peers'
