@@ -95,3 +95,23 @@ def test_snapshot_that_fails_to_seal_is_not_a_step(tmp_path, monkeypatch):
         tx.before_optimizer()  # the training thread learns of it before the state changes
     assert tx.ring.steps() == [1]
     tx.abandon()  # after a fault: nothing left to raise
+
+
+def test_replacement_checks_the_slots_it_inherits_and_drops_a_corrupted_one(tmp_path):
+    """A new process of the rank adopts the slots in shared memory, checks both (at once), and
+    offers only the one whose bytes still match their checksums."""
+    integration, tx, step = _job(tmp_path)
+    tx.commit(1, capture(integration, 1))
+    step()
+    tx.commit(2, capture(integration, 2))
+    tx.wait_durable()
+    good = _copy(tx.ring.get(2))
+    bad = tx.ring.slot(1)
+    bad.region("replicated")[7] ^= 0xFF  # as bad memory would
+    inherited = snapshot.SnapshotRing(tx.ring.depth, str(tmp_path), "rank0")
+    assert inherited.steps() == [1, 2]
+    dropped = inherited.validate()
+    assert [s for s, _ in dropped] == [1] and "checksum mismatch" in dropped[0][1]
+    assert inherited.steps() == [2]
+    again = _copy(inherited.get(2))
+    assert all(torch.equal(again[k], good[k]) for k in good)

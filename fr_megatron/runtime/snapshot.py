@@ -28,6 +28,7 @@ import logging
 import os
 import pickle
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import Iterable, Optional
 
 import torch
@@ -49,6 +50,9 @@ class Slot:
         self.header: Optional[dict] = None
         self.layout: Optional[Layout] = None
         self._registered = False  # buf is page-locked for CUDA copies
+        # parts this process has checked against the header since the slot was sealed: a
+        # replacement checks what it inherited before offering it, and need not read it twice
+        self.verified: set[str] = set()
         if self.base and os.path.exists(self.base + ".hdr"):
             self._adopt()
 
@@ -113,6 +117,7 @@ class Slot:
 
     def invalidate(self) -> None:
         self.header = None
+        self.verified = set()
         if self.base:
             try:
                 os.unlink(self.base + ".hdr")
@@ -126,6 +131,7 @@ class Slot:
                 pickle.dump(header, f, protocol=pickle.HIGHEST_PROTOCOL)
             os.replace(tmp, self.base + ".hdr")
         self.header = header
+        self.verified = set()
 
     def region(self, part: str) -> torch.Tensor:
         s, e = self.layout.spans[part]
@@ -135,10 +141,13 @@ class Slot:
         """Raise ``ChecksumError`` unless ``parts`` (and the meta) match their checksums."""
         sums = self.header["sums"]
         for part in parts:
+            if part in self.verified:
+                continue
             got = checksum(self.region(part))
             if got != sums[part]:
                 raise ChecksumError(f"checksum mismatch in the {part} state of step "
                                     f"{self.step}: written {sums[part]}, read {got}")
+            self.verified.add(part)
         if "meta" in sums and xxhash.xxh3_128(self.header["meta"]).hexdigest() != sums["meta"]:
             raise ChecksumError(f"checksum mismatch in the meta state of step {self.step}")
 
@@ -310,16 +319,22 @@ class SnapshotRing:
     def validate(self) -> list[tuple[int, str]]:
         """Check every sealed slot's checksums; drop the ones that fail. Returns what was
         dropped (step, reason): a replacement runs this on the slots its predecessor left."""
-        dropped = []
-        for s in self.slots:
-            if s.step is None:
-                continue
+        def check(s: Slot) -> Optional[tuple[int, str]]:
             try:
                 s.verify(self.parts)
             except ChecksumError as e:
-                dropped.append((s.step, str(e)))
+                step = s.step
                 s.invalidate()
-        return dropped
+                return step, str(e)
+            return None
+
+        sealed = [s for s in self.slots if s.step is not None]
+        if len(sealed) < 2:
+            results = [check(s) for s in sealed]
+        else:  # xxh3 releases the GIL: the slots are read at once
+            with ThreadPoolExecutor(len(sealed), thread_name_prefix="fr-validate") as pool:
+                results = list(pool.map(check, sealed))
+        return [r for r in results if r is not None]
 
     def drop_after(self, step: int) -> None:
         self.wait()
