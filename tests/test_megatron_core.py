@@ -174,6 +174,29 @@ def _run_python(code: str, timeout: float = 180) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.timeout(240)
+def test_a_replacement_model_is_tagged_as_a_randomly_initialized_one():
+    """A replacement draws no random weights, yet every parameter carries the tensor-parallel
+    attributes megatron-core's initialization sets: the grad norm (and so clipping) counts them,
+    and the job stays on the fault-free trajectory."""
+    result = _run_python("""
+        import json, torch, torch.distributed as dist
+        from fr_megatron.megatron.model import TinyGPTConfig, TinyGPTJob, initialize_parallel
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+        cfg = TinyGPTConfig()
+        initialize_parallel(cfg)
+        def tags(job):
+            return {n: [getattr(p, a, None) for a in ("tensor_model_parallel", "partition_dim",
+                                                       "partition_stride")]
+                    for c in job.model for n, p in c.named_parameters()}
+        drawn = TinyGPTJob(cfg)
+        replacement = TinyGPTJob(cfg, initialize=False)
+        print(json.dumps({"drawn": tags(drawn), "replacement": tags(replacement)}))
+    """)
+    assert result["replacement"] == result["drawn"]
+    assert sum(t[0] is True for t in result["drawn"].values()) >= 4  # qkv, proj, fc1, fc2, ...
+
+
 @pytest.fixture(scope="module")
 def group_creation():
     """What ``parallel_state_hook`` makes of megatron's group creation, measured in one

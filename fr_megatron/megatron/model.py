@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from fr_megatron.megatron import parallel_state_hook
+from fr_megatron.megatron import parallel_state_hook, training_hooks
 from fr_megatron.megatron.cpu import enable_cpu_mode, import_megatron_core
 from fr_megatron.megatron.data import learnable_labels, micro_batch
 
@@ -101,7 +101,9 @@ def _transformer_config(cfg: TinyGPTConfig, initialize: bool = True):
         params_dtype=dtype,
         bf16=cfg.bf16,
         use_cpu_initialization=True,
-        perform_initialization=initialize,
+        # a replacement's weights come from its peers: megatron-core still allocates and tags
+        # them as tensor-parallel, but draws nothing
+        **({} if initialize else training_hooks.NO_RANDOM_INIT),
         hidden_dropout=cfg.dropout,
         attention_dropout=cfg.dropout,
         bias_dropout_fusion=False,

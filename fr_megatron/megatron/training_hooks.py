@@ -104,7 +104,7 @@ def init_process_group(backend: str, args=None, **_ignored):
     _session.init_process_group(backend)
     if args is not None and replacing():
         # Megatron-LM builds its TransformerConfig from args: no random weights to overwrite
-        args.perform_initialization = False
+        vars(args).update(NO_RANDOM_INIT, init_method_xavier_uniform=False)
     minutes = getattr(args, "distributed_timeout_minutes", None)
     if minutes:
         _set_world_timeout(datetime.timedelta(minutes=minutes))
@@ -135,11 +135,23 @@ def session():
 
 def replacing() -> bool:
     """True in a process that takes over a lost rank: its parameters, optimizer state and RNG
-    come from its peers, so its model is built without random initialization (megatron-core's
-    ``TransformerConfig.perform_initialization=False``; with ``use_cpu_initialization`` every
-    tensor-parallel rank would otherwise draw the whole weight, seconds at real sizes, while
-    its peers wait)."""
+    come from its peers, so its model is built without random weights (``NO_RANDOM_INIT``)."""
     return _session is not None and _session.replacement
+
+
+def _leave_as_allocated(tensor):
+    """An init method that draws nothing: the tensor's values come from the peers."""
+    return tensor
+
+
+# A replacement's TransformerConfig init methods. With ``use_cpu_initialization`` every
+# tensor-parallel rank draws the whole weight, seconds at real sizes while its peers wait.
+# Not ``perform_initialization=False``: megatron-core (0.16) then also skips
+# ``set_tensor_model_parallel_attributes``, the grad norm stops counting the tensor-parallel
+# weights of tensor ranks > 0, clipping differs and the job leaves the fault-free trajectory.
+NO_RANDOM_INIT = {"init_method": _leave_as_allocated,
+                  "output_layer_init_method": _leave_as_allocated,
+                  "embedding_init_method": _leave_as_allocated}
 
 
 def check_optimizer_instances(instances: int, data_parallel_size: int) -> None:

@@ -220,8 +220,8 @@ def main(argv=None) -> int:
 
     cfg = tiny_config(args, world)
     initialize_parallel(cfg)
-    # as Megatron-LM's TransformerConfig does: the hook turns it off in a replacement process
-    job = TinyGPTJob(cfg, initialize=getattr(args, "perform_initialization", True))
+    # a replacement draws no random weights (Megatron-LM: the hook sets args' init methods)
+    job = TinyGPTJob(cfg, initialize=not flash_recovery.replacing())
     job._forward_step = flash_recovery.wrap_forward_step(job._forward_step)
     start = 0
     if args.load and not (session and session.replacement):  # a replacement's state is its peers'
