@@ -8,7 +8,10 @@ the same shard (redundancy by computation), only the meta (RNG, counters: a few 
 
 The exchange runs on a background thread over the runtime's own gloo group while the next step's
 forward and backward run; the runtime waits for it before that step's optimizer phase changes the
-state (``wait``). A holder keeps the last ``depth`` versions of each ward's copy in slots of its
+state (``wait``). A fault voids the exchange in flight (``abandon``) without waiting for it: gloo
+leaves a send or receive whose message was cut in the middle (a peer killed or cut off while
+hundreds of MB stream) waiting until the group's timeout, so the recovery must not depend on it
+ending. A holder keeps the last ``depth`` versions of each ward's copy in slots of its
 own, in the node's shared memory when there is one: a holder that dies does not take its wards'
 copies with it, and its replacement on the same node finds them there.
 """
@@ -17,11 +20,13 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Optional
+from concurrent.futures import Future
+from typing import Callable, Optional
 
 from . import transfer
+from .errors import RecoveryRequested
 from .snapshot import SnapshotRing
 
 log = logging.getLogger("fr_megatron.redundancy")
@@ -42,30 +47,50 @@ class CopyExchange:
         self.rank, self.holders, self.wards, self.group = rank, holders, wards, group
         self.parts = tuple(parts_of.get(rank, ()))
         self.held = {w: held_ring(depth, directory, rank, w, tuple(parts_of[w])) for w in wards}
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fr-copies")
         self._pending: Optional[Future] = None
+        self._void = threading.Event()  # set: the exchange in flight seals nothing any more
 
     @property
     def active(self) -> bool:
         return bool(self.holders or self.wards)
 
     def start(self, step: int, ring: SnapshotRing, to: Optional[list[int]] = None,
-              wards: Optional[list[int]] = None) -> None:
+              wards: Optional[list[int]] = None,
+              interrupted: Callable[[], bool] = lambda: False) -> None:
         """Send this rank's copy of ``step`` from ``ring`` (to ``to``, default every holder) and
         take the copies of ``wards`` (default every ward), in the background."""
         if self._pending is not None:
-            self.wait()
+            self.wait(interrupted)
         to = self.holders if to is None else to
         wards = self.wards if wards is None else wards
         if to or wards:
-            self._pending = self._pool.submit(self._exchange, step, ring, to, wards)
+            self._void = threading.Event()
+            self._pending = _in_background(self._exchange, step, ring, to, wards, self._void)
 
-    def wait(self) -> None:
-        if self._pending is not None:
-            fut, self._pending = self._pending, None
-            fut.result()
+    def wait(self, interrupted: Callable[[], bool] = lambda: False) -> None:
+        """Wait for the exchange in flight; ``RecoveryRequested`` once ``interrupted()`` (a fault
+        plan arrived: the exchange may never end, see the module doc)."""
+        fut = self._pending
+        if fut is None:
+            return
+        while not fut.done():
+            if interrupted():
+                raise RecoveryRequested("a fault plan arrived while copies were in flight")
+            try:
+                fut.result(timeout=0.05)
+            except BaseException:  # noqa: BLE001 - the exchange's own error is raised below
+                pass
+        self._pending = None
+        fut.result()
 
-    def _exchange(self, step: int, ring: SnapshotRing, to: list[int], wards: list[int]) -> None:
+    def abandon(self) -> None:
+        """A fault: the exchange in flight is void. It is not waited for; if its thread ever
+        returns, it seals no copy (the recovery sends what holders lack again)."""
+        self._void.set()
+        self._pending = None
+
+    def _exchange(self, step: int, ring: SnapshotRing, to: list[int], wards: list[int],
+                  void: threading.Event) -> None:
         _delay_for_tests(step)
         works = []
         if to:
@@ -75,9 +100,13 @@ class CopyExchange:
                 works += transfer.send([(slot, self.parts, True)], h, self.group)
         for w in wards:
             (got,) = transfer.recv_headers(w, self.group)
+            if void.is_set():
+                return
             slot = self.held[w].take(got.step)
             slot.ensure(got.layout)
             transfer.recv_bodies(w, self.group, [got], slot)
+            if void.is_set():
+                return
             slot.seal({"step": got.step, "layout": got.layout.to_json(), "sums": got.sums,
                        "meta": got.meta})
         transfer.wait_all(works)
@@ -95,8 +124,21 @@ class CopyExchange:
                 self.held[w].close()
                 self.held[w] = ring
 
-    def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _in_background(fn: Callable, *args) -> Future:
+    """Run ``fn(*args)`` on a daemon thread of its own: an exchange that gloo never ends must
+    neither hold up the next one nor the process's exit (a pool's threads are joined then)."""
+    fut: Future = Future()
+
+    def run() -> None:
+        if fut.set_running_or_notify_cancel():
+            try:
+                fut.set_result(fn(*args))
+            except BaseException as e:  # noqa: BLE001 - handed to whoever waits
+                fut.set_exception(e)
+    threading.Thread(target=run, name="fr-copies", daemon=True).start()
+    return fut
 
 
 def _delay_for_tests(step: int) -> None:

@@ -79,6 +79,7 @@ class Session:
         self.step_times: list[float] = []
         self.integration: Optional[Integration] = None
         self.tx = StepTransaction(rank, self.cfg, snapshot_dir)
+        self.tx.interrupted = self.superseded  # a fault plan ends a wait for copies in flight
         self.recovery = Recovery(self)
         self.injector = inject.Injector(rank, injections, self._claim, self._before_injected,
                                         self._group_kinds)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import time
 import weakref
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch.distributed as dist
 
@@ -60,6 +60,8 @@ class StepTransaction:
         self.committed = -1
         self.durable_step = -1   # the newest step whose snapshot and copies are all in place
         self.commit_blocked_s: list[float] = []  # training-thread seconds per commit
+        # whether a fault plan has arrived: a wait for copies in flight gives up then
+        self.interrupted: Callable[[], bool] = lambda: False
 
     def configure(self, integration: Integration, group, world_size: int, nproc: int,
                   has_state: bool) -> Optional[dict]:
@@ -83,7 +85,7 @@ class StepTransaction:
                                    self.cfg.snapshot_depth, self.snapshot_dir)
         if old is not None:
             self.copies.adopt(old)
-            old.close()
+            old.abandon()  # an exchange of the old groups, if any, is void
             return None
         in_shm = [e[2] for e in every]
         return {"snapshots": "shared memory" if all(in_shm) else
@@ -95,7 +97,7 @@ class StepTransaction:
         self.wait_durable()  # the previous step's copies read a slot this one may reuse
         self.ring.write(step, live)
         if self.copies is not None and self.copies.active:
-            self.copies.start(step, self.ring)
+            self.copies.start(step, self.ring, interrupted=self.interrupted)
         self.committed = step
         if not self.ring.in_shared_memory:
             self.wait_durable()
@@ -108,7 +110,7 @@ class StepTransaction:
         self.ring.wait()  # also a snapshot written outside a commit (a checkpoint fallback's)
         if self.durable_step < self.committed:
             if self.copies is not None:
-                self.copies.wait()
+                self.copies.wait(self.interrupted)
             self.durable_step = self.committed
         return time.perf_counter() - t0
 
@@ -141,15 +143,13 @@ class StepTransaction:
             opt.register_step_pre_hook(before_step)
 
     def abandon(self) -> None:
-        """A fault: let the background work of the last commit end before the recovery reads
-        the ring or restores the live tensors. A snapshot that failed to seal is simply not in
-        the ring; a failed exchange is void (the recovery sends what holders lack again)."""
+        """A fault: let the last commit's snapshot seal before the recovery reads the ring or
+        restores the live tensors (a snapshot that failed to seal is simply not in the ring).
+        Its copies in flight are void, not waited for (``redundancy``): the recovery sends what
+        holders lack again."""
         self.wait_snapshot()
-        try:
-            if self.copies is not None:
-                self.copies.wait()
-        except Exception:  # noqa: BLE001 - whatever it raised, the recovery replaces it
-            pass
+        if self.copies is not None:
+            self.copies.abandon()
 
     def settled(self, point: int) -> None:
         """The rank stands at ``point`` again, its snapshot of it durable."""
@@ -158,8 +158,8 @@ class StepTransaction:
     def resend(self, point: int, to: list[int], wards: list[int]) -> None:
         """Send this rank's copy of ``point`` to ``to`` and take ``wards``' copies, now."""
         if to or wards:
-            self.copies.start(point, self.ring, to=to, wards=wards)
-            self.copies.wait()
+            self.copies.start(point, self.ring, to=to, wards=wards, interrupted=self.interrupted)
+            self.copies.wait(self.interrupted)
 
     def stats(self, integration: Optional[Integration], step_times: list[float]) -> dict[str, Any]:
         """What this rank's redundancy costs it: bytes of state, of its snapshots and of the
@@ -174,5 +174,6 @@ class StepTransaction:
                 "step_s_p50": _median(step_times)}
 
     def close(self) -> None:
+        """The job's end: the last commit's copies complete (every peer takes part)."""
         if self.copies is not None:
-            self.copies.close()
+            self.copies.wait(self.interrupted)
