@@ -32,6 +32,10 @@ from .snapshot import SnapshotRing
 log = logging.getLogger("fr_megatron.redundancy")
 
 
+# how long a fault waits for the exchange in flight to end by itself (see ``abandon``)
+ABANDON_GRACE_S = 0.5
+
+
 def held_ring(depth: int, directory: Optional[str], holder: int, ward: int,
               parts: tuple[str, ...]) -> SnapshotRing:
     """Where ``holder`` keeps ``ward``'s copies (found again by a replacement of ``holder``)."""
@@ -84,10 +88,20 @@ class CopyExchange:
         fut.result()
 
     def abandon(self) -> None:
-        """A fault: the exchange in flight is void. It is not waited for; if its thread ever
-        returns, it seals no copy (the recovery sends what holders lack again)."""
-        self._void.set()
-        self._pending = None
+        """A fault, after the abort cut this process's group sockets: an exchange whose transfers
+        were done seals its copy, one whose transfer the cut failed ends with an error, both within
+        ``ABANDON_GRACE_S``; one that gloo leaves waiting is void from then on and is not waited
+        for. If its thread ever returns, it seals nothing (the recovery sends holders what they
+        lack again)."""
+        fut, self._pending = self._pending, None
+        if fut is None:
+            return
+        try:
+            fut.result(timeout=ABANDON_GRACE_S)
+        except BaseException:  # noqa: BLE001 - a failed or unfinished exchange is void alike
+            pass
+        if not fut.done():
+            self._void.set()
 
     def _exchange(self, step: int, ring: SnapshotRing, to: list[int], wards: list[int],
                   void: threading.Event) -> None:
