@@ -22,7 +22,7 @@ import logging
 import os
 import threading
 import time
-from concurrent.futures import Future
+from concurrent.futures import Future, wait as wait_for
 from typing import Callable, Optional
 
 from . import transfer
@@ -77,13 +77,9 @@ class CopyExchange:
         fut = self._pending
         if fut is None:
             return
-        while not fut.done():
+        while not wait_for([fut], timeout=0.05).done:
             if interrupted():
                 raise RecoveryRequested("a fault plan arrived while copies were in flight")
-            try:
-                fut.result(timeout=0.05)
-            except BaseException:  # noqa: BLE001 - the exchange's own error is raised below
-                pass
         self._pending = None
         fut.result()
 
@@ -96,12 +92,8 @@ class CopyExchange:
         fut, self._pending = self._pending, None
         if fut is None:
             return
-        try:
-            fut.result(timeout=ABANDON_GRACE_S)
-        except BaseException:  # noqa: BLE001 - a failed or unfinished exchange is void alike
-            pass
-        if not fut.done():
-            self._void.set()
+        if not wait_for([fut], timeout=ABANDON_GRACE_S).done:
+            self._void.set()  # gloo left it waiting: if it ever returns, it seals nothing
 
     def _exchange(self, step: int, ring: SnapshotRing, to: list[int], wards: list[int],
                   void: threading.Event) -> None:
@@ -137,7 +129,6 @@ class CopyExchange:
             if w in self.held:
                 self.held[w].close()
                 self.held[w] = ring
-
 
 
 def _in_background(fn: Callable, *args) -> Future:
