@@ -100,10 +100,9 @@ def _transformer_config(cfg: TinyGPTConfig, initialize: bool = True):
         pipeline_dtype=dtype,
         params_dtype=dtype,
         bf16=cfg.bf16,
-        use_cpu_initialization=True,
         # a replacement's weights come from its peers: megatron-core still allocates and tags
         # them as tensor-parallel, but draws nothing
-        **({} if initialize else training_hooks.NO_RANDOM_INIT),
+        **({"use_cpu_initialization": True} if initialize else training_hooks.NO_RANDOM_INIT),
         hidden_dropout=cfg.dropout,
         attention_dropout=cfg.dropout,
         bias_dropout_fusion=False,

@@ -144,14 +144,16 @@ def _leave_as_allocated(tensor):
     return tensor
 
 
-# A replacement's TransformerConfig init methods. With ``use_cpu_initialization`` every
-# tensor-parallel rank draws the whole weight, seconds at real sizes while its peers wait.
-# Not ``perform_initialization=False``: megatron-core (0.16) then also skips
+# A replacement's TransformerConfig settings. Its init methods draw nothing, and it allocates
+# each weight partition in place instead of building the whole weight on the CPU and splitting it
+# (``use_cpu_initialization``: every tensor-parallel rank touches the full weight, a copy the
+# survivors wait for). Not ``perform_initialization=False``: megatron-core (0.16) then also skips
 # ``set_tensor_model_parallel_attributes``, the grad norm stops counting the tensor-parallel
 # weights of tensor ranks > 0, clipping differs and the job leaves the fault-free trajectory.
 NO_RANDOM_INIT = {"init_method": _leave_as_allocated,
                   "output_layer_init_method": _leave_as_allocated,
-                  "embedding_init_method": _leave_as_allocated}
+                  "embedding_init_method": _leave_as_allocated,
+                  "use_cpu_initialization": False}
 
 
 def check_optimizer_instances(instances: int, data_parallel_size: int) -> None:
