@@ -32,8 +32,10 @@ from .snapshot import SnapshotRing
 log = logging.getLogger("fr_megatron.redundancy")
 
 
-# how long a fault waits for the exchange in flight to end by itself (see ``abandon``)
-ABANDON_GRACE_S = 0.5
+# how long a fault waits for the exchange in flight to end by itself (see ``abandon``): once the
+# abort has cut the group's sockets no transfer moves any more, so this only lets an exchange whose
+# transfers were done seal its copy, and one that the cut failed return its error
+ABANDON_GRACE_S = 0.05
 
 
 def held_ring(depth: int, directory: Optional[str], holder: int, ward: int,
