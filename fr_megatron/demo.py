@@ -82,7 +82,7 @@ def _job(a, out: Path, name: str, inject: str | None, wandb: bool) -> dict:
     env = {**os.environ, "FR_CONFIG": json.dumps({"wandb": {
         "enabled": wandb, "mode": os.environ.get("WANDB_MODE", "offline"), "dir": str(out),
         "project": "fr_megatron-demo", "tags": ["demo"]}}), "DS_ACCELERATOR": "cpu"}
-    t0 = time.time()
+    t0 = time.monotonic()
     log = open(out / f"{name}.log", "w")
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=env)
@@ -90,12 +90,12 @@ def _job(a, out: Path, name: str, inject: str | None, wandb: bool) -> dict:
         log.write(line)
         m = _ITER.search(line)
         if m:
-            print(f"  [{name:>8}] {time.time() - t0:6.1f}s  step {m[1]:>3}/{m[2]}  loss {m[3]}",
+            print(f"  [{name:>8}] {time.monotonic() - t0:6.1f}s  step {m[1]:>3}/{m[2]}  loss {m[3]}",
                   flush=True)
         m = _EVENT.search(line)
         if m:
             fields = " ".join(kv for kv in m[2].split() if not kv.startswith(("pid=", "node=")))
-            print(f"  [{name:>8}] {time.time() - t0:6.1f}s  ** {m[1]}: {fields}", flush=True)
+            print(f"  [{name:>8}] {time.monotonic() - t0:6.1f}s  ** {m[1]}: {fields}", flush=True)
     rc = proc.wait()
     log.close()
     if rc != 0 or not report.exists():
@@ -155,7 +155,7 @@ def main(argv=None) -> int:
     print(f"fr_megatron demo: tiny GPT, {a.nproc} CPU ranks, TP={a.tp} x PP={a.pp} x "
           f"DP={a.nproc // (a.tp * a.pp)}, distributed optimizer, {a.steps} steps; "
           f"fault: {inject}; {a.spares} warm spare(s)\n", flush=True)
-    t0 = time.time()
+    t0 = time.monotonic()
     base_rep = None
     if not a.skip_baseline:
         print("1/2  the same steps without a fault (reference for the bit-exact check)")
@@ -178,14 +178,14 @@ def main(argv=None) -> int:
     png_tl = plots.recovery_timeline(str(out / "recovery_timeline.png"), rep["faults"])
     report = {**rep, "final_params_equal_fault_free": equal, "losses": losses,
               "fault_free_losses": base_losses, "inject": inject,
-              "plots": [png_loss, png_tl], "wall_s": round(time.time() - t0, 1)}
+              "plots": [png_loss, png_tl], "wall_s": round(time.monotonic() - t0, 1)}
     report_path = Path(a.report or out / "report.json")
     report_path.write_text(json.dumps(report, indent=2))
     print("\n" + _table(rep["faults"], equal))
     print(f"\nreport: {report_path}\nplots:  {png_loss}\n        {png_tl}")
     if not a.no_wandb:
         print(f"wandb:  offline run under {out / 'wandb'} (wandb sync to upload)")
-    print(f"demo took {time.time() - t0:.0f}s")
+    print(f"demo took {time.monotonic() - t0:.0f}s")
     return 0 if equal is not False else 1
 
 

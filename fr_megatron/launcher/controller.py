@@ -239,7 +239,7 @@ class Controller:
         interval = max(0.02, self.cfg.heartbeat_interval / 4)
         took = 0.0
         while not self._stop.wait(max(interval, took)):
-            t0 = time.time()
+            t0 = time.monotonic()
             nodes = sorted(set(range(self.nnodes)) | set(self.agents))
             # a key, once written, stays: only the nodes not heard of yet are probed one by one
             present = [k for k in map(keys.agent, nodes) if k in last_raw or client.check([k])]
@@ -267,7 +267,7 @@ class Controller:
                 self._find_lost_nodes(now)
                 if not self.pending:
                     self._judge_hangs(now)
-            took = time.time() - t0
+            took = time.monotonic() - t0
 
     def _on_node_beat(self, node: int, hb: dict, now: float):
         if hb.get("node") != node:

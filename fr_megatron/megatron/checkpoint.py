@@ -209,7 +209,7 @@ def save(job, step: int, directory: str | os.PathLike) -> Path:
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
 
-    t0 = time.time()
+    t0 = time.monotonic()
     rank = dist.get_rank()
     target = checkpoint_dir(directory, step)
     if rank == 0:
@@ -227,7 +227,7 @@ def save(job, step: int, directory: str | os.PathLike) -> Path:
         _write_tracker(Path(directory), step)
     dist.barrier()
     if rank == 0:
-        log.info("saved checkpoint of step %d to %s in %.3f s", step, target, time.time() - t0)
+        log.info("saved checkpoint of step %d to %s in %.3f s", step, target, time.monotonic() - t0)
     return target
 
 
@@ -253,7 +253,7 @@ def load(job, directory: str | os.PathLike, step: Optional[int] = None) -> int:
     """
     from megatron.core import dist_checkpointing
 
-    t0 = time.time()
+    t0 = time.monotonic()
     if step is None:
         step = latest(directory)
         if step is None:
@@ -303,7 +303,7 @@ def load(job, directory: str | os.PathLike, step: Optional[int] = None) -> int:
     _set_rng_state(state["rng_state"])
     dist.barrier()
     if dist.get_rank() == 0:
-        log.info("loaded checkpoint of step %d from %s in %.3f s", step, target, time.time() - t0)
+        log.info("loaded checkpoint of step %d from %s in %.3f s", step, target, time.monotonic() - t0)
     return step
 
 
