@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -35,6 +36,13 @@ class Job:
     def failure(self, tail: int = 4000) -> str:
         """What a failing assertion shows: the log's tail, and where a hung job was stuck."""
         return self.output[-tail:] + ("\n" + self.stacks if self.stacks else "")
+
+
+def free_port(addr: str = "127.0.0.1") -> int:
+    """A TCP port free on ``addr`` now, for a store or a launcher's controller."""
+    with socket.socket() as sock:
+        sock.bind((addr, 0))
+        return sock.getsockname()[1]
 
 
 def run_job(tmp: Path, script: Path, script_args: list[str], nproc: int = 4, spares: int = 1,

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -22,6 +21,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from jobs import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -41,8 +41,9 @@ RANK = textwrap.dedent("""
     dist.init_process_group("gloo", store=store, rank=rank, world_size=2,
                             timeout=datetime.timedelta(minutes=10))
     group = dist.new_group(backend="gloo", timeout=datetime.timedelta(minutes=10))
+    fault_plan = []  # a fault plan arrived: ``interrupted()``
     ex = CopyExchange(rank, [0] if rank == 1 else [], [1] if rank == 0 else [],
-                      {1: ("unique",)}, group, 2, None)
+                      {1: ("unique",)}, group, 2, None, interrupted=lambda: bool(fault_plan))
     ring = SnapshotRing(2, None, f"rank{rank}")
     if rank == 1:
         live = RankState()
@@ -59,8 +60,9 @@ RANK = textwrap.dedent("""
     while not os.path.exists(go):  # the test saw rank 1 stopped: a fault notice
         time.sleep(0.01)
     cut = shutdown_sockets(set(tcp_peers(group_socket_fds())))
+    fault_plan.append(True)
     try:
-        ex.wait(interrupted=lambda: True)
+        ex.wait()
         raised = None
     except Exception as e:
         raised = {"type": type(e).__name__, "communication": is_communication_failure(e)}
@@ -70,15 +72,10 @@ RANK = textwrap.dedent("""
 """)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.mark.timeout(120)
 def test_a_fault_plan_ends_the_wait_for_a_copy_cut_in_the_middle(tmp_path):
-    port, go = _free_port(), tmp_path / "go"
+    port, go = free_port(), tmp_path / "go"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     procs = [subprocess.Popen([sys.executable, "-c", RANK, str(r), str(port), str(go)],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)

@@ -46,11 +46,14 @@ def held_ring(depth: int, directory: Optional[str], holder: int, ward: int,
 
 class CopyExchange:
     """``parts_of[r]``: the tensor regions rank ``r`` copies to its holders (the meta always
-    travels); ``holders``/``wards``: this rank's, from ``failure_domains.copy_plan``."""
+    travels); ``holders``/``wards``: this rank's, from ``failure_domains.copy_plan``;
+    ``interrupted()``: a fault plan arrived, so a wait for the exchange in flight gives up."""
 
     def __init__(self, rank: int, holders: list[int], wards: list[int], parts_of: dict,
-                 group, depth: int, directory: Optional[str]):
+                 group, depth: int, directory: Optional[str],
+                 interrupted: Callable[[], bool] = lambda: False):
         self.rank, self.holders, self.wards, self.group = rank, holders, wards, group
+        self.interrupted = interrupted
         self.parts = tuple(parts_of.get(rank, ()))
         self.held = {w: held_ring(depth, directory, rank, w, tuple(parts_of[w])) for w in wards}
         self._pending: Optional[Future] = None
@@ -61,26 +64,25 @@ class CopyExchange:
         return bool(self.holders or self.wards)
 
     def start(self, step: int, ring: SnapshotRing, to: Optional[list[int]] = None,
-              wards: Optional[list[int]] = None,
-              interrupted: Callable[[], bool] = lambda: False) -> None:
+              wards: Optional[list[int]] = None) -> None:
         """Send this rank's copy of ``step`` from ``ring`` (to ``to``, default every holder) and
         take the copies of ``wards`` (default every ward), in the background."""
         if self._pending is not None:
-            self.wait(interrupted)
+            self.wait()
         to = self.holders if to is None else to
         wards = self.wards if wards is None else wards
         if to or wards:
             self._void = threading.Event()
             self._pending = _in_background(self._exchange, step, ring, to, wards, self._void)
 
-    def wait(self, interrupted: Callable[[], bool] = lambda: False) -> None:
+    def wait(self) -> None:
         """Wait for the exchange in flight; ``RecoveryRequested`` once ``interrupted()`` (a fault
         plan arrived: the exchange may never end, see the module doc)."""
         fut = self._pending
         if fut is None:
             return
         while not wait_for([fut], timeout=0.05).done:
-            if interrupted():
+            if self.interrupted():
                 raise RecoveryRequested("a fault plan arrived while copies were in flight")
         self._pending = None
         fut.result()

@@ -82,7 +82,8 @@ class StepTransaction:
         old = self.copies
         self.copies = CopyExchange(self.rank, self.plan.holders[self.rank],
                                    self.plan.wards(self.rank), self.plan.parts, group,
-                                   self.cfg.snapshot_depth, self.snapshot_dir)
+                                   self.cfg.snapshot_depth, self.snapshot_dir,
+                                   interrupted=lambda: self.interrupted())
         if old is not None:
             self.copies.adopt(old)
             old.abandon()  # an exchange of the old groups, if any, is void
@@ -97,7 +98,7 @@ class StepTransaction:
         self.wait_durable()  # the previous step's copies read a slot this one may reuse
         self.ring.write(step, live)
         if self.copies is not None and self.copies.active:
-            self.copies.start(step, self.ring, interrupted=self.interrupted)
+            self.copies.start(step, self.ring)
         self.committed = step
         if not self.ring.in_shared_memory:
             self.wait_durable()
@@ -110,7 +111,7 @@ class StepTransaction:
         self.ring.wait()  # also a snapshot written outside a commit (a checkpoint fallback's)
         if self.durable_step < self.committed:
             if self.copies is not None:
-                self.copies.wait(self.interrupted)
+                self.copies.wait()
             self.durable_step = self.committed
         return time.perf_counter() - t0
 
@@ -158,14 +159,15 @@ class StepTransaction:
     def resend(self, point: int, to: list[int], wards: list[int]) -> None:
         """Send this rank's copy of ``point`` to ``to`` and take ``wards``' copies, now."""
         if to or wards:
-            self.copies.start(point, self.ring, to=to, wards=wards, interrupted=self.interrupted)
-            self.copies.wait(self.interrupted)
+            self.copies.start(point, self.ring, to=to, wards=wards)
+            self.copies.wait()
 
     def stats(self, integration: Optional[Integration], step_times: list[float]) -> dict[str, Any]:
         """What this rank's redundancy costs it: bytes of state, of its snapshots and of the
         copies it holds; training-thread seconds per commit and per step (medians)."""
         layout = Layout.of(integration.capture() if integration else RankState())
-        return {"replicated_bytes": layout.nbytes("replicated"),
+        return {"state_bytes": integration.state_bytes() if integration else 0,
+                "replicated_bytes": layout.nbytes("replicated"),
                 "unique_bytes": layout.nbytes("unique"),
                 "snapshot_bytes": self.ring.nbytes(),
                 "snapshots_in_shared_memory": self.ring.in_shared_memory,
