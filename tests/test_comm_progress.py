@@ -11,7 +11,6 @@ second operation on a group fires just before it.
 from __future__ import annotations
 
 import os
-import socket
 import time
 
 import pytest
@@ -20,14 +19,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from fr_megatron.launcher import detector
+from jobs import free_port
 
 WORLD = 3
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Fired(Exception):
@@ -98,7 +93,7 @@ def _rank(rank: int, port: int, out) -> None:
 def test_collectives_counted_per_group_and_pair_and_the_laggard_blamed():
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=_rank, args=(r, port, out)) for r in range(WORLD)]
     for p in procs:
         p.start()

@@ -15,7 +15,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,7 +23,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from jobs import REPO, TORCH_RECIPE
+from jobs import REPO, TORCH_RECIPE, free_port
 
 NODE_TIMEOUT = 2.0
 
@@ -74,9 +73,7 @@ def test_lost_agent_moves_its_ranks_then_lost_controller_stops_cleanly(tmp_path)
 
     write_token_file(str(tmp_path / "token"), new_token())
     token = (tmp_path / "token").read_bytes().strip()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     logs = {n: tmp_path / f"{n}.log" for n in ("node0", "node1", "spare")}
     procs = {"node0": _launch(tmp_path, port, 0, logs["node0"])}
     time.sleep(1.0)  # node 0 hosts the store the others connect to

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+from jobs import free_port
 
 HERE = Path(__file__).resolve()
 ROOT = HERE.parent.parent
@@ -23,15 +23,10 @@ ROOT = HERE.parent.parent
 # ---------------------------------------------------------------------------------------------
 # launching
 # ---------------------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def launch(tmp_path: Path, world: int, *args: str, timeout: float = 150) -> list[dict]:
     """Run the worker on ``world`` ranks (torchrun-like env) and return each rank's result."""
-    port = _free_port()
+    port = free_port()
     procs = []
     for rank in range(world):
         env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),

@@ -18,7 +18,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -27,7 +26,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from jobs import REPO, TORCH_RECIPE, TORCH_STEPS as STEPS, assert_same_training
+from jobs import REPO, TORCH_RECIPE, TORCH_STEPS as STEPS, assert_same_training, free_port
 
 BRIDGE, BRIDGE_ADDR = "fr-br0", "10.77.0.1"
 NODES = {"node1": ("fr-node1", "fr-v1", "fr-v1h", "10.77.0.2"),
@@ -71,11 +70,6 @@ def hosts():
     _teardown()
 
 
-def _free_port(addr: str) -> int:
-    with socket.socket() as s:
-        s.bind((addr, 0))
-        return s.getsockname()[1]
-
 
 def _launch(tmp: Path, port: int, node: str | None, node_rank: int, extra: list[str],
             log: Path) -> subprocess.Popen:
@@ -118,7 +112,7 @@ def _run(tmp: Path, how: str) -> tuple[dict, list[dict], dict | None, str]:
     from fr_megatron.protocol.auth import new_token, write_token_file
 
     write_token_file(str(tmp / "token"), new_token())
-    port = _free_port(BRIDGE_ADDR)
+    port = free_port(BRIDGE_ADDR)
     # before node 1 crashes, two ranks of different nodes fail at once (rank 1 on node 0, rank 3
     # on node 1; neither holds the other's copy): each node replaces its own, and the node crash
     # then takes rank 3's replacement with it

@@ -14,7 +14,6 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -24,7 +23,7 @@ import torch
 
 from fr_megatron.events import Journal
 from fr_megatron.protocol.auth import new_token, write_token_file
-from jobs import REPO, TORCH_RECIPE, TORCH_STEPS, assert_same_training
+from jobs import REPO, TORCH_RECIPE, TORCH_STEPS, assert_same_training, free_port
 from test_megatron_recovery import ARGS, load_ranks, assert_ranks_equal, megatron_job
 
 INSTANCES = [*ARGS, "--num-distributed-optimizer-instances", "2"]
@@ -70,9 +69,7 @@ def _node(tmp: Path, port: int, node: int, inject: str, env: dict) -> subprocess
 @pytest.mark.timeout(300)
 def test_rank_killed_while_its_copy_is_in_flight_loses_no_step(tmp_path, torch_baseline):
     write_token_file(str(tmp_path / "token"), new_token())
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     # step 3's copies are held back 2 s: rank 3 dies in step 4's forward while its copy of step
     # 3 is still on its way to its holder on node 0
     env = {**os.environ, "FR_TEST_COPY_DELAY": "3:2.0"}

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import datetime
 import multiprocessing as mp
-import socket
 
 import pytest
 import torch
@@ -20,15 +19,11 @@ import torch.distributed as dist
 
 from fr_megatron.protocol.auth import AuthError, Signer
 from fr_megatron.runtime import startup_calls
+from jobs import free_port
 
 TOKEN = "startup-test-token"
 BIG = startup_calls.RECORD_LIMIT_BYTES // 4 + 1  # float32 elements: just over the limit
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _startup(rank: int, variant: str = "same") -> dict:
@@ -93,7 +88,7 @@ def _replacement(port: int, prefix: str, variant: str, token: str, q) -> None:
 @pytest.fixture(scope="module")
 def recorded():
     """Port of a store on which ranks 0 and 1 published their start-up records."""
-    port = _free_port()
+    port = free_port()
     server = dist.TCPStore("127.0.0.1", port, 3, True, wait_for_workers=False)
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
@@ -162,7 +157,7 @@ def test_a_record_signed_with_another_token_is_refused(recorded):
 
 @pytest.mark.timeout(60)
 def test_tampered_or_missing_record():
-    port = _free_port()
+    port = free_port()
     store = dist.TCPStore("127.0.0.1", port, 1, True, wait_for_workers=False)
     signer = Signer(TOKEN, "rank3")
     assert startup_calls.load_record(store, signer, 3) is None
