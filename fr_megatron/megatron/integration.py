@@ -2,15 +2,18 @@
 
 State split, for megatron-core 0.16.1 with the DistributedOptimizer:
 
-* ``replicated``: every model parameter of every model chunk (``param.data``). They are
-  views into DDP's param buffer and bit-identical across the data-parallel group *with* context
-  parallelism (the group the DistributedOptimizer shards over and all-gathers params in). With fp32
-  params the optimizer's "main params" are views into these same tensors
-  (``DistributedOptimizer.shard_fp32_groups``), so they are covered here.
-* ``unique``: what the DistributedOptimizer holds for its shard only: the inner torch optimizer's
+* ``unique``: what this rank alone holds of the data-parallel state. With the
+  DistributedOptimizer every parameter lives in DDP's param buffer, and the optimizer updates only
+  this rank's shard of each bucket, then all-gathers the bucket (``start_param_sync``): that shard
+  is committed, the rest of the buffer is not (``restore`` all-gathers it again, as the optimizer
+  step does, so a commit copies P/DP parameter bytes, not P). With fp32 params the optimizer's
+  "main params" are views into these same shards. Also the inner torch optimizer's
   ``state[shard_param]`` (``exp_avg``, ``exp_avg_sq``, ``step``) for every shard param of
   ``optimizer.optimizer.param_groups``, and with 16-bit params the fp32 master shards
   ``optimizer.shard_fp32_from_float16_groups``.
+* ``replicated``: model parameters outside a distributed-optimizer buffer (``param.data``; all of
+  them with megatron DDP without the DistributedOptimizer), bit-identical across the
+  data-parallel group *with* context parallelism.
 * ``meta``: the model chunks' buffers (copied at the commit: some change in the forward), the
   RNG tracker's named states (the runtime keeps the process's own generators), the LR scheduler,
   the inner optimizer's param-group hyper-parameters (lr, wd, ...), the grad scaler, and the
@@ -68,6 +71,28 @@ def _ensure_adam_state(inner: torch.optim.Optimizer) -> None:
                 state.setdefault(
                     "max_exp_avg_sq", torch.zeros_like(p, memory_format=torch.preserve_format)
                 )
+
+
+def _bucket_groups(chunk) -> list:
+    """The DDP bucket groups of a megatron-core model chunk (none for other wrappers)."""
+    return [*(getattr(chunk, "bucket_groups", None) or ()),
+            *(getattr(chunk, "expert_parallel_bucket_groups", None) or ())]
+
+
+def _param_shards(chunk):
+    """(group index, bucket index, bucket, this rank's shard of the bucket's param buffer) for each
+    bucket that the DistributedOptimizer shards: the slice megatron-core's ``start_param_sync``
+    all-gathers from."""
+    from megatron.core.distributed.param_and_grad_buffer import shard_buffer
+
+    for g, bucket_group in enumerate(_bucket_groups(chunk)):
+        if not bucket_group.ddp_config.use_distributed_optimizer:
+            continue
+        size = bucket_group.intra_distributed_optimizer_instance_size
+        rank = bucket_group.intra_distributed_optimizer_instance_rank
+        for b, bucket in enumerate(bucket_group.buckets):
+            if bucket.param_data is not None:
+                yield g, b, bucket, shard_buffer(bucket.param_data, size)[rank]
 
 
 class MegatronIntegration(Integration):
@@ -139,8 +164,13 @@ class MegatronIntegration(Integration):
     def capture(self) -> RankState:
         state = RankState()
         for i, chunk in enumerate(self.model):
+            sharded: set[int] = set()
+            for g, b, bucket, shard in _param_shards(chunk):
+                state.unique[f"model{i}/bucket_group{g}/bucket{b}/param_shard"] = shard
+                sharded.update(id(p) for p in bucket.params_list)
             for name, p in chunk.named_parameters():
-                state.replicated[f"model{i}/param/{name}"] = p.data
+                if id(p) not in sharded:
+                    state.replicated[f"model{i}/param/{name}"] = p.data
         for k, opt in enumerate(sub_optimizers(self.optimizer)):
             inner = getattr(opt, "optimizer", None)
             if inner is None:  # a rank with no trainable params in this sub-optimizer
@@ -157,6 +187,15 @@ class MegatronIntegration(Integration):
                         state.unique[f"optim{k}/main{g}/param{j}"] = shard
         state.meta = self._capture_meta()
         return state
+
+    def state_bytes(self) -> int:
+        """Every parameter, whole, and the optimizer's state (``capture`` holds only this rank's
+        shard of the parameters)."""
+        st = self.capture()
+        params = sum(p.numel() * p.element_size() for chunk in self.model
+                     for p in chunk.parameters())
+        return params + sum(t.numel() * t.element_size() for k, t in st.unique.items()
+                            if not k.endswith("/param_shard"))
 
     def _capture_meta(self) -> dict[str, Any]:
         from megatron.core.tensor_parallel import get_cuda_rng_tracker
@@ -209,7 +248,18 @@ class MegatronIntegration(Integration):
                             f"live is {dst.dtype}{tuple(dst.shape)}"
                         )
                     dst.copy_(src[key])
+        self._gather_params()
         self._restore_meta(state.meta)
+
+    def _gather_params(self) -> None:
+        """Every rank of a bucket's data-parallel group has its shard of the bucket back: the
+        all-gather of the optimizer step puts the whole bucket together again. A collective: every
+        rank restores at the same time (a recovery restores every rank)."""
+        for chunk in self.model:
+            for bucket_group in _bucket_groups(chunk):
+                if any(bucket.param_data is not None for bucket in bucket_group.buckets):
+                    bucket_group.param_gather_handle = None  # one in flight was cut by the fault
+                    bucket_group.start_param_sync(force_sync=True)
 
     def _restore_meta(self, meta: dict[str, Any]) -> None:
         from megatron.core.tensor_parallel import get_cuda_rng_tracker
@@ -319,9 +369,7 @@ class MegatronIntegration(Integration):
                 continue
             if isinstance(group, dist.ProcessGroup):  # a non-member holds no group of the kind
                 kinds[kind] = [group]
-        buckets = [bg for chunk in self.model for attr in ("bucket_groups",
-                                                           "expert_parallel_bucket_groups")
-                   for bg in getattr(chunk, attr, None) or ()]
+        buckets = [bg for chunk in self.model for bg in _bucket_groups(chunk)]
         gather = _unique(getattr(bg, "intra_distributed_optimizer_instance_group", None)
                          for bg in buckets)
         if gather:

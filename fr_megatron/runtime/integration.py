@@ -25,7 +25,7 @@ class RankState:
     them from a live replica.
 
     ``unique``: tensors that no data-parallel replica holds (distributed-optimizer / ZeRO shards
-    of fp32 master weights and moments). Only ``Integration.shard_replica_ranks()`` hold them too
+    of fp32 master weights and moments, and the parameter shards such an optimizer updates). Only ``Integration.shard_replica_ranks()`` hold them too
     (optimizer instances: redundancy by computation); where none is in another failure domain,
     they are copied to a peer there (``runtime.failure_domains``).
 
@@ -63,7 +63,16 @@ class Integration(abc.ABC):
 
     @abc.abstractmethod
     def restore(self, state: RankState) -> None:
-        """Copy ``state`` into the live state in place (same names and shapes as ``capture``)."""
+        """Copy ``state`` into the live state in place (same names and shapes as ``capture``).
+        Every rank restores at the same time, so it may run collectives (re-assembling what
+        ``capture`` left out because peers hold it)."""
+
+    def state_bytes(self) -> int:
+        """Bytes of this rank's training state, what ``capture`` commits and what it leaves out
+        because it can be rebuilt from peers: the yardstick for the runtime's memory."""
+        st = self.capture()
+        return sum(t.numel() * t.element_size() for part in (st.replicated, st.unique)
+                   for t in part.values())
 
     def teardown(self) -> None:
         """Forget the framework's groups; called before the runtime destroys the old world."""

@@ -178,4 +178,4 @@ class StepTransaction:
     def close(self) -> None:
         """The job's end: the last commit's copies complete (every peer takes part)."""
         if self.copies is not None:
-            self.copies.wait(self.interrupted)
+            self.copies.wait()
