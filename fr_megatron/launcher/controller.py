@@ -162,6 +162,7 @@ class Controller:
         self._end_wake = None                 # where the job's end goes, when not the default
         self._lock = threading.RLock()
         self._stop = threading.Event()
+        self._wake = threading.Event()  # a fault reported: the serving loop times its decision
         self.wandb = WandbSink(cfg.wandb, run_name, {"world_size": world_size, "nnodes": nnodes},
                                group=wandb_group) if cfg.wandb.enabled else None
         self._publish_generation()
@@ -195,7 +196,9 @@ class Controller:
                    threading.Thread(target=self._heartbeat_loop, name="fr-heartbeats", daemon=True)]
         for t in threads:
             t.start()
-        while not self._stop.wait(0.05):
+        while not self._stop.is_set():
+            self._wake.wait(self._until_next_decision())
+            self._wake.clear()
             with self._lock:
                 if self.fatal or (self.stopping and self._stop_complete(time.time())):
                     break  # a job that is stopping opens no new generation
@@ -208,6 +211,13 @@ class Controller:
                     break
         self._finish()
         return self.exit_code
+
+    def _until_next_decision(self, tick: float = 0.05) -> float:
+        """How long the serving loop may sleep: until the first pending fault has waited
+        ``DEBOUNCE_S`` for others to join it, at most ``tick``."""
+        with self._lock:
+            first = min((f.reported_t for f in self.pending.values()), default=None)
+        return tick if first is None else min(tick, max(0.0, first + DEBOUNCE_S - time.time()))
 
     def _events_loop(self):
         client = connect(self.host, self.port)
@@ -488,6 +498,7 @@ class Controller:
         old = self.pending.get(f.rank)
         if old is None:
             self.pending[f.rank] = f
+            self._wake.set()  # decided DEBOUNCE_S from now, not at the next tick
             self.journal.write("fault_reported", generation=self.generation, rank=f.rank,
                                step=f.step, phase=f.phase, kind=f.kind, pid=f.pid,
                                **f.detail)
@@ -734,6 +745,7 @@ class Controller:
 
     def stop(self):
         self._stop.set()
+        self._wake.set()
 
 
 def build_parser() -> argparse.ArgumentParser:
