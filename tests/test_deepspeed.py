@@ -377,10 +377,18 @@ def _scenario(stage: int, tp: int, mpu, rebuild_mpu, new_generation, bf16: bool 
         return loss.item()
 
     def snapshot(fr):
-        """A deep copy of the live state (capture returns live tensors)."""
+        """A deep copy of the live state (capture returns live tensors), with every module
+        parameter beside it under "module/" (ZeRO-1/2 capture leaves the trained ones out: they
+        are made from the master partitions), so that the comparisons below cover them."""
         s = fr.capture()
-        return RankState(replicated={k: v.clone() for k, v in s.replicated.items()},
+        params = {f"module/{n}": p.detach().clone() for n, p in fr.engine.module.named_parameters()}
+        return RankState(replicated={**{k: v.clone() for k, v in s.replicated.items()}, **params},
                          unique={k: v.clone() for k, v in s.unique.items()}, meta=copy.deepcopy(s.meta))
+
+    def restorable(state):
+        """``state`` as ``capture`` returned it (without the "module/" parameters)."""
+        return RankState({k: v for k, v in state.replicated.items() if not k.startswith("module/")},
+                         state.unique, state.meta)
 
     def diff(a, b) -> list[str]:
         empty = torch.empty(0)
@@ -403,14 +411,14 @@ def _scenario(stage: int, tp: int, mpu, rebuild_mpu, new_generation, bf16: bool 
     # 2. a fresh engine (no optimizer state yet) restores that state, like a replacement rank
     engine = make_engine()
     fr = engine.flash_recovery
-    fr.restore(at_k)
+    fr.restore(restorable(at_k))
     fresh_diff = diff(at_k, snapshot(fr))
 
     # 3. capture, step, restore, redo the step
     before = snapshot(fr)
     loss1 = step(engine, K + 1)
     after1 = snapshot(fr)
-    fr.restore(before)
+    fr.restore(restorable(before))
     restored = snapshot(fr)
     loss2 = step(engine, K + 1)
     after2 = snapshot(fr)
@@ -429,11 +437,12 @@ def _scenario(stage: int, tp: int, mpu, rebuild_mpu, new_generation, bf16: bool 
             rebuild_mpu()
         engine = make_engine()
         fr = engine.flash_recovery
-        fr.restore(after2)
     else:
         fr.rebuild()
         if replace:
             fr.mirror_fresh_init()
+    if replace:  # every rank restores, as in a recovery (ZeRO all-gathers the parameters)
+        fr.restore(restorable(after2))
     old_refs_after = fr.old_group_references(old_groups)
     refs_after = fr.group_references()
     live = set(map(id, dist.distributed_c10d._world.pg_map))
@@ -441,7 +450,8 @@ def _scenario(stage: int, tp: int, mpu, rebuild_mpu, new_generation, bf16: bool 
     after_rebuild = [step(engine, i) for i in range(K + 2, N)]
     final = snapshot(fr)
 
-    digest = float(sum(v.double().sum() * (j + 1) for j, v in enumerate(final.replicated.values())))
+    params = [v for k, v in final.replicated.items() if k.startswith("module/")]
+    digest = float(sum(v.double().sum() * (j + 1) for j, v in enumerate(params)))
     return {"fresh_diff": fresh_diff, "redo_equal": not redo_diff, "redo_diff": redo_diff,
             "losses_uninterrupted": plain[K + 2:], "losses_after_rebuild": after_rebuild,
             "final_equal": not diff(final_plain, final), "final_diff": diff(final_plain, final),

@@ -1,11 +1,13 @@
 """DeepSpeed (ZeRO stage 0, 1, 2) as the runtime sees it: state to copy, groups to rebuild.
 
-State. Under ZeRO-1/2 the module parameters are the same on every rank of the data-parallel
-group (ZeRO all-gathers them after each step), so they are ``replicated``; the fp32 master
-partition ``optimizer.single_partition_of_fp32_groups[i]`` and the inner optimizer's moments for it
-exist on this rank only, so they are ``unique``. Restoring copies both in place, which also makes
-the low-precision parameters (views into ZeRO's flat buffers) match without a collective, so a
-single rank can restore while its peers wait.
+State. Under ZeRO-1/2 the fp32 master partition ``optimizer.single_partition_of_fp32_groups[i]``
+and the inner optimizer's moments for it exist on this rank only, so they are ``unique``. The
+module parameters that ZeRO trains are not committed at all: ZeRO's step makes them from the
+master partitions (each rank casts its partition into the flat low-precision buffer, then the
+data-parallel group all-gathers the buffers), and ``restore`` does the same
+(``update_lp_params``). So a commit copies no parameter bytes beyond the partition, and every rank
+of the data-parallel group restores at once, as a recovery does. Under stage 0 the parameters and
+moments are ``replicated``.
 
 Groups. DeepSpeed caches groups in many places (engine attributes, the ZeRO optimizer, an attribute
 on every parameter, ``deepspeed.utils.groups``). After the runtime has made a new default group,
@@ -37,6 +39,7 @@ import torch.distributed as dist
 from fr_megatron.config import FlashRecoveryConfig
 from fr_megatron.runtime import group_refs
 from fr_megatron.runtime.integration import Integration, RankState
+from fr_megatron.runtime.shard_gather import gather_shards
 
 log = logging.getLogger(__name__)
 
@@ -153,8 +156,11 @@ class DeepSpeedIntegration(Integration):
     def capture(self) -> RankState:
         e = self.engine
         state = RankState()
+        made_by_zero = {id(p) for group in e.optimizer.bit16_groups for p in group} \
+            if self._zero else set()
         for name, p in e.module.named_parameters():
-            state.replicated[f"param/{name}"] = p.data
+            if id(p) not in made_by_zero:  # frozen parameters, and all of them under stage 0
+                state.replicated[f"param/{name}"] = p.data
         opt_tensors = state.unique if self._zero else state.replicated
         opt_scalars: dict[str, Any] = {}
         inner = self._inner_optimizer()
@@ -215,6 +221,8 @@ class DeepSpeedIntegration(Integration):
                         prefix, _, key = k.rpartition("/state/")
                         inner.state[slots[prefix]][key] = src.detach().clone()
         meta = copy.deepcopy(state.meta)
+        if self._zero:
+            self._make_trained_params()
         for k, v in meta.get("optim_scalars", {}).items():
             prefix, _, key = k.rpartition("/state/")
             inner.state[slots[prefix]][key] = v
@@ -228,6 +236,30 @@ class DeepSpeedIntegration(Integration):
         if scaler is not None:
             for k, v in meta.get("loss_scaler", {}).items():
                 setattr(scaler, k, v)
+
+    def _make_trained_params(self) -> None:
+        """What ZeRO's step does after the update (``update_lp_params``): each rank casts its
+        master partition into its partition of the flat low-precision group, and the
+        data-parallel group exchanges the partitions. A collective."""
+        opt = self.engine.optimizer
+        pieces = []
+        with torch.no_grad():
+            for i, fp32 in enumerate(opt.single_partition_of_fp32_groups):
+                group = opt.real_dp_process_group[i]
+                me = dist.get_rank(group=group)
+                partitions = opt.parallel_partitioned_bit16_groups[i]
+                partitions[me].data.copy_(fp32.data)
+                pieces.append(([p.data for p in partitions], me, group))
+            gather_shards(pieces)
+
+    def state_bytes(self) -> int:
+        """The module's parameters, whole, and the optimizer's state (under ZeRO-1/2 ``capture``
+        leaves the trained parameters out)."""
+        st = self.capture()
+        params = sum(p.numel() * p.element_size() for p in self.engine.module.parameters())
+        return params + sum(t.numel() * t.element_size() for t in st.unique.values()) + \
+            sum(t.numel() * t.element_size() for k, t in st.replicated.items()
+                if not k.startswith("param/"))
 
     def reset_step_state(self) -> None:
         """Forget everything a step that did not finish left in the engine and the ZeRO optimizer.

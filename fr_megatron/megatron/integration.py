@@ -38,6 +38,7 @@ from torch.distributed import distributed_c10d as c10d
 
 from fr_megatron.megatron import parallel_state_hook, rebind
 from fr_megatron.runtime.integration import Integration, RankState
+from fr_megatron.runtime.shard_gather import gather_shards
 
 logger = logging.getLogger(__name__)
 
@@ -80,9 +81,9 @@ def _bucket_groups(chunk) -> list:
 
 
 def _param_shards(chunk):
-    """(group index, bucket index, bucket, this rank's shard of the bucket's param buffer) for each
-    bucket that the DistributedOptimizer shards: the slice megatron-core's ``start_param_sync``
-    all-gathers from."""
+    """(group index, bucket index, bucket, the bucket's param buffer in the group's shards, this
+    rank's index, the group) for each bucket that the DistributedOptimizer shards: the slices
+    megatron-core's ``start_param_sync`` all-gathers."""
     from megatron.core.distributed.param_and_grad_buffer import shard_buffer
 
     for g, bucket_group in enumerate(_bucket_groups(chunk)):
@@ -90,9 +91,10 @@ def _param_shards(chunk):
             continue
         size = bucket_group.intra_distributed_optimizer_instance_size
         rank = bucket_group.intra_distributed_optimizer_instance_rank
+        group = bucket_group.intra_distributed_optimizer_instance_group
         for b, bucket in enumerate(bucket_group.buckets):
             if bucket.param_data is not None:
-                yield g, b, bucket, shard_buffer(bucket.param_data, size)[rank]
+                yield g, b, bucket, shard_buffer(bucket.param_data, size), rank, group
 
 
 class MegatronIntegration(Integration):
@@ -165,8 +167,8 @@ class MegatronIntegration(Integration):
         state = RankState()
         for i, chunk in enumerate(self.model):
             sharded: set[int] = set()
-            for g, b, bucket, shard in _param_shards(chunk):
-                state.unique[f"model{i}/bucket_group{g}/bucket{b}/param_shard"] = shard
+            for g, b, bucket, shards, rank, _ in _param_shards(chunk):
+                state.unique[f"model{i}/bucket_group{g}/bucket{b}/param_shard"] = shards[rank]
                 sharded.update(id(p) for p in bucket.params_list)
             for name, p in chunk.named_parameters():
                 if id(p) not in sharded:
@@ -253,13 +255,13 @@ class MegatronIntegration(Integration):
 
     def _gather_params(self) -> None:
         """Every rank of a bucket's data-parallel group has its shard of the bucket back: the
-        all-gather of the optimizer step puts the whole bucket together again. A collective: every
+        group exchanges the shards, as the optimizer step's all-gather does. A collective: every
         rank restores at the same time (a recovery restores every rank)."""
         for chunk in self.model:
             for bucket_group in _bucket_groups(chunk):
-                if any(bucket.param_data is not None for bucket in bucket_group.buckets):
-                    bucket_group.param_gather_handle = None  # one in flight was cut by the fault
-                    bucket_group.start_param_sync(force_sync=True)
+                bucket_group.param_gather_handle = None  # one in flight was cut by the fault
+        gather_shards([(shards, rank, group) for chunk in self.model
+                       for _, _, _, shards, rank, group in _param_shards(chunk)])
 
     def _restore_meta(self, meta: dict[str, Any]) -> None:
         from megatron.core.tensor_parallel import get_cuda_rng_tracker
