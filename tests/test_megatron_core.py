@@ -147,9 +147,12 @@ def test_3d_training_makes_progress(run_3d):
 @pytest.mark.timeout(420)
 @pytest.mark.parametrize("tp,pp,bf16", [(1, 2, True)], ids=["pp2dp2-bf16"])  # TP, fp32: the 3D run
 def test_rebuild_4_ranks(tmp_path, tp, pp, bf16):
-    """Two generations in a row (gen1 before step 1, gen2 before step 2)."""
+    """Two generations in a row (gen1 before step 1, gen2 before step 2); gen2 tears megatron
+    down twice, as when a second fault interrupts a rebuild before it began: the rebuild must
+    still rebind every reference to the groups of gen1."""
     args = ["--world", "4", "--tp", str(tp), "--pp", str(pp), "--steps", "4"]
-    args += ["--rebuild-at", "1,2", "--restore-check-at", "3", "--baseline"]
+    args += ["--rebuild-at", "1,2", "--teardown-again-at", "2", "--restore-check-at", "3",
+             "--baseline"]
     reports = _launch(tmp_path, *args, *(["--bf16"] if bf16 else []))
     _assert_rebuild_and_restore(reports, world=4, rebuilds=2)
     _assert_replicas(reports, tp=tp, pp=pp)

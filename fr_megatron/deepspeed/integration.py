@@ -4,9 +4,10 @@ State. Under ZeRO-1/2 the fp32 master partition ``optimizer.single_partition_of_
 and the inner optimizer's moments for it exist on this rank only, so they are ``unique``. The
 module parameters that ZeRO trains are not committed at all: ZeRO's step makes them from the
 master partitions (each rank casts its partition into the flat low-precision buffer, then the
-data-parallel group all-gathers the buffers), and ``restore`` does the same
-(``update_lp_params``). So a commit copies no parameter bytes beyond the partition, and every rank
-of the data-parallel group restores at once, as a recovery does. Under stage 0 the parameters and
+data-parallel group all-gathers the buffers), and ``restore`` does the same (as
+``update_lp_params``, with the partitions exchanged by ``runtime.shard_gather``). So a commit
+copies no parameter bytes beyond the partition, and every rank of the data-parallel group
+restores at once, as a recovery does. Under stage 0 the parameters and
 moments are ``replicated``.
 
 Groups. DeepSpeed caches groups in many places (engine attributes, the ZeRO optimizer, an attribute
@@ -38,7 +39,7 @@ import torch.distributed as dist
 
 from fr_megatron.config import FlashRecoveryConfig
 from fr_megatron.runtime import group_refs
-from fr_megatron.runtime.integration import Integration, RankState
+from fr_megatron.runtime.integration import Integration, RankState, tensor_bytes
 from fr_megatron.runtime.shard_gather import gather_shards
 
 log = logging.getLogger(__name__)
@@ -256,10 +257,8 @@ class DeepSpeedIntegration(Integration):
         """The module's parameters, whole, and the optimizer's state (under ZeRO-1/2 ``capture``
         leaves the trained parameters out)."""
         st = self.capture()
-        params = sum(p.numel() * p.element_size() for p in self.engine.module.parameters())
-        return params + sum(t.numel() * t.element_size() for t in st.unique.values()) + \
-            sum(t.numel() * t.element_size() for k, t in st.replicated.items()
-                if not k.startswith("param/"))
+        return tensor_bytes(self.engine.module.parameters()) + tensor_bytes(st.unique.values()) \
+            + tensor_bytes([t for k, t in st.replicated.items() if not k.startswith("param/")])
 
     def reset_step_state(self) -> None:
         """Forget everything a step that did not finish left in the engine and the ZeRO optimizer.

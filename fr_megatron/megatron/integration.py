@@ -5,11 +5,11 @@ State split, for megatron-core 0.16.1 with the DistributedOptimizer:
 * ``unique``: what this rank alone holds of the data-parallel state. With the
   DistributedOptimizer every parameter lives in DDP's param buffer, and the optimizer updates only
   this rank's shard of each bucket, then all-gathers the bucket (``start_param_sync``): that shard
-  is committed, the rest of the buffer is not (``restore`` all-gathers it again, as the optimizer
-  step does, so a commit copies P/DP parameter bytes, not P). With fp32 params the optimizer's
-  "main params" are views into these same shards. Also the inner torch optimizer's
-  ``state[shard_param]`` (``exp_avg``, ``exp_avg_sq``, ``step``) for every shard param of
-  ``optimizer.optimizer.param_groups``, and with 16-bit params the fp32 master shards
+  is committed, the rest of the buffer is not (``restore`` has the group exchange the shards
+  again, ``runtime.shard_gather``, so a commit copies P/DP parameter bytes, not P). With fp32
+  params the optimizer's "main params" are views into these same shards. Also the inner torch
+  optimizer's ``state[shard_param]`` (``exp_avg``, ``exp_avg_sq``, ``step``) for every shard param
+  of ``optimizer.optimizer.param_groups``, and with 16-bit params the fp32 master shards
   ``optimizer.shard_fp32_from_float16_groups``.
 * ``replicated``: model parameters outside a distributed-optimizer buffer (``param.data``; all of
   them with megatron DDP without the DistributedOptimizer), bit-identical across the
@@ -37,7 +37,7 @@ import torch.distributed as dist
 from torch.distributed import distributed_c10d as c10d
 
 from fr_megatron.megatron import parallel_state_hook, rebind
-from fr_megatron.runtime.integration import Integration, RankState
+from fr_megatron.runtime.integration import Integration, RankState, tensor_bytes
 from fr_megatron.runtime.shard_gather import gather_shards
 
 logger = logging.getLogger(__name__)
@@ -120,6 +120,7 @@ class MegatronIntegration(Integration):
         self._old_roles: dict[str, dist.ProcessGroup] = {}
         self._old_groups: list[dist.ProcessGroup] = []
         self._retire: list[dist.ProcessGroup] = []
+        self._torn_down = False  # between a teardown and the rebuild that completes it
         self._world = c10d._get_default_group() if dist.is_initialized() else None
         self.last_rebuild: dict[str, float] = {}
         parallel_state_hook.install()
@@ -194,10 +195,8 @@ class MegatronIntegration(Integration):
         """Every parameter, whole, and the optimizer's state (``capture`` holds only this rank's
         shard of the parameters)."""
         st = self.capture()
-        params = sum(p.numel() * p.element_size() for chunk in self.model
-                     for p in chunk.parameters())
-        return params + sum(t.numel() * t.element_size() for k, t in st.unique.items()
-                            if not k.endswith("/param_shard"))
+        return tensor_bytes([p for chunk in self.model for p in chunk.parameters()]) + \
+            tensor_bytes([t for k, t in st.unique.items() if not k.endswith("/param_shard")])
 
     def _capture_meta(self) -> dict[str, Any]:
         from megatron.core.tensor_parallel import get_cuda_rng_tracker
@@ -309,15 +308,23 @@ class MegatronIntegration(Integration):
         """
         t0 = time.perf_counter()
         roles = parallel_state_hook.group_roles()
-        if dist.is_initialized():
-            self._world = c10d._get_default_group()
-        if self._world is not None:
-            roles["WORLD"] = self._world
-        self._old_roles = roles
-        # Retire what megatron held; count references to every group of the old world.
-        self._retire = _unique(roles.values())
         world_groups = list(c10d._world.pg_map) if dist.is_initialized() else []
-        self._old_groups = _unique([*roles.values(), *world_groups])
+        if self._torn_down:
+            # the rebuild after the last teardown did not complete (a new fault interrupted it):
+            # the framework's objects still hold the groups taken down then, so the map starts
+            # from those; whatever the attempt built is retired with them
+            self._retire = _unique([*self._retire, *roles.values()])
+            self._old_groups = _unique([*self._old_groups, *roles.values(), *world_groups])
+        else:
+            if dist.is_initialized():
+                self._world = c10d._get_default_group()
+            if self._world is not None:
+                roles["WORLD"] = self._world
+            self._old_roles = roles
+            # Retire what megatron held; count references to every group of the old world.
+            self._retire = _unique(roles.values())
+            self._old_groups = _unique([*roles.values(), *world_groups])
+        self._torn_down = True
         parallel_state_hook.teardown()
         self.last_rebuild = {"teardown_s": time.perf_counter() - t0}
 
@@ -346,6 +353,7 @@ class MegatronIntegration(Integration):
         logger.info("megatron rebuild: %s", self.last_rebuild)
         if stale:
             raise RuntimeError(f"{stale} references to old process groups survived the rebind")
+        self._torn_down = False
 
     def group_kinds(self) -> dict[str, list[Any]]:
         """parallel_state's groups by kind (``inject.GROUP_KINDS``); "dist_opt" is the group the

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Iterable, Optional
 
 import torch
 
@@ -25,9 +25,10 @@ class RankState:
     them from a live replica.
 
     ``unique``: tensors that no data-parallel replica holds (distributed-optimizer / ZeRO shards
-    of fp32 master weights and moments, and the parameter shards such an optimizer updates). Only ``Integration.shard_replica_ranks()`` hold them too
-    (optimizer instances: redundancy by computation); where none is in another failure domain,
-    they are copied to a peer there (``runtime.failure_domains``).
+    of fp32 master weights and moments, and the parameter shards such an optimizer updates).
+    Only ``Integration.shard_replica_ranks()`` hold them too (optimizer instances: redundancy by
+    computation); where none is in another failure domain, they are copied to a peer there
+    (``runtime.failure_domains``).
 
     ``meta``: small picklable values (RNG states, LR scheduler, loss scaler, counters, data
     position). Treated as unique.
@@ -39,6 +40,10 @@ class RankState:
     replicated: dict[str, torch.Tensor] = field(default_factory=dict)
     unique: dict[str, torch.Tensor] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
+
+
+def tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 class Integration(abc.ABC):
@@ -71,8 +76,7 @@ class Integration(abc.ABC):
         """Bytes of this rank's training state, what ``capture`` commits and what it leaves out
         because it can be rebuilt from peers: the yardstick for the runtime's memory."""
         st = self.capture()
-        return sum(t.numel() * t.element_size() for part in (st.replicated, st.unique)
-                   for t in part.values())
+        return tensor_bytes([*st.replicated.values(), *st.unique.values()])
 
     def teardown(self) -> None:
         """Forget the framework's groups; called before the runtime destroys the old world."""

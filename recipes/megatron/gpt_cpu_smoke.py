@@ -47,6 +47,9 @@ def parse_args(argv=None):
         help="comma-separated steps before which every rank rebuilds (generation 1, 2, ...)",
     )
     p.add_argument("--restore-check-at", type=int, default=-1)
+    p.add_argument("--teardown-again-at", type=int, default=-1,
+                   help="in this generation tear megatron down a second time before the rebuild "
+                        "(a fault that interrupted the rebuild before it began)")
     p.add_argument("--baseline", action="store_true", help="also train without interruption")
     p.add_argument("--bf16", action="store_true", help="bf16 params, fp32 main params")
     p.add_argument("--no-local-sync", action="store_true", help="plain megatron create_group")
@@ -171,11 +174,13 @@ def _roles_ranks() -> dict[str, list[int]]:
     return {role: dist.get_process_group_ranks(group) for role, group in roles.items()}
 
 
-def _rebuild_in_place(integ, store, rank: int, world: int, generation: int) -> dict:
+def _rebuild_in_place(integ, store, rank: int, world: int, generation: int,
+                      teardown_again: bool = False) -> dict:
     """What the runtime does on a survivor: teardown, new world on gen{g}/, rebuild + rebind.
 
     Odd generations tear megatron down before the world is destroyed, even ones after (both
-    orders must work).
+    orders must work). ``teardown_again``: a second teardown before the rebuild, as when a new
+    fault interrupted the first attempt's rendezvous and the runtime starts over.
     """
     import torch
     import torch.distributed as dist
@@ -188,6 +193,8 @@ def _rebuild_in_place(integ, store, rank: int, world: int, generation: int) -> d
     t1 = time.perf_counter()
     dist.destroy_process_group()
     if not teardown_first:
+        integ.teardown()
+    if teardown_again:
         integ.teardown()
     t2 = time.perf_counter()
     dist.init_process_group(
@@ -358,7 +365,8 @@ def run_rank(args) -> dict:
     for step in range(args.steps):
         if step in args.rebuild_at:
             generation = len(report.setdefault("rebuilds", [])) + 1
-            report["rebuilds"].append(_rebuild_in_place(integ, store, rank, world, generation))
+            report["rebuilds"].append(_rebuild_in_place(
+                integ, store, rank, world, generation, generation == args.teardown_again_at))
         if step == args.restore_check_at:
             job, integ, loss, report["restore"] = _restore_check(integ, job, step, cfg, recorder.entries)
         else:
