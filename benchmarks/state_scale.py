@@ -128,8 +128,7 @@ def steady_rows(jobs: dict, skip: int) -> list[dict]:
             times = [t for j in runs for i, t in j["timings"].items() if i > skip]
             stats = [s for j in runs for s in j["report"].get("rank_stats", {}).values()]
             # the rank's whole training state; a commit copies less of it (``committed``)
-            state = _median([s.get("state_bytes") or s["replicated_bytes"] + s["unique_bytes"]
-                             for s in stats])
+            state = _median([s["state_bytes"] for s in stats])
             row = {"unique_MB": size, "mode": mode, "steps": len(times),
                    "step_s": _median(times),
                    "run_medians_s": " ".join(f"{_median([t for i, t in j['timings'].items() if i > skip]):.3f}"

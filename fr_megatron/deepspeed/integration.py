@@ -157,8 +157,7 @@ class DeepSpeedIntegration(Integration):
     def capture(self) -> RankState:
         e = self.engine
         state = RankState()
-        made_by_zero = {id(p) for group in e.optimizer.bit16_groups for p in group} \
-            if self._zero else set()
+        made_by_zero = set(map(id, self._trained_by_zero()))
         for name, p in e.module.named_parameters():
             if id(p) not in made_by_zero:  # frozen parameters, and all of them under stage 0
                 state.replicated[f"param/{name}"] = p.data
@@ -253,12 +252,14 @@ class DeepSpeedIntegration(Integration):
                 pieces.append(([p.data for p in partitions], me, group))
             gather_shards(pieces)
 
-    def state_bytes(self) -> int:
-        """The module's parameters, whole, and the optimizer's state (under ZeRO-1/2 ``capture``
-        leaves the trained parameters out)."""
-        st = self.capture()
-        return tensor_bytes(self.engine.module.parameters()) + tensor_bytes(st.unique.values()) \
-            + tensor_bytes([t for k, t in st.replicated.items() if not k.startswith("param/")])
+    def _trained_by_zero(self) -> list[torch.Tensor]:
+        """The module parameters ZeRO-1/2 makes from the master partitions (none under stage 0)."""
+        return [p for group in self.engine.optimizer.bit16_groups for p in group] \
+            if self._zero else []
+
+    def left_out_bytes(self) -> int:
+        """The parameters ZeRO trains: ``capture`` leaves them to ``restore`` to make again."""
+        return tensor_bytes(self._trained_by_zero())
 
     def reset_step_state(self) -> None:
         """Forget everything a step that did not finish left in the engine and the ZeRO optimizer.

@@ -191,12 +191,10 @@ class MegatronIntegration(Integration):
         state.meta = self._capture_meta()
         return state
 
-    def state_bytes(self) -> int:
-        """Every parameter, whole, and the optimizer's state (``capture`` holds only this rank's
-        shard of the parameters)."""
-        st = self.capture()
-        return tensor_bytes([p for chunk in self.model for p in chunk.parameters()]) + \
-            tensor_bytes([t for k, t in st.unique.items() if not k.endswith("/param_shard")])
+    def left_out_bytes(self) -> int:
+        """The other ranks' shards of each bucket: ``capture`` holds only this rank's."""
+        return sum(tensor_bytes(shards) - tensor_bytes([shards[rank]])
+                   for chunk in self.model for _, _, _, shards, rank, _ in _param_shards(chunk))
 
     def _capture_meta(self) -> dict[str, Any]:
         from megatron.core.tensor_parallel import get_cuda_rng_tracker

@@ -72,11 +72,11 @@ class Integration(abc.ABC):
         Every rank restores at the same time, so it may run collectives (re-assembling what
         ``capture`` left out because peers hold it)."""
 
-    def state_bytes(self) -> int:
-        """Bytes of this rank's training state, what ``capture`` commits and what it leaves out
-        because it can be rebuilt from peers: the yardstick for the runtime's memory."""
-        st = self.capture()
-        return tensor_bytes([*st.replicated.values(), *st.unique.values()])
+    def left_out_bytes(self) -> int:
+        """Bytes of this rank's training state that ``capture`` leaves out because ``restore``
+        rebuilds them from peers (parameters a distributed optimizer all-gathers): with what
+        ``capture`` holds, the rank's whole state, the yardstick for the runtime's memory."""
+        return 0
 
     def teardown(self) -> None:
         """Forget the framework's groups; called before the runtime destroys the old world."""

@@ -166,7 +166,8 @@ class StepTransaction:
         """What this rank's redundancy costs it: bytes of state, of its snapshots and of the
         copies it holds; training-thread seconds per commit and per step (medians)."""
         layout = Layout.of(integration.capture() if integration else RankState())
-        return {"state_bytes": integration.state_bytes() if integration else 0,
+        return {"state_bytes": layout.nbytes("replicated") + layout.nbytes("unique")
+                + (integration.left_out_bytes() if integration else 0),
                 "replicated_bytes": layout.nbytes("replicated"),
                 "unique_bytes": layout.nbytes("unique"),
                 "snapshot_bytes": self.ring.nbytes(),
