@@ -6,6 +6,7 @@ import hmac
 import json
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -13,6 +14,7 @@ from fr_megatron.launcher import detector
 from fr_megatron.launcher.detector import RankView
 from fr_megatron.protocol.auth import AuthError, ReplayGuard, Signer
 from fr_megatron.runtime import inject
+from fr_megatron.runtime.abort_watch import AbortWatch
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -57,9 +59,36 @@ def test_inject_spec_parsing_and_errors():
                      ("hang:group=tp:nth=0", "nth must be 1 or more"),
                      ("hang:nth=2", "nth needs group=KIND"),
                      ("hang:group=tp:nth=two", "nth must be an integer"),
-                     ("kill:group=dp:phase=restore", "phase restore has none")]:
+                     ("kill:group=dp:phase=restore", "phase restore has none"),
+                     ("wedge:rank=1:step=3", "name its group with group=KIND")]:
         with pytest.raises(inject.InjectSpecError, match=msg):
             inject.parse(bad)
+
+
+@pytest.mark.timeout(30)
+def test_abort_watch_ends_only_a_rank_inside_an_operation_the_abort_did_not_end():
+    """Stuck: inside one operation since before the abort. Not stuck: computing between
+    operations, or inside one that it left for recovery in time."""
+    def watch(inside_since, training=lambda: True, wait_s=10.0):
+        stuck = []
+        w = AbortWatch(training, inside_since, stuck.append, stuck_s=0.2)
+        w.start()
+        w.join(wait_s)  # a watch that ends, ends at once
+        return stuck, w
+
+    entered = time.monotonic() - 5.0
+    stuck, w = watch(lambda: entered)
+    assert len(stuck) == 1 and stuck[0] > 0.2 and not w.is_alive()
+    # the stuck time counts from the abort, not from when the operation was entered
+    assert stuck[0] < 5.0
+    computing = {"training": True}
+    stuck, w = watch(lambda: None, lambda: computing["training"], wait_s=0.6)
+    assert stuck == [] and w.is_alive()
+    computing["training"] = False  # it reached a phase marker and entered recovery
+    w.join(5)
+    assert not w.is_alive()
+    stuck, w = watch(lambda: entered, lambda: False)
+    assert stuck == [] and not w.is_alive()
 
 
 def find_hang(views, generation, now, plan_t=0.0):

@@ -34,7 +34,9 @@ from .detector import RankView, fault_time, find_hang
 log = logging.getLogger("fr_megatron.controller")
 
 FAULT_KINDS = ("crash", "segv", "exit", "exit0_early", "exception", "hang", "hang_gil", "stop",
-               "node_lost")
+               "node_lost", "stuck")
+# what a rank reports about itself before it exits: more precise than its exit code
+SELF_REPORTED = ("exception", "stuck")
 DEBOUNCE_S = 0.03  # reports arriving this close together are decided as one fault
 MAX_FAILED_RESTARTS = 3  # a rank replaced this often in a row without recovering is not again
 # how a script fails, as opposed to how a process is lost: in its start-up (before it has
@@ -502,8 +504,7 @@ class Controller:
             self.journal.write("fault_reported", generation=self.generation, rank=f.rank,
                                step=f.step, phase=f.phase, kind=f.kind, pid=f.pid,
                                **f.detail)
-        elif f.kind == "exception" and old.kind in ("exit", "crash"):
-            # the worker's own traceback report is more precise than its exit code
+        elif f.kind in SELF_REPORTED and old.kind in ("exit", "crash"):
             f.fault_t = min(f.fault_t, old.fault_t)
             self.pending[f.rank] = f
 

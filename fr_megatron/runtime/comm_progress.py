@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 import weakref
 from typing import Callable, Optional
 
@@ -54,10 +55,14 @@ _RUNNING = object()  # in place of a Work while a call that may block runs
 
 
 class _Armed:
-    """An injection waiting for the ``nth`` operation on one of ``groups`` during ``phase``."""
+    """An injection waiting for the ``nth`` operation on one of ``groups`` during ``phase``;
+    it fires before the operation, or, ``inside``, once the operation is done but before the
+    rank leaves it."""
 
-    def __init__(self, groups: list, phase: str, nth: int, fire: Callable[[], None]):
+    def __init__(self, groups: list, phase: str, nth: int, fire: Callable[[], None],
+                 inside: bool = False):
         self.groups, self.phase, self.left, self.fire = groups, phase, nth, fire
+        self.inside = inside
 
 
 class _Group:
@@ -82,6 +87,9 @@ class Progress:
         self.rank: Optional[int] = None
         self.armed: list[_Armed] = []
         self.current_phase: Callable[[], str] = lambda: ""
+        self._main = threading.main_thread().ident
+        # the training thread's newest operation: (record, its count then, monotonic entry time)
+        self._main_op: Optional[tuple] = None
 
     def reset(self) -> None:
         """Forget every group and count: the world they belonged to is gone."""
@@ -89,6 +97,16 @@ class Progress:
         self._groups = weakref.WeakKeyDictionary()
         self._coalescing = {}
         self.rank = None
+        self._main_op = None
+
+    def main_inside_since(self) -> Optional[float]:
+        """When the training thread entered the operation it is still inside (monotonic
+        seconds), or None when it is inside none; safe to call from another thread."""
+        op = self._main_op
+        if op is None:
+            return None
+        rec, count, entered_t = op
+        return entered_t if rec[0] == count and _inside(rec[1]) else None
 
     def report(self) -> dict[str, list]:
         """{key: [count, 1 if inside now else 0]}; safe to call from another thread."""
@@ -134,32 +152,39 @@ class Progress:
                 progress.channel_key(g.name, src, dst))
         return rec
 
-    def enter(self, pg, rec: list) -> None:
-        if self.armed:
-            self._check_armed(pg)
+    def enter(self, pg, rec: list) -> Optional[Callable[[], None]]:
+        """Count an operation entered; returns an injection to fire once it is done, if any."""
+        after = self._check_armed(pg) if self.armed else None
         rec[0] += 1
         rec[1] = _RUNNING
+        if threading.get_ident() == self._main:
+            self._main_op = (rec, rec[0], time.monotonic())
         if self._coalescing and pg in self._coalescing:
             self._coalescing[pg].append(rec)
+        return after
 
     # ---- injections at the nth operation of a group ------------------------------------
-    def arm(self, groups: list, phase: str, nth: int, fire: Callable[[], None]) -> None:
-        self.armed.append(_Armed(groups, phase, nth, fire))
+    def arm(self, groups: list, phase: str, nth: int, fire: Callable[[], None],
+            inside: bool = False) -> None:
+        self.armed.append(_Armed(groups, phase, nth, fire, inside))
 
     def disarm(self) -> list[_Armed]:
         left, self.armed = self.armed, []
         return left
 
-    def _check_armed(self, pg) -> None:
-        if threading.current_thread() is not threading.main_thread():
-            return  # the runtime's own background traffic is not the training step's
+    def _check_armed(self, pg) -> Optional[Callable[[], None]]:
+        if threading.get_ident() != self._main:
+            return None  # the runtime's own background traffic is not the training step's
         phase = self.current_phase()
         for a in list(self.armed):
             if a.phase == phase and any(pg is g for g in a.groups):
                 a.left -= 1
                 if a.left <= 0:
                     self.armed.remove(a)
+                    if a.inside:
+                        return a.fire
                     a.fire()  # before the operation: this rank never enters it
+        return None
 
 
 def _inside(w) -> bool:
@@ -190,9 +215,13 @@ def _tracked(pg, rec: Optional[list], call: Callable):
     """Run one operation, counted on ``rec`` (None: not counted) while it is in flight."""
     if rec is None:
         return call()
-    TRACKER.enter(pg, rec)
+    after = TRACKER.enter(pg, rec)
     try:
         work = call()
+        if after is not None:  # an injection inside the operation: its peers are through it
+            if work is not None:
+                work.wait()
+            after()
     except BaseException:
         rec[1] = None
         raise

@@ -6,7 +6,8 @@ Kinds: kill (SIGKILL), segv (SIGSEGV), exception, hang (no progress, heartbeat a
 hang_gil (holds the GIL, heartbeat stops), stop (SIGSTOP), exit (code, default 1), exit0 (exit 0
 before the end), node_crash (SIGKILL to the rank's whole process group: its node's launcher,
 agent, workers and spares, as when a machine dies; start each node's launcher in a process group
-of its own). Each spec fires once per job, whatever generation reaches it: the controller's
+of its own), wedge (with ``group=``: the rank takes part in the operation, then never leaves it,
+whatever aborts it: a transport that ignores the abort). Each spec fires once per job, whatever generation reaches it: the controller's
 store remembers what fired, so a replacement redoing the step does not fire it again.
 
 A fault fires at the phase marker ``phase`` of step ``step``, or, with ``group=KIND``, just
@@ -28,7 +29,8 @@ from dataclasses import dataclass
 
 log = logging.getLogger("fr_megatron.inject")
 
-KINDS = ("kill", "segv", "exception", "hang", "hang_gil", "stop", "exit", "exit0", "node_crash")
+KINDS = ("kill", "segv", "exception", "hang", "hang_gil", "stop", "exit", "exit0", "node_crash",
+         "wedge")
 STEP_PHASES = ("forward", "backward", "grad_reduce", "optimizer", "after_step")
 # "restore": inside a recovery, once the state to redo ``step`` has arrived (a replacement dies
 # while it restores)
@@ -95,6 +97,9 @@ def parse(spec: str | None) -> list[Injection]:
             raise InjectSpecError(f"--inject: nth must be 1 or more in {part!r}")
         if "nth" in fields and "group" not in fields:
             raise InjectSpecError(f"--inject: nth needs group=KIND in {part!r}")
+        if kind == "wedge" and "group" not in fields:
+            raise InjectSpecError(f"--inject: wedge stays inside an operation; name its group "
+                                  f"with group=KIND in {part!r}")
         if fields.get("group") and fields.get("phase") == "restore":
             raise InjectSpecError(f"--inject: group=KIND counts operations of a training step; "
                                   f"phase restore has none in {part!r}")
@@ -113,7 +118,7 @@ def fire(inj: Injection) -> None:
         os.kill(os.getpid(), signal.SIGSEGV)
     elif inj.kind == "exception":
         raise InjectedFault(f"injected exception at step {inj.step} phase {inj.phase}")
-    elif inj.kind == "hang":
+    elif inj.kind in ("hang", "wedge"):
         while True:
             time.sleep(3600)
     elif inj.kind == "hang_gil":
@@ -172,7 +177,8 @@ class Injector:
                         self.rank, step, inj.phase, inj, inj.group)
             return
         comm_progress.TRACKER.arm(groups, inj.phase, inj.nth,
-                                  lambda: self.claim(inj) and self._fire(inj))
+                                  lambda: self.claim(inj) and self._fire(inj),
+                                  inside=inj.kind == "wedge")
 
     def new_step(self, step: int) -> None:
         """A step begins: what was armed in the last one and never fired is dropped."""

@@ -38,6 +38,7 @@ from ..protocol.node_beats import BeatSender
 from ..protocol.stderr_tail import restore_stderr
 from ..protocol.store import connect_cuttable
 from . import comm_progress, inject, transaction
+from .abort_watch import AbortWatch
 from .comms import Communicators, RendezvousInterrupted, release_deferred
 from .control import ControlLink
 from .errors import (EXIT_FAULTY, RecoveryImpossible, RecoveryRequested, exit_process,
@@ -173,9 +174,28 @@ class Session:
             n = self.comms.interrupt_rendezvous()
             if self.sm.state in (State.RUNNING, State.SYNCING):
                 n += self.comms.abort()
+                if self.rank not in plan["replaced"]:
+                    self._watch_abort()
             log.info("rank=%d generation=%d step=%d phase=%s fault notice (generation %d): "
                      "aborted %d links", self.rank, self.generation, self.step, self.phase_name,
                      plan["generation"], n)
+
+    def _watch_abort(self) -> None:
+        """Leave as faulty if the training thread stays inside an operation that the abort
+        did not end (``abort_watch``)."""
+        generation = self.generation
+
+        def training() -> bool:
+            return self.generation == generation and self.sm.state in (State.RUNNING,
+                                                                       State.SYNCING)
+
+        def stuck(seconds: float) -> None:
+            log.error("rank=%d generation=%d step=%d phase=%s still inside an operation %.1f s "
+                      "after the abort: it cannot take part in the recovery; exiting as faulty",
+                      self.rank, self.generation, self.step, self.phase_name, seconds)
+            self._leave_faulty("stuck")
+
+        AbortWatch(training, comm_progress.TRACKER.main_inside_since, stuck).start()
 
     def enter_generation(self, plan: dict) -> None:
         with self._lock:  # a notice of an even newer plan that came meanwhile is kept
@@ -372,17 +392,21 @@ class Session:
     def _die(self, exc: BaseException) -> None:
         """This rank's own fault: report it with its traceback and exit; an agent replaces us."""
         tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-        self.tx.wait_snapshot()  # the replacement adopts it from shared memory
         log.error("rank=%d generation=%d step=%d phase=%s exception: %s", self.rank,
                   self.generation, self.step, self.phase_name, exc)
-        self.send("fault", fault="exception", pid=os.getpid(), step=self.step,
-                  phase=self.phase_name, generation=self.generation, fault_t=time.time(),
-                  committed=self.tx.committed, traceback=tb[-4000:])
         try:
             sys.stderr.write(tb)
             sys.stderr.flush()
         except OSError:
-            pass  # nowhere to write it: the report above carries it
+            pass  # nowhere to write it: the report carries it
+        self._leave_faulty("exception", traceback=tb[-4000:])
+
+    def _leave_faulty(self, kind: str, **detail) -> None:
+        """Report this rank's own fault to the controller and exit; its agent replaces it."""
+        self.tx.wait_snapshot()  # the replacement adopts it from shared memory
+        self.send("fault", fault=kind, pid=os.getpid(), step=self.step, phase=self.phase_name,
+                  generation=self.generation, fault_t=time.time(), committed=self.tx.committed,
+                  **detail)
         exit_process(EXIT_FAULTY)
 
     # ---- the end -----------------------------------------------------------------------------
