@@ -45,6 +45,22 @@ def free_port(addr: str = "127.0.0.1") -> int:
         return sock.getsockname()[1]
 
 
+def node_beat(host: str, port: int, token: bytes, node: int) -> dict:
+    """The ranks' heartbeats in ``node``'s signed beat in the job's store (rank as a string ->
+    beat); empty while the store or the beat does not exist yet."""
+    from fr_megatron.protocol import keys
+    from fr_megatron.protocol.auth import Signer
+    from fr_megatron.protocol.store import connect
+
+    try:
+        store = connect(host, port, 5.0)
+        if not store.check([keys.agent(node)]):
+            return {}
+    except ConnectionError:
+        return {}  # the store is not up yet
+    return Signer(token, "test").verify(store.get(keys.agent(node))).get("ranks", {})
+
+
 def run_job(tmp: Path, script: Path, script_args: list[str], nproc: int = 4, spares: int = 1,
             inject: str | None = None, extra: list[str] = (), timeout: float = 240,
             env: dict | None = None, name: str = "job", wandb_dir: Path | None = None,

@@ -23,7 +23,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from jobs import REPO, TORCH_RECIPE, free_port
+from jobs import REPO, TORCH_RECIPE, free_port, node_beat
 
 NODE_TIMEOUT = 2.0
 
@@ -41,17 +41,7 @@ def _launch(tmp: Path, port: int, node_rank: int, log: Path, *extra: str) -> sub
 
 def _committed(port: int, token: bytes, node: int) -> int:
     """The lowest step the ranks of ``node`` have committed, from the node's beat in the store."""
-    from fr_megatron.protocol import keys
-    from fr_megatron.protocol.auth import Signer
-    from fr_megatron.protocol.store import connect
-
-    try:
-        store = connect("127.0.0.1", port, 5.0)
-        if not store.check([keys.agent(node)]):
-            return -1
-    except ConnectionError:
-        return -1  # the store is not up yet
-    ranks = Signer(token, "test").verify(store.get(keys.agent(node))).get("ranks", {})
+    ranks = node_beat("127.0.0.1", port, token, node)
     return min((b.get("committed", -1) for b in ranks.values()), default=-1) if len(ranks) == 2 \
         else -1
 

@@ -26,7 +26,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from jobs import REPO, TORCH_RECIPE, TORCH_STEPS as STEPS, assert_same_training, free_port
+from jobs import (REPO, TORCH_RECIPE, TORCH_STEPS as STEPS, assert_same_training, free_port,
+                  node_beat)
 
 BRIDGE, BRIDGE_ADDR = "fr-br0", "10.77.0.1"
 NODES = {"node1": ("fr-node1", "fr-v1", "fr-v1h", "10.77.0.2"),
@@ -91,19 +92,11 @@ def _rank_reached(port: int, token: Path, node: int, rank: int, step: int,
                   deadline: float) -> bool:
     """Watch a rank's heartbeat, relayed in its node's signed beat in the job's store, until it
     reports ``step``."""
-    from fr_megatron.protocol import keys
-    from fr_megatron.protocol.auth import Signer
-    from fr_megatron.protocol.store import connect, wait_key
-
-    store = connect(BRIDGE_ADDR, port)
-    signer = Signer(token.read_bytes().strip(), "test")
     while time.time() < deadline:
-        key = keys.agent(node)
-        if wait_key(store, key, 0.2):
-            beat = signer.verify(store.get(key)).get("ranks", {}).get(str(rank), {})
-            if beat.get("step", -1) >= step:
-                return True
-        time.sleep(0.05)
+        beat = node_beat(BRIDGE_ADDR, port, token.read_bytes().strip(), node).get(str(rank), {})
+        if beat.get("step", -1) >= step:
+            return True
+        time.sleep(0.1)
     return False
 
 

@@ -8,7 +8,12 @@ the same shard (redundancy by computation), only the meta (RNG, counters: a few 
 
 The exchange runs on a background thread over the runtime's own gloo group while the next step's
 forward and backward run; the runtime waits for it before that step's optimizer phase changes the
-state (``wait``). A fault voids the exchange in flight (``abandon``) without waiting for it: gloo
+state (``wait``). A commit's exchange ends with every rank of the job agreeing that the step is
+durable everywhere (``agree``: each rank's snapshot sealed, each copy sealed by its holder): ranks
+are not in lockstep (plain data parallelism syncs only in the gradient all-reduce), and without
+it a rank could commit step N+1, and drop step N-1 from its ring of two, while a lost rank's
+snapshot or copy of step N was still on its way; no step would then be left that every rank
+could go back to. A fault voids the exchange in flight (``abandon``) without waiting for it: gloo
 leaves a send or receive whose message was cut in the middle (a peer killed or cut off while
 hundreds of MB stream) waiting until the group's timeout, so the recovery must not depend on it
 ending. A holder keeps the last ``depth`` versions of each ward's copy in slots of its
@@ -24,6 +29,8 @@ import threading
 import time
 from concurrent.futures import Future, wait as wait_for
 from typing import Callable, Optional
+
+import torch.distributed as dist
 
 from . import transfer
 from .errors import RecoveryRequested
@@ -47,13 +54,15 @@ def held_ring(depth: int, directory: Optional[str], holder: int, ward: int,
 class CopyExchange:
     """``parts_of[r]``: the tensor regions rank ``r`` copies to its holders (the meta always
     travels); ``holders``/``wards``: this rank's, from ``failure_domains.copy_plan``;
-    ``interrupted()``: a fault plan arrived, so a wait for the exchange in flight gives up."""
+    ``interrupted()``: a fault plan arrived, so a wait for the exchange in flight gives up;
+    ``agree``: a commit's exchange ends in the agreement of every rank of ``group`` (module
+    doc), on every rank of the job or on none."""
 
     def __init__(self, rank: int, holders: list[int], wards: list[int], parts_of: dict,
                  group, depth: int, directory: Optional[str],
-                 interrupted: Callable[[], bool] = lambda: False):
+                 interrupted: Callable[[], bool] = lambda: False, agree: bool = False):
         self.rank, self.holders, self.wards, self.group = rank, holders, wards, group
-        self.interrupted = interrupted
+        self.interrupted, self.agree = interrupted, agree
         self.parts = tuple(parts_of.get(rank, ()))
         self.held = {w: held_ring(depth, directory, rank, w, tuple(parts_of[w])) for w in wards}
         self._pending: Optional[Future] = None
@@ -61,19 +70,23 @@ class CopyExchange:
 
     @property
     def active(self) -> bool:
-        return bool(self.holders or self.wards)
+        """Whether a commit has an exchange to run."""
+        return bool(self.holders or self.wards or self.agree)
 
     def start(self, step: int, ring: SnapshotRing, to: Optional[list[int]] = None,
               wards: Optional[list[int]] = None) -> None:
         """Send this rank's copy of ``step`` from ``ring`` (to ``to``, default every holder) and
-        take the copies of ``wards`` (default every ward), in the background."""
+        take the copies of ``wards`` (default every ward), in the background. A commit's
+        exchange (``to`` and ``wards`` left out), which every rank runs, ends in the agreement."""
         if self._pending is not None:
             self.wait()
+        agree = self.agree and to is None and wards is None
         to = self.holders if to is None else to
         wards = self.wards if wards is None else wards
-        if to or wards:
+        if to or wards or agree:
             self._void = threading.Event()
-            self._pending = _in_background(self._exchange, step, ring, to, wards, self._void)
+            self._pending = _in_background(self._exchange, step, ring, to, wards, self._void,
+                                           agree)
 
     def wait(self) -> None:
         """Wait for the exchange in flight; ``RecoveryRequested`` once ``interrupted()`` (a fault
@@ -100,8 +113,8 @@ class CopyExchange:
             self._void.set()  # gloo left it waiting: if it ever returns, it seals nothing
 
     def _exchange(self, step: int, ring: SnapshotRing, to: list[int], wards: list[int],
-                  void: threading.Event) -> None:
-        _delay_for_tests(step)
+                  void: threading.Event, agree: bool) -> None:
+        _delay_for_tests(step, self.rank)
         works = []
         if to:
             ring.wait()  # sealed: its checksums exist
@@ -120,6 +133,9 @@ class CopyExchange:
             slot.seal({"step": got.step, "layout": got.layout.to_json(), "sums": got.sums,
                        "meta": got.meta})
         transfer.wait_all(works)
+        if agree:
+            ring.settle()  # this rank's own snapshot of the step, sealed or failed
+            dist.barrier(group=self.group)
 
     def held_steps(self) -> dict[int, list[int]]:
         return {w: r.steps() for w, r in self.held.items()}
@@ -150,11 +166,12 @@ def _in_background(fn: Callable, *args) -> Future:
     return fut
 
 
-def _delay_for_tests(step: int) -> None:
-    """``FR_TEST_COPY_DELAY=STEP:SECONDS``: hold the copies of that step back, so that a test can
-    make a fault land while they are in flight."""
+def _delay_for_tests(step: int, rank: int) -> None:
+    """``FR_TEST_COPY_DELAY=STEP:SECONDS[:RANK]``: hold the exchange of that step back (on that
+    rank only, or on every rank), so that a test can make a fault land while it is in flight;
+    a replacement that redoes the step is not held back."""
     spec = os.environ.get("FR_TEST_COPY_DELAY")
-    if spec:
-        at, _, seconds = spec.partition(":")
-        if int(at) == step:
+    if spec and os.environ.get("FR_REPLACEMENT") != "1":
+        at, seconds, *only = spec.split(":")
+        if int(at) == step and (not only or int(only[0]) == rank):
             time.sleep(float(seconds))

@@ -299,8 +299,13 @@ class SnapshotRing:
         self._sealed.clear()
         threading.Thread(target=seal, name="fr-snapshot-seal", daemon=True).start()
 
+    def settle(self) -> None:
+        """Block until the last ``write`` has sealed or failed, leaving a failure for ``wait``
+        to hand to the training thread."""
+        self._sealed.wait()
+
     def wait(self) -> None:
-        """Block until the last ``write`` is sealed (at once on CPU); any thread may wait."""
+        """Block until the last ``write`` is sealed; any thread may wait."""
         self._sealed.wait()
         if self._error is not None:
             err, self._error = self._error, None

@@ -83,7 +83,8 @@ class StepTransaction:
         self.copies = CopyExchange(self.rank, self.plan.holders[self.rank],
                                    self.plan.wards(self.rank), self.plan.parts, group,
                                    self.cfg.snapshot_depth, self.snapshot_dir,
-                                   interrupted=lambda: self.interrupted())
+                                   interrupted=lambda: self.interrupted(),
+                                   agree=world_size > 1)
         if old is not None:
             self.copies.adopt(old)
             old.abandon()  # an exchange of the old groups, if any, is void
