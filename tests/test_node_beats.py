@@ -170,3 +170,34 @@ def test_agent_fences_when_cut_off_but_not_in_the_controllers_own_process(tmp_pa
             agent._done.set()
             agent.inbox.close()
         ctl.stop()
+
+
+@pytest.mark.timeout(60)
+def test_inbox_keeps_a_dead_process_open_until_its_last_beats_are_taken(tmp_path):
+    """A rank that sends a beat and dies at once: its beat is still read, and the inbox says
+    its process is open until the pass that read its connection's end is settled."""
+    import subprocess
+    import sys
+
+    from fr_megatron.protocol.node_beats import BeatInbox
+
+    inbox = BeatInbox(str(tmp_path / "beats.sock"))
+    child = subprocess.Popen([sys.executable, "-c", (
+        "import os, signal, sys; from fr_megatron.protocol.node_beats import BeatSender; "
+        "s = BeatSender(sys.argv[1]); s.send(b'first'); sys.stdin.readline(); "
+        "s.send(b'last'); os.kill(os.getpid(), signal.SIGKILL)"), inbox.path],
+        stdin=subprocess.PIPE)
+    got: list[bytes] = []
+    deadline = time.time() + 30
+    while not got and time.time() < deadline:
+        got += inbox.receive(0.2)
+    assert got == [b"first"] and child.pid in inbox.open_pids
+    child.stdin.write(b"go\n")
+    child.stdin.flush()
+    assert child.wait(30) == -9
+    while child.pid in inbox.open_pids and time.time() < deadline:
+        got += inbox.receive(0.2)
+        assert child.pid in inbox.open_pids  # not before the messages read are taken
+        inbox.settle()
+    assert got == [b"first", b"last"] and child.pid not in inbox.open_pids
+    inbox.close()

@@ -70,6 +70,10 @@ def classify_exit(status: int) -> tuple[str, dict]:
     return ("exit" if code else "exit0_early"), {"exit_code": code}
 
 
+INBOX_WAIT_S = 0.1  # the inbox thread's longest wait for a beat
+# how long a dead worker's last beats may take to be read: they are queued already, so this is
+# the inbox thread's turn to run
+LAST_BEATS_WAIT_S = 0.5
 WAKE_WAIT_S = 30.0  # an idle agent's one wait; it ends early when a plan or the end comes
 
 
@@ -144,6 +148,8 @@ class NodeAgent:
         self._stderr_fd = os.dup(2)  # the launcher's stderr, for each worker (``StderrTail``)
         # the ranks' heartbeats: received here, relayed in the node's own beat
         self.inbox = node_beats.BeatInbox(node_beats.socket_path(run_dir))
+        self._beats_taken = threading.Condition()  # notified after each pass of the inbox
+        self._inbox_passes = 0
         self.beats: dict[int, dict] = {}  # rank -> newest verified beat (node_beats.RANK_FIELDS)
         self._beat_now = threading.Event()
         self._rejected_beats = 0
@@ -276,6 +282,7 @@ class NodeAgent:
                 time.sleep(0.05)
                 continue
             t = time.time()
+            self._take_last_beats(pid)
             with self._lock:
                 w = self.workers.pop(pid, None)
                 if w is None:
@@ -434,8 +441,21 @@ class NodeAgent:
     def _inbox(self):
         """Keeps the newest verified beat of each rank of this node; progress wakes ``_beat``."""
         while not self._done.is_set():
-            for raw in self.inbox.receive(0.5):
+            for raw in self.inbox.receive(INBOX_WAIT_S):
                 self._take_beat(raw)
+            with self._beats_taken:
+                self.inbox.settle()
+                self._inbox_passes += 1
+                self._beats_taken.notify_all()
+
+    def _take_last_beats(self, pid: int) -> None:
+        """Wait until the beats a dead worker sent before it died are taken: its connection's
+        end was read, or (a child of it still holds the connection) a whole pass of the inbox
+        began after the death. Its fault report names the step and phase of the last one."""
+        with self._beats_taken:
+            after = self._inbox_passes + 2  # the pass under way may have looked before the death
+            self._beats_taken.wait_for(lambda: pid not in self.inbox.open_pids
+                                       or self._inbox_passes >= after, LAST_BEATS_WAIT_S)
 
     def _take_beat(self, raw: bytes):
         try:

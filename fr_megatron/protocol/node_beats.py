@@ -13,6 +13,11 @@ here), which a busy agent overflowed at 32 ranks. A rank whose send fails or tim
 that beat and reconnects for the next; each beat carries the rank's whole state. The socket
 lives in the launcher's private run directory (mode 0700); every message is verified all the
 same, so a forged one is dropped and logged, never relayed.
+
+A rank that dies just after a beat (an injected fault sends one naming its step and phase first)
+leaves that beat queued on its connection. The inbox knows each connection's process (its peer
+credentials), so the agent can take what a dead process sent before it reports the death
+(``open_pids``).
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from __future__ import annotations
 import os
 import selectors
 import socket
+import struct
 from typing import Optional
 
 from .auth import MAX_MESSAGE_BYTES
@@ -88,6 +94,10 @@ class BeatInbox:
         self._sel = selectors.DefaultSelector()
         self._sel.register(self._listener, selectors.EVENT_READ)
         self._closed = False
+        self._pid_of: dict = {}  # connection -> the process on its other end
+        # process -> its connections whose end the caller has not taken yet (``settle``)
+        self.open_pids: dict[int, int] = {}
+        self._ended: list[int] = []
 
     def receive(self, timeout: float) -> list[bytes]:
         """The messages that arrive within ``timeout`` seconds (one wait), oldest first."""
@@ -107,6 +117,10 @@ class BeatInbox:
                     continue
                 conn.setblocking(False)
                 self._sel.register(conn, selectors.EVENT_READ)
+                pid = _peer_pid(conn)
+                if pid is not None:
+                    self._pid_of[conn] = pid
+                    self.open_pids[pid] = self.open_pids.get(pid, 0) + 1
                 continue
             while True:  # everything this connection has queued
                 try:
@@ -118,9 +132,22 @@ class BeatInbox:
                 if not msg:  # the rank went away
                     self._sel.unregister(sock)
                     sock.close()
+                    if sock in self._pid_of:
+                        self._ended.append(self._pid_of.pop(sock))
                     break
                 out.append(msg)
         return out
+
+    def settle(self) -> None:
+        """The messages of the last ``receive`` are taken: the connections that ended in it
+        leave ``open_pids``."""
+        ended, self._ended = self._ended, []
+        for pid in ended:
+            left = self.open_pids.get(pid, 0) - 1
+            if left > 0:
+                self.open_pids[pid] = left
+            else:
+                self.open_pids.pop(pid, None)
 
     def close(self) -> None:
         self._closed = True
@@ -131,6 +158,15 @@ class BeatInbox:
             os.unlink(self.path)
         except OSError:
             pass
+
+
+def _peer_pid(conn: socket.socket) -> Optional[int]:
+    """The pid of the process on the other end of a Unix socket (Linux), else None."""
+    try:
+        creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    except (AttributeError, OSError):
+        return None
+    return struct.unpack("3i", creds)[0]
 
 
 def rank_entry(beat: dict) -> dict:
