@@ -107,9 +107,9 @@ def test_node_lost_with_a_copy_in_flight_goes_back_to_a_step_every_holder_has(tm
     token = (tmp_path / "token").read_bytes().strip()
     port = free_port()
     # rank 3's copy of step 3 (to rank 0) is held back, and node 1 is lost while it is: once rank
-    # 1 has reached step 4's optimizer phase its own exchange (its copy to rank 2) is done. Without
-    # waiting for rank 3's too it would commit step 4 and keep steps 3 and 4 only, while rank 0
-    # holds rank 3's copies of steps 1 and 2: no step would be common to all.
+    # 1 has reached step 4's commit its own exchange (its copy to rank 2) is done. Without waiting
+    # for rank 3's too it would commit step 4 and keep steps 3 and 4 only, while rank 0 holds
+    # rank 3's copies of steps 1 and 2: no step would be common to all.
     env = {**os.environ, "FR_TEST_COPY_DELAY": "3:60:3"}
     fast = ("--node-timeout", "3", "--heartbeat-interval", "0.2")
     nodes = [_node(tmp_path, port, 0, "", env, fast), _node(tmp_path, port, 1, "", env, fast),
@@ -118,7 +118,7 @@ def test_node_lost_with_a_copy_in_flight_goes_back_to_a_step_every_holder_has(tm
         deadline = time.time() + 120
         while True:
             beat = node_beat("127.0.0.1", port, token, 0).get("1", {})
-            if (beat.get("step", -1), beat.get("phase")) == (4, "optimizer") \
+            if (beat.get("step", -1), beat.get("phase")) == (4, "after_step") \
                     or beat.get("step", -1) > 4:
                 break
             assert time.time() < deadline and nodes[0].poll() is None, "rank 1 never reached step 4"

@@ -6,14 +6,13 @@ node. Then every commit sends the step's unique tensors and meta to the rank's h
 from the snapshot slot (``transfer``); when an optimizer instance on another node already holds
 the same shard (redundancy by computation), only the meta (RNG, counters: a few KB) travels.
 
-The exchange runs on a background thread over the runtime's own gloo group while the next step's
-forward and backward run; the runtime waits for it before that step's optimizer phase changes the
-state (``wait``). A commit's exchange ends with every rank of the job agreeing that the step is
-durable everywhere (``agree``: each rank's snapshot sealed, each copy sealed by its holder): ranks
-are not in lockstep (plain data parallelism syncs only in the gradient all-reduce), and without
-it a rank could commit step N+1, and drop step N-1 from its ring of two, while a lost rank's
-snapshot or copy of step N was still on its way; no step would then be left that every rank
-could go back to. A fault voids the exchange in flight (``abandon``) without waiting for it: gloo
+The exchange runs on a background thread over the runtime's own gloo group while the next step
+runs; the runtime waits for it before the next commit (``wait``). A commit's exchange ends with
+every rank of the job agreeing that the step is durable everywhere (``agree``: each rank's
+snapshot sealed, each copy sealed by its holder): ranks are not in lockstep (plain data
+parallelism syncs only in the gradient all-reduce), and without it a rank could commit step N+1,
+and drop step N-1 from its ring of two, while a lost rank's snapshot or copy of step N was still
+on its way; no step would then be left that every rank could go back to. A fault voids the exchange in flight (``abandon``) without waiting for it: gloo
 leaves a send or receive whose message was cut in the middle (a peer killed or cut off while
 hundreds of MB stream) waiting until the group's timeout, so the recovery must not depend on it
 ending. A holder keeps the last ``depth`` versions of each ward's copy in slots of its

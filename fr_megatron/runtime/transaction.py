@@ -3,10 +3,11 @@
 ``commit(step, live)`` starts copying the state into the snapshot ring (``snapshot``; in the node's
 shared memory, where it outlives the process) and, where a copy is needed (``failure_domains``),
 sending the unique state to its holders (``redundancy``). Both run in the background during the
-next step's forward and backward; ``wait_durable`` blocks until they are in place, which the
-session does before the next optimizer step changes the state. A step is durable, and counts as
-finished for a recovery, once its snapshot is sealed. With the snapshot in process memory the
-commit itself waits: there the copy is the step's only protection against a process fault.
+next step: the snapshot must be sealed before that step's optimizer changes the state
+(``before_optimizer``); the copies, and every rank's agreement that the step is durable
+everywhere, before the next commit (``wait_durable``). A step counts as finished for a recovery
+once its snapshot is sealed. With the snapshot in process memory the commit itself waits: there
+the copy is the step's only protection against a process fault.
 """
 
 from __future__ import annotations
@@ -96,7 +97,9 @@ class StepTransaction:
 
     def commit(self, step: int, live: RankState) -> None:
         t0 = time.perf_counter()
-        self.wait_durable()  # the previous step's copies read a slot this one may reuse
+        # the last step must be durable on every rank before this one takes the ring's oldest
+        # slot: a rank lost meanwhile can then still be put back at it (``redundancy``)
+        self.wait_durable()
         self.ring.write(step, live)
         if self.copies is not None and self.copies.active:
             self.copies.start(step, self.ring)
@@ -117,10 +120,13 @@ class StepTransaction:
         return time.perf_counter() - t0
 
     def before_optimizer(self) -> None:
-        """The state is about to change: the last commit must be complete (counted as time the
-        training thread spent on that commit)."""
+        """The state is about to change: the last commit's snapshot, which reads it, must be
+        sealed (counted as time the training thread spent on that commit). Its copies and the
+        agreement that the step is durable everywhere run on until the next commit."""
         if self.commit_blocked_s:
-            self.commit_blocked_s[-1] += self.wait_durable()
+            t0 = time.perf_counter()
+            self.ring.wait()
+            self.commit_blocked_s[-1] += time.perf_counter() - t0
 
     def wait_snapshot(self) -> None:
         """Wait until the last commit's snapshot is sealed (or failed to: then it is not in the
