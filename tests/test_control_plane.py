@@ -68,26 +68,32 @@ def test_inject_spec_parsing_and_errors():
 @pytest.mark.timeout(30)
 def test_abort_watch_ends_only_a_rank_inside_an_operation_the_abort_did_not_end():
     """Stuck: inside one operation since before the abort. Not stuck: computing between
-    operations, or inside one that it left for recovery in time."""
-    def watch(inside_since, training=lambda: True, wait_s=10.0):
+    operations, going from one operation to the next, or inside one that it left for recovery
+    in time."""
+    def watch(inside, training=lambda: True, wait_s=10.0):
         stuck = []
-        w = AbortWatch(training, inside_since, stuck.append, stuck_s=0.2)
+        w = AbortWatch(training, inside, stuck.append, stuck_s=0.2)
         w.start()
         w.join(wait_s)  # a watch that ends, ends at once
         return stuck, w
 
-    entered = time.monotonic() - 5.0
-    stuck, w = watch(lambda: entered)
+    same_op = ("all_reduce", 7)
+    stuck, w = watch(lambda: same_op)
     assert len(stuck) == 1 and stuck[0] > 0.2 and not w.is_alive()
-    # the stuck time counts from the abort, not from when the operation was entered
-    assert stuck[0] < 5.0
     computing = {"training": True}
     stuck, w = watch(lambda: None, lambda: computing["training"], wait_s=0.6)
     assert stuck == [] and w.is_alive()
     computing["training"] = False  # it reached a phase marker and entered recovery
     w.join(5)
     assert not w.is_alive()
-    stuck, w = watch(lambda: entered, lambda: False)
+    moving = {"left": 20}
+
+    def next_op():  # a new operation at each look, 20 looks (about 1 s)
+        moving["left"] -= 1
+        return ("all_reduce", moving["left"])
+    stuck, w = watch(next_op, lambda: moving["left"] > 0)
+    assert stuck == [] and not w.is_alive()
+    stuck, w = watch(lambda: same_op, lambda: False)
     assert stuck == [] and not w.is_alive()
 
 

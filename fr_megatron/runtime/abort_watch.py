@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Callable, Optional
+from typing import Callable, Hashable, Optional
 
 STUCK_S = 1.0  # an aborted operation ends in milliseconds; this one will not end
 POLL_S = 0.05
@@ -25,22 +25,23 @@ POLL_S = 0.05
 
 class AbortWatch(threading.Thread):
     """``training()`` says whether the training thread is still in the step the abort cut
-    (not yet in recovery); ``inside_since()`` when it entered the operation it is inside, or
-    None; ``on_stuck(seconds)`` is called at most once, from this thread."""
+    (not yet in recovery); ``inside()`` which operation it is inside (``comm_progress``), or
+    None; ``on_stuck(seconds)`` is called at most once, from this thread. The seconds count
+    from when this watch, started at the abort, first saw the thread inside that operation."""
 
-    def __init__(self, training: Callable[[], bool], inside_since: Callable[[], Optional[float]],
+    def __init__(self, training: Callable[[], bool], inside: Callable[[], Optional[Hashable]],
                  on_stuck: Callable[[float], None], stuck_s: float = STUCK_S):
         super().__init__(name="fr-abort-watch", daemon=True)
-        self.training, self.inside_since, self.on_stuck = training, inside_since, on_stuck
+        self.training, self.inside, self.on_stuck = training, inside, on_stuck
         self.stuck_s = stuck_s
-        self.aborted_t = time.monotonic()
 
     def run(self) -> None:
+        seen, since = None, 0.0
         while self.training():
-            since = self.inside_since()
-            if since is not None:
-                stuck = time.monotonic() - max(since, self.aborted_t)
-                if stuck > self.stuck_s:
-                    self.on_stuck(stuck)
-                    return
+            op, now = self.inside(), time.monotonic()
+            if op is None or op != seen:
+                seen, since = op, now
+            elif now - since > self.stuck_s:
+                self.on_stuck(now - since)
+                return
             time.sleep(POLL_S)

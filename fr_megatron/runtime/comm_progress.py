@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 import weakref
 from typing import Callable, Optional
 
@@ -88,7 +87,7 @@ class Progress:
         self.armed: list[_Armed] = []
         self.current_phase: Callable[[], str] = lambda: ""
         self._main = threading.main_thread().ident
-        # the training thread's newest operation: (record, its count then, monotonic entry time)
+        # the training thread's newest operation: (record, its count then)
         self._main_op: Optional[tuple] = None
 
     def reset(self) -> None:
@@ -99,14 +98,15 @@ class Progress:
         self.rank = None
         self._main_op = None
 
-    def main_inside_since(self) -> Optional[float]:
-        """When the training thread entered the operation it is still inside (monotonic
-        seconds), or None when it is inside none; safe to call from another thread."""
+    def main_inside(self) -> Optional[tuple]:
+        """The operation the training thread is inside, as a value that stays the same while it
+        is the same operation (its key and count), or None when it is inside none; safe to call
+        from another thread."""
         op = self._main_op
         if op is None:
             return None
-        rec, count, entered_t = op
-        return entered_t if rec[0] == count and _inside(rec[1]) else None
+        rec, count = op
+        return (id(rec), count) if rec[0] == count and _inside(rec[1]) else None
 
     def report(self) -> dict[str, list]:
         """{key: [count, 1 if inside now else 0]}; safe to call from another thread."""
@@ -158,7 +158,7 @@ class Progress:
         rec[0] += 1
         rec[1] = _RUNNING
         if threading.get_ident() == self._main:
-            self._main_op = (rec, rec[0], time.monotonic())
+            self._main_op = (rec, rec[0])
         if self._coalescing and pg in self._coalescing:
             self._coalescing[pg].append(rec)
         return after

@@ -195,7 +195,7 @@ class Session:
                       self.rank, self.generation, self.step, self.phase_name, seconds)
             self._leave_faulty("stuck")
 
-        AbortWatch(training, comm_progress.TRACKER.main_inside_since, stuck).start()
+        AbortWatch(training, comm_progress.TRACKER.main_inside, stuck).start()
 
     def enter_generation(self, plan: dict) -> None:
         with self._lock:  # a notice of an even newer plan that came meanwhile is kept

@@ -306,7 +306,7 @@ class SnapshotRing:
 
     def wait(self) -> None:
         """Block until the last ``write`` is sealed; any thread may wait."""
-        self._sealed.wait()
+        self.settle()
         if self._error is not None:
             err, self._error = self._error, None
             raise err
