@@ -57,6 +57,12 @@ class FlashRecoveryConfig(BaseModel):
                                 "restores from them with no transfer; empty: keep them in "
                                 "process memory and copy unique state to peers every step")
     spares: int = Field(1, ge=0, le=64, description="warm spare processes per node")
+    shrink: Literal["no-spare", "never", "always"] = Field(
+        "no-spare", description="remove a lost rank's data-parallel replica and go on with fewer "
+                                "replicas, same global batch: 'no-spare' when no replacement "
+                                "can be placed (a node lost with no spare node, a rank failing "
+                                "again and again), 'never' (the job stops then), 'always' "
+                                "(instead of any replacement)")
     controller: Optional[str] = Field(None, description="controller address HOST:PORT")
     journal: Optional[str] = Field(None, description="path of the JSON-lines event journal")
     checkpoint_dir: Optional[str] = Field(

@@ -145,6 +145,10 @@ def recovery_row(fault: dict, phases: dict, steps_lost: int, generation: int) ->
     row = {"recovery/generation": generation, "recovery/rank": fault.get("rank"),
            "recovery/fault_step": fault.get("step"), "recovery/kind": fault.get("kind"),
            "recovery/fault_phase": fault.get("phase"), "recovery/steps_lost": steps_lost}
+    if "action" in fault:  # what was done: "replace", or "shrink" with the sizes after it
+        row["recovery/action"] = fault["action"]
+        row.update({f"recovery/{k}": fault[k] for k in ("world_size", "data_parallel_size")
+                    if fault.get(k) is not None})
     row.update({f"recovery/phase_{k}_s": v for k, v in phases.items() if v is not None})
     return row
 

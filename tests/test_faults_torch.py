@@ -31,10 +31,10 @@ JOBS = {
     "hangs-in-grad-reduce": ("hang:rank=3:step=3:phase=grad_reduce;"
                              "hang_gil:rank=0:step=5:phase=grad_reduce",
                              ["hang", "hang_gil"], 2, HANG),
-    # rank 1 takes part in the loss all-reduce and then never leaves it, even once rank 3's
-    # crash has aborted its communicators: it reports itself stuck instead of waiting to be
-    # blamed as hung
-    "stuck-after-abort": ("wedge:rank=1:step=3:phase=grad_reduce:group=world:nth=2;"
+    # rank 1 takes part in the all-reduce of gradients and losses and then never leaves it,
+    # even once rank 3's crash has aborted its communicators: it reports itself stuck instead
+    # of waiting to be blamed as hung
+    "stuck-after-abort": ("wedge:rank=1:step=3:phase=grad_reduce:group=world:nth=1;"
                           "kill:rank=3:step=3:phase=optimizer",
                           ["stuck", "crash"], 2, []),
 }

@@ -47,12 +47,15 @@ def test_rank_and_holder_of_its_copy_lost_together_stops_cleanly(tmp_path):
     assert job.result is None
 
 
+# rank 1 raises in step 3 again and again, in every replacement (each spec fires once)
+FAILS_EVERY_RESTART = ";".join(["exception:rank=1:step=3:phase=forward"] * (MAX_FAILED_RESTARTS + 2))
+
+
 @pytest.mark.timeout(300)
 def test_rank_that_fails_every_restart_stops_the_job_and_every_process(tmp_path):
-    # rank 1 raises in step 3 again and again, in every replacement (each spec fires once):
     # the controller gives up after MAX_FAILED_RESTARTS and the whole job must end, not wait
-    specs = ";".join(["exception:rank=1:step=3:phase=forward"] * (MAX_FAILED_RESTARTS + 2))
-    job = run_job(tmp_path, TORCH_RECIPE, ["--steps", "6"], inject=specs, timeout=150)
+    job = run_job(tmp_path, TORCH_RECIPE, ["--steps", "6"], inject=FAILS_EVERY_RESTART,
+                  timeout=150, extra=["--shrink", "never"])
     assert job.rc == 1, job.failure(3000)
     assert f"failed {MAX_FAILED_RESTARTS + 1} times in a row" in (job.report["fatal"] or "")
     stopped = [e for e in job.journal if e["event"] == "job_stopped"]
@@ -61,6 +64,21 @@ def test_rank_that_fails_every_restart_stops_the_job_and_every_process(tmp_path)
     assert job.report["generations"] == max(e["generation"] for e in job.journal
                                             if e["event"] == "fault_decided")
     assert job.result is None
+
+
+@pytest.mark.timeout(300)
+def test_rank_that_fails_every_restart_leaves_the_job_with_its_replica(tmp_path):
+    # the default --shrink no-spare: a rank that cannot be restarted is no reason to stop
+    job = run_job(tmp_path, TORCH_RECIPE, ["--steps", "6"], inject=FAILS_EVERY_RESTART,
+                  timeout=150)
+    assert job.rc == 0, job.failure(3000)
+    faults = job.report["faults"]
+    assert [(f["rank"], f["kind"], f["action"]) for f in faults] == \
+        [(1, "exception", "replace")] * MAX_FAILED_RESTARTS + [(1, "exception", "shrink")]
+    assert faults[-1]["world_size_after"] == 3 and faults[-1]["steps_lost"] == 0
+    assert job.report["members"] == [0, 2, 3] and job.report["fatal"] is None
+    assert job.result["world_sizes"] == {s: 4 if s < 3 else 3 for s in range(1, 7)}
+    assert all(t == [1.0] * 4 for t in job.result["taken"].values()), job.result["taken"]
 
 
 @pytest.mark.timeout(300)

@@ -10,7 +10,9 @@ builds and removes the namespaces itself, and skips (saying why) where the machi
   timeout, so it cannot come back into a world that has moved on.
 
 Either way the controller sees node 1's agent fall silent, moves ranks 2-3 to the spare node,
-and training ends bit-identical to a fault-free run.
+and training ends bit-identical to a fault-free run. Without a spare node, ranks 2-3 leave the
+world with their data-parallel replicas and the job ends on node 0's two ranks, every step on the
+same samples (``--shrink no-spare``, the default).
 """
 
 from __future__ import annotations
@@ -26,8 +28,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from jobs import (REPO, TORCH_RECIPE, TORCH_STEPS as STEPS, assert_same_training, free_port,
-                  node_beat)
+from jobs import (REPO, TORCH_RECIPE, TORCH_STEPS as STEPS, assert_same_samples_close_training,
+                  assert_same_training, free_port, node_beat)
 
 BRIDGE, BRIDGE_ADDR = "fr-br0", "10.77.0.1"
 NODES = {"node1": ("fr-node1", "fr-v1", "fr-v1h", "10.77.0.2"),
@@ -110,15 +112,18 @@ def _run(tmp: Path, how: str) -> tuple[dict, list[dict], dict | None, str]:
     # on node 1; neither holds the other's copy): each node replaces its own, and the node crash
     # then takes rank 3's replacement with it
     inject = ["--inject", "kill:rank=1:step=2:phase=forward;kill:rank=3:step=2:phase=forward;"
-              "node_crash:rank=2:step=3:phase=backward"] if how == "crash" else []
-    logs = {n: tmp / f"{n}.log" for n in ("node0", "node1", "spare")}
+              "node_crash:rank=2:step=3:phase=backward"] if how == "crash" else \
+        ["--inject", "node_crash:rank=2:step=3:phase=backward"] if how == "crash-no-spare" else []
+    names = ("node0", "node1") if how == "crash-no-spare" else ("node0", "node1", "spare")
+    logs = {n: tmp / f"{n}.log" for n in names}
     procs = {"node0": _launch(tmp, port, None, 0, ["--spares", "1", "--report",
                                                    str(tmp / "report.json"), "--journal",
                                                    str(tmp / "journal.jsonl"), *inject],
                               logs["node0"])}
     time.sleep(1.0)  # node 0 hosts the store the others connect to
     procs["node1"] = _launch(tmp, port, "node1", 1, ["--spares", "0", *inject], logs["node1"])
-    procs["spare"] = _launch(tmp, port, "spare", 2, ["--spare-node", *inject], logs["spare"])
+    if "spare" in names:
+        procs["spare"] = _launch(tmp, port, "spare", 2, ["--spare-node", *inject], logs["spare"])
     try:
         if how == "partition":
             assert _rank_reached(port, tmp / "token", 1, 2, 3, time.time() + 120), \
@@ -164,3 +169,20 @@ def test_lost_node_moves_to_spare_node_bit_exact(tmp_path, hosts, torch_baseline
     if how == "partition":  # the cut-off node stopped its own workers
         assert "killing its workers" in out, out
     assert_same_training(torch_baseline, result)
+
+
+@pytest.mark.timeout(400)
+def test_lost_node_without_a_spare_node_leaves_the_job_on_fewer_replicas(tmp_path, hosts,
+                                                                         torch_baseline):
+    rep, journal, result, out = _run(tmp_path, "crash-no-spare")
+    faults = sorted(rep["faults"], key=lambda f: f["rank"])
+    assert [(f["rank"], f["kind"], f["action"]) for f in faults] == [
+        (2, "node_lost", "shrink"), (3, "node_lost", "shrink")], out
+    for f in faults:
+        assert f["replacement"] is None and f["survivor_pids_unchanged"] is True, out
+        assert (f["world_size_after"], f["data_parallel_size_after"]) == (2, 2), out
+        assert (f["recovery_point"], f["steps_lost"]) == (2, 0), out
+    assert rep["fatal"] is None and rep["members"] == [0, 1], out
+    assert rep["finished_ranks"] == 2, out
+    assert result["world_sizes"] == {s: 4 if s <= 2 else 2 for s in range(1, 9)}
+    assert_same_samples_close_training(torch_baseline, result, first_shrunk_step=3)

@@ -393,6 +393,11 @@ class NodeAgent:
                     self._apply(rank, g)
                 elif rank in self.ranks:  # moved to another node: stop hosting it
                     self._release(rank)
+            for rank in plan.get("removed", ()):
+                if rank in self.ranks:  # its data-parallel replica left the world (a shrink)
+                    log.info("node=%d generation=%d rank=%d leaves the world with its "
+                             "data-parallel replica", self.node, g, rank)
+                    self._release(rank)
 
     def _on_stop(self, stop: dict) -> None:
         """The job stops and its ranks save first: each gets SIGTERM (Megatron-LM's

@@ -30,6 +30,7 @@ from ..protocol.auth import AuthError, ReplayGuard, Signer, read_token
 from ..protocol.store import connect, host_store
 from ..runtime.inject import parse as parse_inject
 from .detector import RankView, fault_time, find_hang
+from .shrink import Shrink, ShrinkImpossible, shrink, shrinks
 
 log = logging.getLogger("fr_megatron.controller")
 
@@ -87,6 +88,8 @@ class Fault:
     replacement_t: Optional[float] = None   # the agent handed the rank to a process
     replacement_pid: Optional[int] = None
     joined_t: Optional[float] = None        # that process joined the new generation's world
+    action: str = "replace"                 # or "shrink": its data-parallel replica left
+    after: dict = field(default_factory=dict)  # the world and data-parallel sizes after it
 
 
 # what each kind of message a rank or an agent sends is handled by
@@ -117,6 +120,7 @@ class Recovery:
     faults: list[Fault]
     decision_t: float
     survivor_pids: dict[int, int]
+    members: list[int]                      # the job ranks of its generation's world
     reports: dict[int, dict] = field(default_factory=dict)
     summary: Optional[dict] = None  # set once every rank reported its first step after it
 
@@ -135,6 +139,10 @@ class Controller:
         self.journal = Journal(cfg.journal)
         self.report_path = report_path
         self.generation = 0
+        # the job ranks of the current world: all of them until the job goes on with fewer
+        # data-parallel replicas (``shrink``); ``views`` has exactly these
+        self.members: list[int] = list(range(world_size))
+        self.dp_replicas: Optional[list[list[int]]] = None  # from the ranks' redundancy event
         self.views: dict[int, RankView] = {r: RankView(r) for r in range(world_size)}
         self.agents: dict[int, AgentView] = {}
         self.node_of: dict[int, int] = {r: r // nproc_per_node for r in range(world_size)}
@@ -209,10 +217,14 @@ class Controller:
                 if self.pending and time.time() - min(f.reported_t for f in self.pending.values()) \
                         >= DEBOUNCE_S:
                     self._decide()
-                if len(self.done_nodes) >= self.nnodes or self.fatal:
+                if self._all_nodes_done() or self.fatal:
                     break
         self._finish()
         return self.exit_code
+
+    def _all_nodes_done(self) -> bool:
+        """Every node that hosts a rank of the world has seen all its ranks finish."""
+        return {self.node_of[r] for r in self.members} <= self.done_nodes
 
     def _until_next_decision(self, tick: float = 0.05) -> float:
         """How long the serving loop may sleep: until the first pending fault has waited
@@ -297,7 +309,7 @@ class Controller:
         for r, rank_hb in (ranks.items() if isinstance(ranks, dict) else ()):
             rank = int(r)
             if (self.node_of.get(rank) != node or not isinstance(rank_hb, dict)
-                    or rank_hb.get("rank") != rank):
+                    or rank_hb.get("rank") != rank or rank not in self.views):
                 continue  # a node speaks only for the ranks it hosts
             if rank_hb.get("pid") in self.replaced_pids:
                 continue  # the last beat of a replaced process says nothing of its rank
@@ -325,7 +337,7 @@ class Controller:
             if a.lost or a.node in self.done_nodes or now - a.seen_t <= self.cfg.node_timeout:
                 continue
             a.lost = True
-            ranks = sorted(r for r, n in self.node_of.items() if n == a.node)
+            ranks = sorted(r for r, n in self.node_of.items() if n == a.node and r in self.views)
             self.journal.write("node_lost", generation=self.generation, node=a.node,
                                ranks=ranks, silent_s=round(now - a.seen_t, 3))
             for r in ranks:
@@ -334,24 +346,37 @@ class Controller:
                                          fault_t=a.seen_t, reported_t=now,
                                          detail={"node": a.node}))
 
-    def _place(self, faults: list[Fault]) -> dict[int, int]:
-        """Where the ranks of lost nodes go: one live, unused spare node per lost node."""
+    def _place(self, faults: list[Fault]) -> tuple[dict[int, int], dict[int, str]]:
+        """Where the ranks of lost nodes go: one live, unused spare node per lost node; and the
+        ranks that cannot be placed, with why."""
         moved: dict[int, int] = {}
+        unplaced: dict[int, str] = {}
         lost_nodes = sorted({self.node_of[f.rank] for f in faults if f.kind == "node_lost"})
         free = sorted(n for n, a in self.agents.items() if a.spare and not a.lost
                       and n not in self.node_of.values())
         for node in lost_nodes:
+            ranks = [r for r, n in self.node_of.items() if n == node and r in self.views]
             if not free:
-                self._stop_job(f"node {node} is lost and no spare node is left to take its "
-                               "ranks: start one with `fr-megatron run --spare-node --node-rank "
-                               "K --controller HOST:PORT ...`, or restart the job",
-                               node=node, last_good_step=self._last_good_step())
-                return {}
+                unplaced.update(dict.fromkeys(ranks, (
+                    f"node {node} is lost and no spare node is left to take its ranks: start "
+                    "one with `fr-megatron run --spare-node --node-rank K --controller "
+                    "HOST:PORT ...`, or restart the job")))
+                continue
             target = free.pop(0)
-            for r, n in self.node_of.items():
-                if n == node:
-                    moved[r] = target
-        return moved
+            for r in ranks:
+                moved[r] = target
+        return moved, unplaced
+
+    def _shrink(self, lost: list[int]) -> tuple[Optional[Shrink], str]:
+        """The world without the data-parallel replicas of ``lost``, or None and why not."""
+        red = self.redundancy or {}
+        if not red.get("shrink") or self.dp_replicas is None:
+            return None, ("this job cannot go on with fewer data-parallel replicas (its "
+                          "framework integration does not re-partition its state)")
+        try:
+            return shrink(self.members, self.dp_replicas, lost), ""
+        except ShrinkImpossible as e:
+            return None, str(e)
 
     def _last_good_step(self) -> int:
         """The newest step every rank is known to have committed (from its heartbeats, and
@@ -384,6 +409,10 @@ class Controller:
                 self.journal.write("rank_exited", generation=self.generation, rank=rank,
                                    how=ev.get("fault"), pid=ev.get("pid"),
                                    **{k: ev[k] for k in ("signal", "exit_code") if k in ev})
+            return
+        if rank not in self.views:  # its replica left the world; its agent ends it
+            self.journal.write("removed_rank_exited", generation=self.generation, rank=rank,
+                               pid=ev.get("pid"), how=ev.get("fault"))
             return
         v = self.views[rank]
         if ev.get("pid") in self.replaced_pids or (
@@ -431,7 +460,7 @@ class Controller:
             if rec.generation != ev["generation"]:
                 continue
             rec.reports[int(ev["rank"])] = ev
-            if len(rec.reports) < self.world_size:
+            if not set(rec.members) <= set(rec.reports):
                 continue
             for older in self.recoveries:
                 if older.generation <= rec.generation and older.summary is None:
@@ -484,6 +513,8 @@ class Controller:
             self.checkpoints.append({"rank": ev.get("rank"), **ev.get("fields", {})})
         if ev["event"] == "redundancy":
             self.redundancy = ev.get("fields", {})
+            if self.dp_replicas is None and self.redundancy.get("replicas"):
+                self.dp_replicas = [list(r) for r in self.redundancy["replicas"]]
         self.journal.write(ev["event"], generation=ev.get("generation", self.generation),
                            rank=ev.get("rank"), step=ev.get("step"), phase=ev.get("phase"),
                            **ev.get("fields", {}))
@@ -558,10 +589,11 @@ class Controller:
         st = self.stopping
         gone = self.exited_ranks | self.finished_ranks
         return (not st["save"] or st["force"] or now >= st["deadline"]
-                or len(gone) >= self.world_size or len(self.done_nodes) >= self.nnodes)
+                or set(self.members) <= gone or self._all_nodes_done())
 
     def _decide(self):
-        """Replace every pending faulty rank in one new generation and publish the plan."""
+        """Replace every pending faulty rank, or remove its data-parallel replica (``shrink``),
+        in one new generation, and publish the plan."""
         faults = list(self.pending.values())
         self.pending.clear()
         now = time.time()
@@ -572,57 +604,93 @@ class Controller:
         for f in faults:
             f.decision_t, f.new_generation = now, g
             self.replaced_pids.add(f.pid)
-        replaced = sorted(f.rank for f in faults)
+        lost = frozenset(f.rank for f in faults)
         # a recovery every rank finished, but for ranks this fault took before they reported
         # it, is complete with its own reports instead of merging into the next one
-        lost = frozenset(replaced)
         for rec in self.recoveries:
             if rec.summary is None and rec.reports and \
-                    set(range(self.world_size)) <= set(rec.reports) | lost:
+                    set(rec.members) <= set(rec.reports) | lost:
                 self._recovery_complete(rec, rec.generation, excused=lost)
         open_recoveries = [r for r in self.recoveries if r.summary is None]
+        unreplaceable: dict[int, str] = {}
         for f in faults:
             # a rank whose replacement keeps failing before it recovers is not restarted forever
             if any(f.rank in (x.rank for x in r.faults) for r in open_recoveries):
                 self.restarts_without_progress[f.rank] = \
                     self.restarts_without_progress.get(f.rank, 1) + 1
             if self.restarts_without_progress.get(f.rank, 0) > MAX_FAILED_RESTARTS:
-                self._stop_job(f"rank {f.rank} failed {MAX_FAILED_RESTARTS + 1} times in a row "
-                               f"before recovering (last: {f.kind} at step {f.step}); not "
-                               "restarting it again: see its traceback in the journal",
-                               rank=f.rank, step=f.step, phase=f.phase)
-                return
+                unreplaceable[f.rank] = (
+                    f"rank {f.rank} failed {MAX_FAILED_RESTARTS + 1} times in a row before "
+                    f"recovering (last: {f.kind} at step {f.step}); not restarting it again: "
+                    "see its traceback in the journal")
+        moved, unplaced = self._place(faults)
+        unreplaceable.update(unplaced)
+        removed: list[int] = []
+        why_not = ""
+        to_remove = sorted(f.rank for f in faults
+                           if shrinks(self.cfg.shrink, f.rank not in unreplaceable))
+        if to_remove:
+            plan_shrink, why_not = self._shrink(to_remove)
+            if plan_shrink is not None:
+                removed = plan_shrink.removed
+                self.members, self.dp_replicas = plan_shrink.members, plan_shrink.replicas
+            elif self.cfg.shrink == "always" and not unreplaceable:
+                self.journal.write("shrink_skipped", generation=g, ranks=to_remove,
+                                   reason=why_not)
+        stop = sorted(r for r in unreplaceable if r not in removed)
+        if stop:
+            r = stop[0]
+            f = next(x for x in faults if x.rank == r)
+            hint = ("; --shrink never keeps the job from going on with fewer data-parallel "
+                    "replicas" if self.cfg.shrink == "never" else
+                    f"; it cannot go on without it: {why_not}" if to_remove else "")
+            self._stop_job(unreplaceable[r] + hint, rank=r, step=f.step, phase=f.phase,
+                           node=self.node_of[r], last_good_step=self._last_good_step())
+            return
+        after = {"world_size": len(self.members),
+                 "data_parallel_size": len(self.dp_replicas) if self.dp_replicas else None}
+        for f in faults:
+            f.after = after
+            if f.rank in removed:
+                f.action = "shrink"
+        replaced = sorted(f.rank for f in faults if f.rank not in removed)
         # a replacement that has not joined its generation yet waits in a rendezvous that can no
         # longer complete (a member just died): it is replaced again in the new generation
         stuck = sorted({f.rank for r in open_recoveries for f in r.faults
-                        if f.joined_t is None and f.rank not in replaced})
+                        if f.joined_t is None and f.rank not in replaced and f.rank not in removed
+                        and f.action == "replace"})
         for rank in stuck:
             self.replaced_pids.update(f.replacement_pid for r in open_recoveries
                                       for f in r.faults if f.rank == rank and f.replacement_pid)
             self.journal.write("replacement_restarted", generation=g, rank=rank,
                                reason="had not joined its generation when another fault came")
         replaced = sorted(replaced + stuck)
-        moved = self._place(faults)
-        if self.fatal:
-            return
-        self.node_of.update(moved)
+        self.node_of.update({r: n for r, n in moved.items() if r not in removed})
+        for rank in removed:
+            self._rank_committed(rank, self.views[rank].committed)
+            del self.views[rank]
         for rank in replaced:  # judged again from its replacement's first heartbeat
             self._rank_committed(rank, self.views[rank].committed)
             self.views[rank] = RankView(rank)
         survivors = {r: v.pid for r, v in self.views.items() if r not in replaced}
-        plan = {"generation": g, "replaced": replaced,
+        plan = {"generation": g, "replaced": replaced, "removed": removed,
+                "members": self.members,
                 "faults": [{"rank": f.rank, "kind": f.kind, "step": f.step, "phase": f.phase,
                             "pid": f.pid, "node": f.detail.get("node", self.node_of[f.rank]),
-                            "detect_s": round(now - f.fault_t, 4)}
+                            "detect_s": round(now - f.fault_t, 4), "action": f.action, **after}
                            for f in faults],
-                "placement": {str(r): n for r, n in moved.items()},
+                "placement": {str(r): n for r, n in moved.items() if r not in removed},
                 "decided_t": now}
-        self.recoveries.append(Recovery(g, faults, now, survivors))
+        self.recoveries.append(Recovery(g, faults, now, survivors, list(self.members)))
         self.plan_t = now
         for f in faults:
             self.journal.write("fault_decided", generation=g, rank=f.rank, step=f.step,
                                phase=f.phase, kind=f.kind, detect_s=round(now - f.fault_t, 4),
-                               **_blame_fields(f))
+                               action=f.action, **after, **_blame_fields(f))
+        if removed:
+            log.warning("generation=%d ranks %s leave the world with their data-parallel "
+                        "replicas: %d ranks, data-parallel size %s", g, removed,
+                        after["world_size"], after["data_parallel_size"])
         self.generation = g
         self._publish_generation(plan)
 
@@ -652,10 +720,11 @@ class Controller:
                                phase=f.phase, kind=f.kind,
                                recovery_s=round(first_step_t - f.fault_t, 4),
                                steps_lost=steps_lost, replacement=f.replacement,
-                               survivor_pids_unchanged=unchanged)
+                               survivor_pids_unchanged=unchanged, action=f.action, **f.after)
             if self.wandb:
                 self.wandb.recovery({"rank": f.rank, "kind": f.kind, "step": f.step,
-                                     "phase": f.phase}, phases_f, steps_lost,
+                                     "phase": f.phase, "action": f.action, **f.after},
+                                    phases_f, steps_lost,
                                     f.replacement or "spawn", rec.generation)
 
     # ---- the end -----------------------------------------------------------------------
@@ -666,6 +735,8 @@ class Controller:
             for f in rec.faults:
                 entry = {"rank": f.rank, "kind": f.kind, "step": f.step, "phase": f.phase,
                          "generation": rec.generation, **_blame_fields(f),
+                         "action": f.action,
+                         **{f"{k}_after": v for k, v in f.after.items()},
                          "detect_s": round(rec.decision_t - f.fault_t, 4),
                          "replacement": f.replacement,
                          "replacement_start_s": round(f.replacement_t - rec.decision_t, 4)
@@ -687,6 +758,8 @@ class Controller:
                                   "survivor_pids_unchanged": None})
                 faults.append(entry)
         return {"world_size": self.world_size, "nnodes": self.nnodes,
+                "members": self.members,
+                "data_parallel_size": len(self.dp_replicas) if self.dp_replicas else None,
                 "generations": self.generation, "faults": faults,
                 "rejected_messages": self.rejected, "fatal": self.fatal,
                 "startup_error": self.startup_error,

@@ -25,7 +25,7 @@ RUN_FLAGS = {
     "spares": "--spares", "journal": "--journal", "heartbeat_interval": "--heartbeat-interval",
     "hang_timeout": "--hang-timeout", "controller": "--controller",
     "node_timeout": "--node-timeout", "stop_timeout": "--stop-timeout",
-    "snapshot_dir": "--snapshot-dir", "wandb.enabled": "--no-wandb",
+    "snapshot_dir": "--snapshot-dir", "shrink": "--shrink", "wandb.enabled": "--no-wandb",
 }
 
 
@@ -80,6 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="shared-memory directory (tmpfs) for the ranks' snapshots, which a "
                         "replacement on the same node restores from (default: /dev/shm); '' keeps "
                         "them in process memory and copies unique state to peers every step")
+    p.add_argument("--shrink", choices=("no-spare", "never", "always"), default=None,
+                   help="go on with fewer data-parallel replicas when a lost rank is not "
+                        "replaced: when no replacement can be placed (no-spare, default), "
+                        "never (the job stops), or always instead of replacing")
     p.add_argument("--connect-timeout", type=float, default=30.0,
                    help="seconds a node waits for the controller to be reachable")
     p.add_argument("script", help="the training script, run as each rank's __main__")

@@ -107,6 +107,11 @@ class Communicators:
         self._rdzv_fds: set[int] = set()
         self._rdzv_stores: list = []  # kept open: a shut-down client must not be reused or freed
 
+    def resize(self, rank: int, world_size: int) -> None:
+        """This process's rank in, and the size of, the worlds it joins from now on (they change
+        when the job goes on with fewer replicas)."""
+        self.rank, self.world_size = rank, world_size
+
     def init_world(self, generation: int, superseded: Callable[[], bool] = lambda: False) -> None:
         """Create the default process group of ``generation`` on a store connection of its own.
 

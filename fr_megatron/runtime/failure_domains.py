@@ -17,6 +17,7 @@ several nodes the instances must be on different nodes; otherwise that is a star
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 
 class PlacementError(ValueError):
@@ -45,13 +46,15 @@ class CopyPlan:
 
 
 def holders(rank: int, world_size: int, nproc_per_node: int, replica_ranks: list[int],
-            replicas: int) -> list[int]:
-    """The ranks that keep copies of ``rank``'s unique state, best first."""
-    me = node_of(rank, nproc_per_node)
-    multi_node = world_size > nproc_per_node
+            replicas: int, nodes: Optional[list[int]] = None) -> list[int]:
+    """The ranks that keep copies of ``rank``'s unique state, best first; ``nodes[r]``: the
+    node of rank r (default: ``nproc_per_node`` ranks a node, in rank order)."""
+    nodes = nodes if nodes is not None else [node_of(r, nproc_per_node) for r in range(world_size)]
+    me = nodes[rank]
+    multi_node = len(set(nodes)) > 1
     ring = [(rank + k) % world_size for k in range(1, world_size)]
     if multi_node:
-        order = [r for r in ring if node_of(r, nproc_per_node) != me]
+        order = [r for r in ring if nodes[r] != me]
     else:
         dp = sorted(replica_ranks)
         i = dp.index(rank) if rank in dp else 0
@@ -65,27 +68,29 @@ def holders(rank: int, world_size: int, nproc_per_node: int, replica_ranks: list
 
 def copy_plan(world_size: int, nproc_per_node: int, replica_of: list[list[int]],
               shard_replicas_of: list[list[int]], durable_of: list[bool],
-              replicas: int) -> CopyPlan:
+              replicas: int, nodes: Optional[list[int]] = None) -> CopyPlan:
     """Every rank's holders and copied regions (every rank computes the same plan).
 
     ``durable_of[r]``: rank r's snapshot outlives its process (node shared memory);
-    ``shard_replicas_of[r]``: the ranks, r among them, that hold r's unique state too."""
-    multi_node = world_size > nproc_per_node
+    ``shard_replicas_of[r]``: the ranks, r among them, that hold r's unique state too;
+    ``nodes[r]``: the node of rank r (default: ``nproc_per_node`` ranks a node)."""
+    nodes = nodes if nodes is not None else [node_of(r, nproc_per_node) for r in range(world_size)]
+    multi_node = len(set(nodes)) > 1
     plan = CopyPlan({}, {})
     for r in range(world_size):
         peers = [s for s in shard_replicas_of[r] if s != r]
         elsewhere = [s for s in peers
-                     if not multi_node or node_of(s, nproc_per_node) != node_of(r, nproc_per_node)]
+                     if not multi_node or nodes[s] != nodes[r]]
         if multi_node and peers and not elsewhere:
             raise PlacementError(
                 f"--num-distributed-optimizer-instances: rank {r} and every other instance of its "
-                f"optimizer shard (ranks {peers}) are on node {node_of(r, nproc_per_node)}, so "
+                f"optimizer shard (ranks {peers}) are on node {nodes[r]}, so "
                 f"losing that node loses the shard. Spread the instances over nodes: with "
                 f"{nproc_per_node} ranks per node, the data-parallel group must span as many "
                 "nodes as there are instances (e.g. tensor x pipeline x context parallel size "
                 "<= ranks per node), or use 1 instance and let flash recovery copy the shards")
         needs = multi_node or not durable_of[r]
-        plan.holders[r] = holders(r, world_size, nproc_per_node, replica_of[r], replicas) \
-            if needs else []
+        plan.holders[r] = holders(r, world_size, nproc_per_node, replica_of[r], replicas,
+                                  nodes) if needs else []
         plan.parts[r] = () if elsewhere else ("unique",)
     return plan

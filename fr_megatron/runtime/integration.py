@@ -50,6 +50,9 @@ class Integration(abc.ABC):
     """One training framework, as the runtime sees it."""
 
     name: str = "integration"
+    # whether the job can go on with fewer data-parallel replicas (a shrink): its state is
+    # then re-partitioned over the ranks left, and its data split over them (``batch_split``)
+    shrinkable: bool = False
 
     @abc.abstractmethod
     def replica_ranks(self) -> list[int]:
@@ -120,6 +123,7 @@ class TorchIntegration(Integration):
     """
 
     name = "torch"
+    shrinkable = True  # every rank holds the whole state: a shrink re-partitions nothing
 
     def __init__(self, module: torch.nn.Module, optimizer: torch.optim.Optimizer,
                  extra_state=None, ddp: bool = True, **ddp_kwargs):

@@ -66,6 +66,7 @@ class Recovery:
     def sync(self, plan: dict) -> int:
         """Agree on the recovery point, restore every rank to it, return the step to redo."""
         s, tx = self.s, self.s.tx
+        me = s.world_rank  # reports, sources and transfers are in ranks of the new world
         s.phase_name = "restore"
         me_lost = s.rank in plan["replaced"] or not s.has_state
         mine = recovery_point.RankReport(
@@ -80,7 +81,7 @@ class Recovery:
         if decision is None:
             return self._no_live_state(reports, lost)
         point = decision.point
-        if s.rank in decision.sources:
+        if me in decision.sources:
             tx.ring.drop_after(point)
         t_move = time.perf_counter()
         self._transfer(decision)
@@ -100,13 +101,13 @@ class Recovery:
             raise
         tx.ring.drop_after(point)
         s.history = {k: v for k, v in s.history.items() if k <= point}
-        restored = {"from": decision.sources[s.rank], "bytes": moved[0],
-                    "seconds": round(moved[1], 4)} if s.rank in decision.sources else None
+        restored = {"from": decision.sources[me], "bytes": moved[0],
+                    "seconds": round(moved[1], 4)} if me in decision.sources else None
         self._settle(point, decision.steps_lost, lost, decision.resend, restored=restored)
         log.info("rank=%d generation=%d step=%d phase=restore recovered to step %d%s",
                  s.rank, s.generation, point, point,
-                 " from its predecessor's snapshot" if decision.sources.get(s.rank, {})
-                 .get("unique") == s.rank else "")
+                 " from its predecessor's snapshot" if decision.sources.get(me, {})
+                 .get("unique") == me else "")
         return point + 1
 
     def _check_inherited(self) -> list[str]:
@@ -116,7 +117,7 @@ class Recovery:
         refused = [f"rank {s.rank}'s snapshot of step {step}: {why}"
                    for step, why in tx.ring.validate()]
         for ward, ring in tx.copies.held.items():
-            refused += [f"the copy of rank {ward} held by rank {s.rank}, step {step}: {why}"
+            refused += [f"the copy of rank {s.members[ward]} held by rank {s.rank}, step {step}: {why}"
                         for step, why in ring.validate()]
         for why in refused:
             log.warning("rank=%d generation=%d step=%d phase=restore refused %s", s.rank,
@@ -128,15 +129,16 @@ class Recovery:
         straight from the sources' slots into the lost rank's slot of the point (laid out as
         the sources announce: a replacement's own optimizer may not have its state yet)."""
         s, tx = self.s, self.s.tx
+        me = s.world_rank
         point, works, pulls = decision.point, [], []
         for (src, dst), messages in decision.transfers(tx.plan).items():
-            if src == s.rank:
+            if src == me:
                 works += transfer.send(
                     [(tx.ring.slot(point) if origin == "ring" else
                       tx.copies.held[dst].slot(point),
                       tuple(p for p in parts if p != "meta"), "meta" in parts)
                      for origin, parts in messages], dst, s.group)
-            elif dst == s.rank:
+            elif dst == me:
                 pulls.append(src)
         if pulls:
             with ThreadPoolExecutor(len(pulls), thread_name_prefix="fr-pull") as pool:
@@ -197,7 +199,7 @@ class Recovery:
         log.warning("rank=%d generation=%d step=%d phase=restore no live copy of ranks %s: fell "
                     "back to the checkpoint of step %d in %s (%d steps redone)", s.rank,
                     s.generation, step, sorted(lost), step, s.cfg.checkpoint_dir, steps_lost)
-        if s.rank == 0:
+        if s.world_rank == 0:
             s.event("fallback_to_checkpoint", checkpoint_step=step, steps_lost=steps_lost,
                     lost=sorted(lost), directory=s.cfg.checkpoint_dir)
         return step + 1
@@ -212,8 +214,9 @@ class Recovery:
         s.step = point
         s.tx.settled(point)
         s.has_state = True
-        to = resend.get(s.rank, [])
-        s.tx.resend(point, to, sorted(r for r, hs in resend.items() if s.rank in hs))
+        me = s.world_rank
+        to = resend.get(me, [])
+        s.tx.resend(point, to, sorted(r for r, hs in resend.items() if me in hs))
         if to:
             log.info("rank=%d generation=%d step=%d phase=restore copy of step %d sent again "
                      "to holders %s", s.rank, s.generation, point, point, to)

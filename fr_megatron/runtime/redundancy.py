@@ -55,15 +55,20 @@ class CopyExchange:
     travels); ``holders``/``wards``: this rank's, from ``failure_domains.copy_plan``;
     ``interrupted()``: a fault plan arrived, so a wait for the exchange in flight gives up;
     ``agree``: a commit's exchange ends in the agreement of every rank of ``group`` (module
-    doc), on every rank of the job or on none."""
+    doc), on every rank of the job or on none; ``names[r]``: the job rank of ``group``'s rank
+    ``r``, which names the copies kept in shared memory (default: the same)."""
 
     def __init__(self, rank: int, holders: list[int], wards: list[int], parts_of: dict,
                  group, depth: int, directory: Optional[str],
-                 interrupted: Callable[[], bool] = lambda: False, agree: bool = False):
+                 interrupted: Callable[[], bool] = lambda: False, agree: bool = False,
+                 names: Optional[list[int]] = None):
         self.rank, self.holders, self.wards, self.group = rank, holders, wards, group
         self.interrupted, self.agree = interrupted, agree
+        self.names = list(names) if names is not None else None
+        name = self.job_rank
         self.parts = tuple(parts_of.get(rank, ()))
-        self.held = {w: held_ring(depth, directory, rank, w, tuple(parts_of[w])) for w in wards}
+        self.held = {w: held_ring(depth, directory, name(rank), name(w), tuple(parts_of[w]))
+                     for w in wards}
         self._pending: Optional[Future] = None
         self._void = threading.Event()  # set: the exchange in flight seals nothing any more
 
@@ -142,12 +147,18 @@ class CopyExchange:
     def nbytes(self) -> int:
         return sum(r.nbytes() for r in self.held.values())
 
+    def job_rank(self, rank: int) -> int:
+        return self.names[rank] if self.names is not None else rank
+
     def adopt(self, old: "CopyExchange") -> None:
-        """Keep the copies ``old`` held for wards this rank still holds (a rebuild of groups)."""
+        """Keep the copies ``old`` held for wards this rank still holds (a rebuild of groups),
+        matched by job rank: the world's ranks change when the job shrinks."""
+        mine = {self.job_rank(w): w for w in self.held}
         for w, ring in old.held.items():
-            if w in self.held:
-                self.held[w].close()
-                self.held[w] = ring
+            now = mine.get(old.job_rank(w))
+            if now is not None:
+                self.held[now].close()
+                self.held[now] = ring
 
 
 def _in_background(fn: Callable, *args) -> Future:

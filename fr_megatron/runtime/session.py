@@ -64,7 +64,11 @@ class Session:
                  token: bytes, generation: int, replacement: bool,
                  agent_socket: str, config: Optional[FlashRecoveryConfig] = None,
                  injections: str = "", snapshot_dir: Optional[str] = None):
-        self.rank, self.world_size, self.nproc = rank, world_size, nproc_per_node
+        # ``rank`` is the job rank, this process's name for the control plane (heartbeats,
+        # snapshots, injections); its rank in the current world is ``world_rank``: the two
+        # differ once the job goes on with fewer replicas (``members``)
+        self.rank, self.job_size, self.nproc = rank, world_size, nproc_per_node
+        self.members = list(range(world_size))  # the job ranks of the current world, in order
         self.cfg = config or FlashRecoveryConfig()
         self.host, self.port = parse_address(controller, "FR_CONTROLLER")
         self.replacement = replacement
@@ -118,6 +122,15 @@ class Session:
                    snapshot_dir=env.get("FR_SNAPSHOT_DIR"))
 
     # what other modules read of a session
+    @property
+    def world_size(self) -> int:
+        return len(self.members)
+
+    @property
+    def world_rank(self) -> int:
+        """This rank's rank in the current world (``torch.distributed.get_rank()``)."""
+        return self.members.index(self.rank)
+
     @property
     def store(self):
         return self.link.store
@@ -200,8 +213,15 @@ class Session:
     def enter_generation(self, plan: dict) -> None:
         with self._lock:  # a notice of an even newer plan that came meanwhile is kept
             self.generation = plan["generation"]
+            self._adopt_members(plan)
             if self._notice is not None and self._notice["generation"] <= self.generation:
                 self._notice = None
+
+    def _adopt_members(self, plan: dict) -> None:
+        """The world of ``plan``: its members (every job rank unless the job has shrunk)."""
+        self.members = list(plan.get("members", range(self.job_size)))
+        if self.comms is not None:
+            self.comms.resize(self.world_rank, self.world_size)
 
     def superseded(self) -> bool:
         return self._notice is not None
@@ -214,11 +234,19 @@ class Session:
             log.error("rank=%d was %s in generation %d; exiting", self.rank, when,
                       plan["generation"])
             exit_process(EXIT_FAULTY)
+        if self.rank in plan.get("removed", ()):
+            # its data-parallel replica left the world (a shrink); its node agent ends it
+            log.warning("rank=%d generation=%d step=%d phase=%s its data-parallel replica left "
+                        "the world; exiting", self.rank, plan["generation"], self.step,
+                        self.phase_name)
+            exit_process(EXIT_FAULTY)
 
     # ---- set-up ----------------------------------------------------------------------------
     def init_process_group(self, backend: str = "gloo") -> None:
+        if self.generation > 0:  # a replacement: the world of its generation
+            self._adopt_members(self.link.plan_for(self.generation))
         self.comms = Communicators(lambda: connect_cuttable(self.host, self.port), self.port,
-                                   self.rank, self.world_size, backend)
+                                   self.world_rank, self.world_size, backend)
         while True:
             try:
                 self.comms.init_world(self.generation, self.superseded)
@@ -243,9 +271,9 @@ class Session:
     def build_runtime_groups(self) -> None:
         """The runtime's own gloo group, and who copies what to whom."""
         self.group = dist.new_group(backend="gloo")
-        summary = self.tx.configure(self.integration, self.group, self.world_size, self.nproc,
-                                    self.has_state)
-        if summary is not None and self.rank == 0:
+        summary = self.tx.configure(self.integration, self.group, self.members,
+                                    self.world_rank, self.nproc, self.has_state)
+        if summary is not None and self.world_rank == 0:
             self.event("redundancy", **summary)
 
     # ---- the step transaction --------------------------------------------------------------
@@ -325,7 +353,7 @@ class Session:
         agent kept its tail for a start-up failure); a recovery it resumed from."""
         if self.tx.committed >= 0 and not self._published:
             self._published = True
-            if self.rank == 0:
+            if self.world_rank == 0:
                 job_modules.publish_soon(self.host, self.port, self.signer)
         if self.tx.committed >= 1 and not self._trained:
             self._trained = True

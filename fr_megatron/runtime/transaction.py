@@ -43,6 +43,16 @@ def restore(integration: Integration, state: RankState) -> None:
         rng.restore(state.meta["fr/rng"])
 
 
+def model_replicas(replica_of: list[list[int]]) -> list[list[int]]:
+    """The data-parallel replicas: the ranks that hold one copy of the model together, found
+    from each rank's data-parallel peers (``replica_of[r]``, r among them): the ranks at the
+    same position among their peers form one replica."""
+    out: dict[int, list[int]] = {}
+    for r, peers in enumerate(replica_of):
+        out.setdefault(sorted(peers).index(r), []).append(r)
+    return [out[i] for i in sorted(out)]
+
+
 def _median(values: list[float]) -> Optional[float]:
     return round(sorted(values)[len(values) // 2], 5) if values else None
 
@@ -64,28 +74,31 @@ class StepTransaction:
         # whether a fault plan has arrived: a wait for copies in flight gives up then
         self.interrupted: Callable[[], bool] = lambda: False
 
-    def configure(self, integration: Integration, group, world_size: int, nproc: int,
-                  has_state: bool) -> Optional[dict]:
+    def configure(self, integration: Integration, group, members: list[int], world_rank: int,
+                  nproc: int, has_state: bool) -> Optional[dict]:
         """Who copies what to whom, the same on every rank (from every rank's replicas and
-        whether its snapshot is in shared memory), over the runtime's ``group``. Returns the
-        job's redundancy summary on the first configuration, else None."""
+        whether its snapshot is in shared memory), over the runtime's ``group``, whose ranks are
+        the job ranks ``members`` (a rank's failure domain is the node of its job rank). Returns
+        the job's redundancy summary on the first configuration, else None."""
         if not self.ring.steps() and has_state:
             self.ring.reserve(capture(integration, self.committed))
         mine = (integration.replica_ranks(), integration.shard_replica_ranks(),
                 self.ring.in_shared_memory)
+        world_size = len(members)
         every: list = [None] * world_size
         dist.all_gather_object(every, mine, group=group)
         self.replica_of = [e[0] for e in every]
         self.shard_replicas_of = [e[1] for e in every]
         self.plan = failure_domains.copy_plan(world_size, nproc, self.replica_of,
                                               self.shard_replicas_of, [e[2] for e in every],
-                                              self.cfg.replicas)
+                                              self.cfg.replicas,
+                                              nodes=[m // nproc for m in members])
         old = self.copies
-        self.copies = CopyExchange(self.rank, self.plan.holders[self.rank],
-                                   self.plan.wards(self.rank), self.plan.parts, group,
+        self.copies = CopyExchange(world_rank, self.plan.holders[world_rank],
+                                   self.plan.wards(world_rank), self.plan.parts, group,
                                    self.cfg.snapshot_depth, self.snapshot_dir,
                                    interrupted=lambda: self.interrupted(),
-                                   agree=world_size > 1)
+                                   agree=world_size > 1, names=members)
         if old is not None:
             self.copies.adopt(old)
             old.abandon()  # an exchange of the old groups, if any, is void
@@ -93,7 +106,10 @@ class StepTransaction:
         in_shm = [e[2] for e in every]
         return {"snapshots": "shared memory" if all(in_shm) else
                 "process memory" if not any(in_shm) else "mixed",
-                "instances": max(len(r) for r in self.shard_replicas_of), **self.plan.summary()}
+                "instances": max(len(r) for r in self.shard_replicas_of), **self.plan.summary(),
+                "replicas": [[members[r] for r in rep]
+                             for rep in model_replicas(self.replica_of)],
+                "shrink": integration.shrinkable}
 
     def commit(self, step: int, live: RankState) -> None:
         t0 = time.perf_counter()

@@ -2,9 +2,12 @@
 
 Run:  fr-megatron run --nproc-per-node 4 --inject kill:rank=2:step=5 recipes/torch_ddp/train.py --steps 10
 
-Data is a pure function of (step, rank), so a redone step sees the same micro-batches and the
-trajectory with a fault is bit-identical to one without. ``--out`` writes the final parameters,
-optimizer state and per-step losses for comparison.
+Data is a pure function of (step, micro-batch), so a redone step sees the same micro-batches and
+the trajectory with a fault is bit-identical to one without. Each step takes the job's global
+batch, one micro-batch per configured rank, spread over the ranks of the current world
+(``batch_split``): after a shrink (``--shrink``) fewer ranks take the same samples. ``--out``
+writes the final parameters, optimizer state, per-step losses, and per step how often each
+micro-batch was taken and the world's size.
 """
 
 import argparse
@@ -16,10 +19,11 @@ import torch
 import torch.distributed as dist
 
 from fr_megatron.runtime import Session, TorchIntegration
+from fr_megatron.runtime.batch_split import micro_batches
 
 
-def batch(step: int, rank: int, n: int = 16, dim: int = 32):
-    g = torch.Generator().manual_seed(step * 1000 + rank)
+def batch(step: int, micro_batch: int, n: int = 16, dim: int = 32):
+    g = torch.Generator().manual_seed(step * 1000 + micro_batch)
     x = torch.randn(n, dim, generator=g)
     return x, x.sum(dim=1, keepdim=True).tanh()
 
@@ -41,34 +45,45 @@ def main():
     fr = TorchIntegration(module, opt, ddp=False)
     session.attach(fr)
 
+    total = session.job_size  # micro-batches per step: one per configured rank
+
     def train_step(step):
-        x, y = batch(step, session.rank)
-        session.phase("forward")
-        loss = torch.nn.functional.mse_loss(fr.model(x), y)
-        session.phase("backward")
+        mine = micro_batches(total, session.world_rank, session.world_size)
         opt.zero_grad()
-        loss.backward()
+        loss_sum = torch.zeros(())
+        for m in mine:  # gradients of the rank's micro-batches add up
+            x, y = batch(step, m)
+            session.phase("forward")
+            loss = torch.nn.functional.mse_loss(fr.model(x), y)
+            session.phase("backward")
+            loss.backward()
+            loss_sum += loss.detach()
         session.phase("grad_reduce")
         grads = [p.grad for p in module.parameters()]
-        flat = torch.cat([g.reshape(-1) for g in grads])
+        # one buffer: the gradients, the losses, and how often each micro-batch was taken
+        taken = torch.zeros(total)
+        taken[mine.start:mine.stop] = 1
+        flat = torch.cat([g.reshape(-1) for g in grads] + [loss_sum.reshape(1), taken])
         dist.all_reduce(flat)
-        flat /= session.world_size
+        flat[:-total] /= total  # the mean over the global batch, whatever the world's size
         off = 0
         for g in grads:
             g.copy_(flat[off:off + g.numel()].view_as(g))
             off += g.numel()
-        avg = loss.detach().clone()
-        dist.all_reduce(avg)
         session.phase("optimizer")
         opt.step()
         if a.step_sleep:
             import time
             time.sleep(a.step_sleep)
-        return avg.item() / session.world_size
+        return {"loss": flat[off].item(), "taken": flat[-total:].tolist(),
+                "world_size": session.world_size}
 
-    losses = session.run(train_step, a.steps)
-    if a.out and session.rank == 0:
-        torch.save({"losses": losses, "params": {k: v.clone() for k, v in module.state_dict().items()},
+    steps = session.run(train_step, a.steps)
+    if a.out and session.world_rank == 0:
+        torch.save({"losses": {k: v["loss"] for k, v in steps.items()},
+                    "taken": {k: v["taken"] for k, v in steps.items()},
+                    "world_sizes": {k: v["world_size"] for k, v in steps.items()},
+                    "params": {k: v.clone() for k, v in module.state_dict().items()},
                     "optim": opt.state_dict(), "pid": os.getpid()}, a.out)
 
 

@@ -1,0 +1,31 @@
+"""Which of a step's micro-batches each data-parallel rank takes, whatever the data-parallel size.
+
+A job is configured for ``total`` micro-batches per step (its configured data-parallel size times
+the micro-batches of one rank). When it goes on with fewer replicas (a shrink), fewer ranks take
+the same ``total``: each a contiguous run, the first ``total % size`` ranks one more than the
+others. Each rank sums its micro-batches' gradients and the sum over ranks is divided by
+``total``, so a step's gradient is the mean over the same samples as at the configured size; only
+the order of the additions differs. At the configured size each rank takes exactly what it took
+before.
+"""
+
+from __future__ import annotations
+
+
+class BatchSplitError(ValueError):
+    """The global batch cannot be spread over the data-parallel ranks."""
+
+
+def micro_batches(total: int, dp_rank: int, dp_size: int) -> range:
+    """The indices, among the step's ``total`` micro-batches, that ``dp_rank`` of ``dp_size``
+    takes."""
+    if dp_size < 1 or not 0 <= dp_rank < dp_size:
+        raise BatchSplitError(f"data-parallel rank {dp_rank} is not in 0..{dp_size - 1}")
+    if total < dp_size:
+        raise BatchSplitError(
+            f"{total} micro-batches per step cannot be spread over {dp_size} data-parallel "
+            f"ranks: every rank needs at least one; use a global batch of at least {dp_size} "
+            "micro-batches")
+    base, extra = divmod(total, dp_size)
+    start = dp_rank * base + min(dp_rank, extra)
+    return range(start, start + base + (1 if dp_rank < extra else 0))

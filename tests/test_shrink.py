@@ -1,0 +1,96 @@
+"""Going on with fewer data-parallel replicas (``--shrink``): which ranks leave, how the global
+batch is spread over the ranks left, and a real job that loses a rank and goes on without it."""
+
+import pytest
+
+from jobs import TORCH_RECIPE, TORCH_STEPS, assert_same_samples_close_training, run_job
+from fr_megatron.launcher.shrink import ShrinkImpossible, shrink, shrinks
+from fr_megatron.runtime.batch_split import BatchSplitError, micro_batches
+from fr_megatron.runtime.transaction import model_replicas
+
+
+def test_the_policy_says_when_a_lost_rank_is_removed_instead_of_replaced():
+    assert shrinks("always", replaceable=True) and shrinks("always", replaceable=False)
+    assert not shrinks("no-spare", replaceable=True) and shrinks("no-spare", replaceable=False)
+    assert not shrinks("never", replaceable=True) and not shrinks("never", replaceable=False)
+    with pytest.raises(ValueError, match="sometimes"):
+        shrinks("sometimes", replaceable=True)
+
+
+def test_a_lost_rank_takes_its_whole_replica_out_and_the_others_keep_their_order():
+    # TP=2 x DP=4: replicas are the tensor-parallel pairs
+    replicas = [[0, 1], [2, 3], [4, 5], [6, 7]]
+    s = shrink(list(range(8)), replicas, lost=[5])
+    assert s.removed == [4, 5]
+    assert s.members == [0, 1, 2, 3, 6, 7]
+    assert s.replicas == [[0, 1], [2, 3], [6, 7]]
+    # two lost ranks of two replicas, then a later fault in the shrunk world
+    s = shrink(list(range(8)), replicas, lost=[1, 6])
+    assert (s.removed, s.members) == ([0, 1, 6, 7], [2, 3, 4, 5])
+    s2 = shrink(s.members, s.replicas, lost=[2])
+    assert (s2.removed, s2.members, s2.replicas) == ([2, 3], [4, 5], [[4, 5]])
+
+
+def test_no_shrink_leaves_the_job_without_a_replica_or_with_ranks_it_does_not_know():
+    with pytest.raises(ShrinkImpossible, match="no data-parallel replica"):
+        shrink([0, 1, 2, 3], [[0, 1], [2, 3]], lost=[0, 3])
+    with pytest.raises(ShrinkImpossible, match="not in the world"):
+        shrink([0, 1], [[0], [1]], lost=[5])
+    with pytest.raises(ShrinkImpossible, match="do not cover"):
+        shrink([0, 1, 2], [[0], [1]], lost=[1])
+
+
+@pytest.mark.parametrize("total", [1, 2, 3, 4, 7, 8, 12, 13])
+def test_every_micro_batch_is_taken_exactly_once_at_every_data_parallel_size(total):
+    for size in range(1, total + 1):
+        runs = [micro_batches(total, r, size) for r in range(size)]
+        assert [m for run in runs for m in run] == list(range(total))
+        lengths = sorted(len(run) for run in runs)
+        assert lengths[0] >= 1 and lengths[-1] - lengths[0] <= 1
+
+
+def test_at_the_configured_size_each_rank_takes_what_it_took_before():
+    assert [list(micro_batches(8, r, 4)) for r in range(4)] == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    assert [list(micro_batches(8, r, 3)) for r in range(3)] == [[0, 1, 2], [3, 4, 5], [6, 7]]
+
+
+def test_a_batch_that_cannot_be_spread_is_refused_with_the_fix():
+    with pytest.raises(BatchSplitError, match="at least 4 micro-batches"):
+        micro_batches(3, 0, 4)
+    with pytest.raises(BatchSplitError, match="not in 0..1"):
+        micro_batches(4, 2, 2)
+
+
+def test_replicas_are_found_from_each_ranks_data_parallel_peers():
+    # plain DDP: every rank its own replica
+    assert model_replicas([[0, 1, 2], [0, 1, 2], [0, 1, 2]]) == [[0], [1], [2]]
+    # megatron TP=2 x DP=2 (tensor-parallel ranks adjacent): data-parallel groups [0, 2], [1, 3]
+    assert model_replicas([[0, 2], [1, 3], [0, 2], [1, 3]]) == [[0, 1], [2, 3]]
+    # TP=2 x PP=2 x DP=2: DP groups pair rank r with r + 4
+    dp = [[r % 4, r % 4 + 4] for r in range(8)]
+    assert model_replicas(dp) == [[0, 1, 2, 3], [4, 5, 6, 7]]
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("phase", ["backward", "optimizer"])
+def test_a_lost_rank_is_removed_and_the_job_ends_on_three_ranks_with_the_same_samples(
+        tmp_path, torch_baseline, phase):
+    job = run_job(tmp_path, TORCH_RECIPE, TORCH_STEPS, spares=0, extra=["--shrink", "always"],
+                  inject=f"kill:rank=2:step=4:phase={phase}")
+    assert job.rc == 0, job.failure(4000)
+    (fault,) = job.report["faults"]
+    assert (fault["rank"], fault["kind"], fault["action"]) == (2, "crash", "shrink"), fault
+    assert (fault["world_size_after"], fault["data_parallel_size_after"]) == (3, 3), fault
+    assert fault["replacement"] is None and fault["survivor_pids_unchanged"] is True, fault
+    # killed in its backward, rank 2 never gave step 4 its gradients: every survivor goes back
+    # to step 3; killed in its optimizer phase, it had: survivors that committed step 4 keep it
+    point = fault["recovery_point"]
+    assert fault["steps_lost"] == 0, fault
+    assert point == 3 if phase == "backward" else point in (3, 4), fault
+    assert job.report["members"] == [0, 1, 3] and job.report["data_parallel_size"] == 3
+    assert job.report["finished_ranks"] == 3
+    assert not [e for e in job.journal if e["event"] == "worker_started" and e["rank"] == 2
+                and e["generation"] > 0], "rank 2 was started again"
+    result = job.result
+    assert result["world_sizes"] == {s: 4 if s <= point else 3 for s in range(1, 9)}
+    assert_same_samples_close_training(torch_baseline, result, first_shrunk_step=point + 1)
