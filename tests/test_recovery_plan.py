@@ -101,3 +101,19 @@ def test_with_optimizer_instances_the_shard_comes_from_the_instance_peer():
     assert got.sources == {2: {"replicated": 0, "unique": 0, "meta": 0}}
     assert got.transfers(plan) == {(0, 2): [("held", ("meta",)), ("ring", ("replicated",
                                                                           "unique"))]}
+
+
+def test_a_rank_that_grows_back_takes_everything_from_one_replica_meta_included():
+    # shared-memory snapshots on one node: nobody copies, nobody holds a copy of rank 2
+    plan = CopyPlan({r: [] for r in range(4)}, {r: ("unique",) for r in range(4)})
+    grown = RankReport(True, [], {}, -1, fresh=True)
+    got = decide([RankReport(False, [4, 5], {}, 5), RankReport(False, [4, 5], {}, 5), grown,
+                  RankReport(False, [5], {}, 5)], DP4, ALONE4, plan)
+    assert got.point == 5 and got.steps_lost == 0 and got.fresh == {2}
+    assert got.sources == {2: {"replicated": 0, "unique": 0, "meta": 0}}  # its replica
+    assert got.transfers(plan) == {(0, 2): [("ring", ("replicated", "unique", "meta"))]}
+    # the same rank lost in a fault has no state to come back from: it had no copy
+    assert decide([RankReport(False, [4, 5], {}, 5), RankReport(False, [4, 5], {}, 5),
+                   RankReport(True, [], {}, -1), RankReport(False, [5], {}, 5)],
+                  DP4, ALONE4, plan) is None
+    assert RankReport.from_wire(grown.to_wire()) == grown

@@ -1,9 +1,21 @@
 """Going on with fewer data-parallel replicas (``--shrink``): which ranks leave, how the global
-batch is spread over the ranks left, and a real job that loses a rank and goes on without it."""
+batch is spread over the ranks left, a real job that loses a rank and goes on without it, and
+one that grows back when a spare node joins."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
+import torch
 
-from jobs import TORCH_RECIPE, TORCH_STEPS, assert_same_samples_close_training, run_job
+from jobs import (REPO, TORCH_RECIPE, TORCH_STEPS, assert_same_samples_close_training, free_port,
+                  run_job)
+from fr_megatron.protocol.auth import new_token, write_token_file
 from fr_megatron.launcher.shrink import ShrinkImpossible, shrink, shrinks
 from fr_megatron.runtime.batch_split import BatchSplitError, micro_batches
 from fr_megatron.runtime.transaction import model_replicas
@@ -94,3 +106,58 @@ def test_a_lost_rank_is_removed_and_the_job_ends_on_three_ranks_with_the_same_sa
     result = job.result
     assert result["world_sizes"] == {s: 4 if s <= point else 3 for s in range(1, 9)}
     assert_same_samples_close_training(torch_baseline, result, first_shrunk_step=point + 1)
+
+
+def _launcher(tmp: Path, port: int, node_rank: int, extra: list[str]) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "fr_megatron.cli", "run", "--nnodes", "1", "--node-rank",
+           str(node_rank), "--nproc-per-node", "4", "--controller", f"127.0.0.1:{port}",
+           "--token-file", str(tmp / "token"), "--no-wandb", "--spares", "1", *extra,
+           str(TORCH_RECIPE), *TORCH_STEPS, "--step-sleep", "1.5", "--out", str(tmp / "job.pt")]
+    return subprocess.Popen(cmd, cwd=REPO, stdout=open(tmp / f"node{node_rank}.log", "w"),
+                            stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _journal_has(path: Path, event: str, deadline: float, proc: subprocess.Popen) -> dict:
+    from fr_megatron.events import Journal
+
+    while time.time() < deadline and proc.poll() is None:
+        found = [e for e in (Journal.read(str(path)) if path.exists() else [])
+                 if e["event"] == event]
+        if found:
+            return found[0]
+        time.sleep(0.1)
+    raise AssertionError(f"no {event} in the journal")
+
+
+@pytest.mark.timeout(300)
+def test_a_shrunk_job_grows_back_when_a_spare_node_joins(tmp_path, torch_baseline):
+    write_token_file(str(tmp_path / "token"), new_token())
+    port = free_port()
+    journal = tmp_path / "journal.jsonl"
+    nodes = [_launcher(tmp_path, port, 0, [
+        "--shrink", "always", "--inject", "kill:rank=2:step=3:phase=backward",
+        "--report", str(tmp_path / "report.json"), "--journal", str(journal)])]
+    try:
+        # the spare node joins once the job has gone on without rank 2
+        _journal_has(journal, "recovered", time.time() + 120, nodes[0])
+        nodes.append(_launcher(tmp_path, port, 1, ["--spare-node"]))
+        rcs = [nodes[0].wait(240), nodes[1].wait(60)]
+    finally:
+        for p in nodes:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+    logs = "".join((tmp_path / f"node{n}.log").read_text()[-3000:] for n in range(len(nodes)))
+    assert rcs == [0, 0], (rcs, logs)
+    report = json.loads((tmp_path / "report.json").read_text())
+    (fault,) = report["faults"]
+    assert (fault["rank"], fault["action"], fault["world_size_after"]) == (2, "shrink", 3), logs
+    (grow,) = report["grows"]
+    assert (grow["ranks"], grow["nodes"], grow["world_size_after"],
+            grow["data_parallel_size_after"]) == ([2], [1], 4, 4), grow
+    assert grow["steps_lost"] == 0 and grow["survivor_pids_unchanged"] is True, grow
+    assert report["members"] == [0, 1, 2, 3] and report["finished_ranks"] == 4, logs
+    result = torch.load(tmp_path / "job.pt", weights_only=False)
+    shrunk, back = fault["recovery_point"], grow["recovery_point"]
+    assert shrunk == 2 and shrunk < back < len(result["world_sizes"]), (shrunk, back)
+    assert result["world_sizes"] == {s: 3 if shrunk < s <= back else 4 for s in range(1, 9)}
+    assert_same_samples_close_training(torch_baseline, result, first_shrunk_step=shrunk + 1)

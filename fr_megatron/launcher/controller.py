@@ -121,6 +121,8 @@ class Recovery:
     decision_t: float
     survivor_pids: dict[int, int]
     members: list[int]                      # the job ranks of its generation's world
+    grown: list[int] = field(default_factory=list)  # ranks taken back in (a grow, no fault)
+    after: dict = field(default_factory=dict)       # a grow's world and data-parallel sizes
     reports: dict[int, dict] = field(default_factory=dict)
     summary: Optional[dict] = None  # set once every rank reported its first step after it
 
@@ -143,6 +145,7 @@ class Controller:
         # data-parallel replicas (``shrink``); ``views`` has exactly these
         self.members: list[int] = list(range(world_size))
         self.dp_replicas: Optional[list[list[int]]] = None  # from the ranks' redundancy event
+        self.removed_replicas: list[list[int]] = []  # replicas a shrink took out, to grow back
         self.views: dict[int, RankView] = {r: RankView(r) for r in range(world_size)}
         self.agents: dict[int, AgentView] = {}
         self.node_of: dict[int, int] = {r: r // nproc_per_node for r in range(world_size)}
@@ -217,6 +220,8 @@ class Controller:
                 if self.pending and time.time() - min(f.reported_t for f in self.pending.values()) \
                         >= DEBOUNCE_S:
                     self._decide()
+                elif self.removed_replicas and not self.pending:
+                    self._grow()
                 if self._all_nodes_done() or self.fatal:
                     break
         self._finish()
@@ -633,6 +638,8 @@ class Controller:
             plan_shrink, why_not = self._shrink(to_remove)
             if plan_shrink is not None:
                 removed = plan_shrink.removed
+                self.removed_replicas += [rep for rep in self.dp_replicas
+                                          if rep not in plan_shrink.replicas]
                 self.members, self.dp_replicas = plan_shrink.members, plan_shrink.replicas
             elif self.cfg.shrink == "always" and not unreplaceable:
                 self.journal.write("shrink_skipped", generation=g, ranks=to_remove,
@@ -694,6 +701,48 @@ class Controller:
         self.generation = g
         self._publish_generation(plan)
 
+    def _grow(self) -> None:
+        """Take removed replicas back into the world once capacity has returned: a spare node
+        that hosts no rank. Between recoveries only; whole replicas, as many as its ranks'
+        slots hold, on that node's spares. The ranks come back under their own numbers and take
+        their state from their data-parallel replicas."""
+        if self.stopping or self.fatal or any(r.summary is None for r in self.recoveries):
+            return
+        free = sorted(n for n, a in self.agents.items() if a.spare and not a.lost
+                      and n not in {self.node_of[r] for r in self.members})
+        slots = [n for n in free for _ in range(self.nproc)]
+        back: list[list[int]] = []
+        for rep in self.removed_replicas:
+            if len(rep) <= len(slots) - sum(map(len, back)):
+                back.append(rep)
+        if not back:
+            return
+        grown = sorted(r for rep in back for r in rep)
+        placement = dict(zip(grown, slots))
+        now = time.time()
+        g = self.generation + 1
+        self.removed_replicas = [rep for rep in self.removed_replicas if rep not in back]
+        self.members = sorted(self.members + grown)
+        self.dp_replicas = sorted(self.dp_replicas + back, key=min)
+        self.node_of.update(placement)
+        survivors = {r: v.pid for r, v in self.views.items()}
+        for r in grown:
+            self.views[r] = RankView(r)
+        after = {"world_size": len(self.members), "data_parallel_size": len(self.dp_replicas)}
+        plan = {"generation": g, "replaced": grown, "removed": [], "grown": grown,
+                "members": self.members, "faults": [],
+                "placement": {str(r): n for r, n in placement.items()}, "decided_t": now}
+        self.recoveries.append(Recovery(g, [], now, survivors, list(self.members), grown=grown,
+                                        after=after))
+        self.plan_t = now
+        self.journal.write("grow_decided", generation=g, ranks=grown,
+                           nodes=sorted(set(placement.values())), **after)
+        log.warning("generation=%d ranks %s come back on node(s) %s: %d ranks, data-parallel "
+                    "size %d", g, grown, sorted(set(placement.values())), after["world_size"],
+                    after["data_parallel_size"])
+        self.generation = g
+        self._publish_generation(plan)
+
     def _recovery_complete(self, rec: Recovery, resumed: int, excused: frozenset = frozenset()):
         """Summarise ``rec`` from the reports of generation ``resumed``, the one training resumed
         in (a later one when a new fault cut this recovery short)."""
@@ -714,6 +763,16 @@ class Controller:
                        "restored": {int(r["rank"]): r["restored"] for r in reports
                                     if r.get("restored")},
                        "resumed_generation": resumed}
+        if rec.grown:
+            grow_s = round(first_step_t - rec.decision_t, 4)
+            self.journal.write("grown", generation=rec.generation, ranks=rec.grown,
+                               grow_s=grow_s, steps_lost=steps_lost,
+                               recovery_point=rec.summary["recovery_point"],
+                               survivor_pids_unchanged=unchanged, **rec.after)
+            if self.wandb:
+                self.wandb.recovery({"rank": rec.grown[0], "kind": "grow", "action": "grow",
+                                     "step": rec.summary["recovery_point"] + 1, **rec.after},
+                                    phases, steps_lost, "spare node", rec.generation)
         for f in rec.faults:
             phases_f = {"detect": round(rec.decision_t - f.fault_t, 4), **phases}
             self.journal.write("recovered", generation=rec.generation, rank=f.rank, step=f.step,
@@ -757,7 +816,17 @@ class Controller:
                     entry.update({"recovery_s": None, "steps_lost": None,
                                   "survivor_pids_unchanged": None})
                 faults.append(entry)
-        return {"world_size": self.world_size, "nnodes": self.nnodes,
+        grows = [{"generation": rec.generation, "ranks": rec.grown, "action": "grow",
+                  **{f"{k}_after": v for k, v in rec.after.items()},
+                  "nodes": sorted({self.node_of[r] for r in rec.grown}),
+                  **({"grow_s": round(rec.summary["first_step_t"] - rec.decision_t, 4),
+                      "phases": {k: round(v, 4) for k, v in rec.summary["phases"].items()},
+                      "steps_lost": rec.summary["steps_lost"],
+                      "recovery_point": rec.summary["recovery_point"],
+                      "survivor_pids_unchanged": rec.summary["survivor_pids_unchanged"]}
+                     if rec.summary else {"grow_s": None})}
+                 for rec in self.recoveries if rec.grown]
+        return {"world_size": self.world_size, "nnodes": self.nnodes, "grows": grows,
                 "members": self.members,
                 "data_parallel_size": len(self.dp_replicas) if self.dp_replicas else None,
                 "generations": self.generation, "faults": faults,

@@ -28,15 +28,19 @@ class RankReport:
     held: dict[int, list[int]] = field(default_factory=dict)  # ward -> steps of copies
     committed: int = -1
     refused: list[str] = field(default_factory=list)      # what failed its checksums, and why
+    # a rank that joins the world as the job grows back: nothing of it was kept anywhere, and
+    # all of its state, meta included, comes from a data-parallel replica
+    fresh: bool = False
 
     @classmethod
     def from_wire(cls, d: dict) -> "RankReport":
         return cls(d["lost"], list(d["ring"]), {int(w): list(s) for w, s in d["held"].items()},
-                   d["committed"], list(d["refused"]))
+                   d["committed"], list(d["refused"]), bool(d.get("fresh")))
 
     def to_wire(self) -> dict:
         return {"lost": self.lost, "ring": self.ring, "committed": self.committed,
-                "held": {str(w): s for w, s in self.held.items()}, "refused": self.refused}
+                "held": {str(w): s for w, s in self.held.items()}, "refused": self.refused,
+                "fresh": self.fresh}
 
 
 @dataclass
@@ -45,6 +49,7 @@ class RecoveryPlan:
     sources: dict[int, dict[str, int]]   # lost rank -> part -> the rank that serves it
     steps_lost: int                      # committed steps that must be redone
     resend: dict[int, list[int]]         # rank -> holders without its copy of the point
+    fresh: frozenset = frozenset()       # lost ranks that take everything from a replica
 
     def transfers(self, copies: CopyPlan) -> dict[tuple[int, int], list[tuple[str, tuple]]]:
         """(source, lost rank) -> the messages the source sends, in order: each (where from,
@@ -57,7 +62,8 @@ class RecoveryPlan:
                 src = parts[part]
                 if src == x:
                     continue
-                held = part == "meta" or (part == "unique" and "unique" in copies.parts[x])
+                held = x not in self.fresh and (
+                    part == "meta" or (part == "unique" and "unique" in copies.parts[x]))
                 msgs.setdefault((src, "held" if held else "ring"), []).append(part)
             for (src, origin), ps in sorted(msgs.items(), key=lambda m: (m[0][0], m[0][1])):
                 out.setdefault((src, x), []).append((origin, tuple(ps)))
@@ -83,7 +89,8 @@ def decide(reports: list[RankReport], replica_of: list[list[int]],
             sources[x] = s
         else:
             return RecoveryPlan(point, sources, _steps_lost(point, reports, survivors, lost),
-                                _resend(point, reports, copies))
+                                _resend(point, reports, copies),
+                                frozenset(x for x in lost if reports[x].fresh))
     return None
 
 
@@ -92,6 +99,8 @@ def _sources(x: int, point: int, reports: list[RankReport], replica_of, shard_re
     if point in reports[x].ring:
         return dict.fromkeys(PARTS, x)
     reps = [r for r in replica_of[x] if r != x and point in reports[r].ring]
+    if reports[x].fresh:  # only a job whose ranks each hold the whole state grows back
+        return dict.fromkeys(PARTS, reps[x % len(reps)]) if reps else None
     held = [h for h in copies.holders[x] if point in reports[h].held.get(x, [])]
     if "unique" in copies.parts[x]:
         uniq = held
