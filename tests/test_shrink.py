@@ -112,7 +112,7 @@ def _launcher(tmp: Path, port: int, node_rank: int, extra: list[str]) -> subproc
     cmd = [sys.executable, "-m", "fr_megatron.cli", "run", "--nnodes", "1", "--node-rank",
            str(node_rank), "--nproc-per-node", "4", "--controller", f"127.0.0.1:{port}",
            "--token-file", str(tmp / "token"), "--no-wandb", "--spares", "1", *extra,
-           str(TORCH_RECIPE), *TORCH_STEPS, "--step-sleep", "1.5", "--out", str(tmp / "job.pt")]
+           str(TORCH_RECIPE), *TORCH_STEPS, "--step-sleep", "3", "--out", str(tmp / "job.pt")]
     return subprocess.Popen(cmd, cwd=REPO, stdout=open(tmp / f"node{node_rank}.log", "w"),
                             stderr=subprocess.STDOUT, start_new_session=True)
 

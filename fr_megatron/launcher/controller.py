@@ -97,7 +97,8 @@ _MESSAGE_KINDS = {"fault": "_on_fault", "stop_requested": "_on_stop_requested",
                   "saves_on_stop": "_on_saves_on_stop", "replaced": "_on_replaced",
                   "joined": "_on_joined", "recovered": "_on_recovered",
                   "finished": "_on_finished", "agent_started": "_on_agent_started",
-                  "node_done": "_on_node_done", "fatal": "_on_fatal", "event": "_on_record"}
+                  "node_done": "_on_node_done", "fatal": "_on_fatal", "event": "_on_record",
+                  "standby": "_on_standby"}
 
 
 @dataclass
@@ -123,6 +124,7 @@ class Recovery:
     members: list[int]                      # the job ranks of its generation's world
     grown: list[int] = field(default_factory=list)  # ranks taken back in (a grow, no fault)
     after: dict = field(default_factory=dict)       # a grow's world and data-parallel sizes
+    prepare_s: Optional[float] = None               # a grow: its processes' start, trained over
     reports: dict[int, dict] = field(default_factory=dict)
     summary: Optional[dict] = None  # set once every rank reported its first step after it
 
@@ -146,6 +148,7 @@ class Controller:
         self.members: list[int] = list(range(world_size))
         self.dp_replicas: Optional[list[list[int]]] = None  # from the ranks' redundancy event
         self.removed_replicas: list[list[int]] = []  # replicas a shrink took out, to grow back
+        self.growing: Optional[dict] = None  # a grow whose processes are starting (``_grow``)
         self.views: dict[int, RankView] = {r: RankView(r) for r in range(world_size)}
         self.agents: dict[int, AgentView] = {}
         self.node_of: dict[int, int] = {r: r // nproc_per_node for r in range(world_size)}
@@ -188,6 +191,30 @@ class Controller:
         self.store.set(keys.plan(g), raw)
         self.store.set(keys.agent_wake(g), raw)
         self.store.set(keys.GENERATION, self.signer.sign("generation", generation=g))
+
+    def _open_grow(self) -> None:
+        """The prepared grow's generation opens for the ranks (``_grow``): its plan, which the
+        grown processes wait for and which wakes every survivor."""
+        growing, self.growing = self.growing, None
+        g, plan = growing["generation"], growing["plan"]
+        now = time.time()
+        self.removed_replicas = [r for r in self.removed_replicas if r not in growing["back"]]
+        survivors = {r: v.pid for r, v in self.views.items()}
+        self.members, self.dp_replicas = plan["members"], growing["replicas"]
+        self.node_of.update(growing["placement"])
+        for r in plan["grown"]:
+            self.views[r] = RankView(r)
+        rec = Recovery(g, [], now, survivors, list(self.members), grown=plan["grown"],
+                       after={"world_size": len(self.members),
+                              "data_parallel_size": len(self.dp_replicas)},
+                       prepare_s=round(now - growing["decided_t"], 4))
+        self.recoveries.append(rec)
+        self.plan_t = now
+        self.store.set(keys.plan(g), self.signer.sign("plan", **plan))
+        if self.generation == g:
+            self.store.set(keys.GENERATION, self.signer.sign("generation", generation=g))
+        self.journal.write("grow_opened", generation=g, ranks=plan["grown"],
+                           prepare_s=rec.prepare_s, standby=sorted(growing["standby"]))
 
     def _receive(self, raw: bytes) -> Optional[dict]:
         try:
@@ -342,6 +369,8 @@ class Controller:
             if a.lost or a.node in self.done_nodes or now - a.seen_t <= self.cfg.node_timeout:
                 continue
             a.lost = True
+            if self.growing is not None and a.node in self.growing["placement"].values():
+                self._open_grow()  # its grown ranks are the world's now, and lost with it
             ranks = sorted(r for r, n in self.node_of.items() if n == a.node and r in self.views)
             self.journal.write("node_lost", generation=self.generation, node=a.node,
                                ranks=ranks, silent_s=round(now - a.seen_t, 3))
@@ -452,6 +481,16 @@ class Controller:
         """A replacement joined its generation's world."""
         for f in self._faults_of(ev["generation"], ev["rank"]):
             f.joined_t = ev["ts"]
+
+    def _on_standby(self, ev: dict) -> None:
+        """A grown rank's process has started and waits for its generation to open."""
+        growing = self.growing
+        if growing is None or ev.get("generation") != growing["generation"]:
+            return
+        growing["standby"].add(int(ev["rank"]))
+        # a job whose ranks have begun to finish ends as it is
+        if growing["standby"] >= set(growing["plan"]["grown"]) and not self.finished_ranks:
+            self._open_grow()
 
     def _faults_of(self, generation: int, rank: int) -> list[Fault]:
         return [f for rec in self.recoveries if rec.generation == generation
@@ -599,6 +638,10 @@ class Controller:
     def _decide(self):
         """Replace every pending faulty rank, or remove its data-parallel replica (``shrink``),
         in one new generation, and publish the plan."""
+        if self.growing is not None:
+            # the grow's generation opens first (its ranks and the survivors wait for it); this
+            # fault's generation follows at once, with the grown ranks in its world
+            self._open_grow()
         faults = list(self.pending.values())
         self.pending.clear()
         now = time.time()
@@ -705,8 +748,13 @@ class Controller:
         """Take removed replicas back into the world once capacity has returned: a spare node
         that hosts no rank. Between recoveries only; whole replicas, as many as its ranks'
         slots hold, on that node's spares. The ranks come back under their own numbers and take
-        their state from their data-parallel replicas."""
-        if self.stopping or self.fatal or any(r.summary is None for r in self.recoveries):
+        their state from their data-parallel replicas.
+
+        In two steps, so that training goes on while the new processes start: the agents are
+        woken first (the spare node starts the grown ranks, which report ``standby``), and the
+        ranks' plan is published once every grown rank waits for it (``_open_grow``)."""
+        if self.stopping or self.fatal or self.growing is not None or \
+                any(r.summary is None for r in self.recoveries):
             return
         free = sorted(n for n, a in self.agents.items() if a.spare and not a.lost
                       and n not in {self.node_of[r] for r in self.members})
@@ -721,27 +769,22 @@ class Controller:
         placement = dict(zip(grown, slots))
         now = time.time()
         g = self.generation + 1
-        self.removed_replicas = [rep for rep in self.removed_replicas if rep not in back]
-        self.members = sorted(self.members + grown)
-        self.dp_replicas = sorted(self.dp_replicas + back, key=min)
-        self.node_of.update(placement)
-        survivors = {r: v.pid for r, v in self.views.items()}
-        for r in grown:
-            self.views[r] = RankView(r)
-        after = {"world_size": len(self.members), "data_parallel_size": len(self.dp_replicas)}
+        members, replicas = sorted(self.members + grown), sorted(self.dp_replicas + back, key=min)
+        after = {"world_size": len(members), "data_parallel_size": len(replicas)}
         plan = {"generation": g, "replaced": grown, "removed": [], "grown": grown,
-                "members": self.members, "faults": [],
+                "members": members, "faults": [],
                 "placement": {str(r): n for r, n in placement.items()}, "decided_t": now}
-        self.recoveries.append(Recovery(g, [], now, survivors, list(self.members), grown=grown,
-                                        after=after))
-        self.plan_t = now
         self.journal.write("grow_decided", generation=g, ranks=grown,
                            nodes=sorted(set(placement.values())), **after)
-        log.warning("generation=%d ranks %s come back on node(s) %s: %d ranks, data-parallel "
-                    "size %d", g, grown, sorted(set(placement.values())), after["world_size"],
-                    after["data_parallel_size"])
+        log.warning("generation=%d ranks %s come back on node(s) %s once started: %d ranks, "
+                    "data-parallel size %d", g, grown, sorted(set(placement.values())),
+                    after["world_size"], after["data_parallel_size"])
+        # the generation is taken now (the agents act on it; the job's end goes after it), and
+        # the world changes when it opens
         self.generation = g
-        self._publish_generation(plan)
+        self.growing = {"generation": g, "plan": plan, "standby": set(), "back": back,
+                        "replicas": replicas, "placement": placement, "decided_t": now}
+        self.store.set(keys.agent_wake(g), self.signer.sign("plan", **plan))
 
     def _recovery_complete(self, rec: Recovery, resumed: int, excused: frozenset = frozenset()):
         """Summarise ``rec`` from the reports of generation ``resumed``, the one training resumed
@@ -765,6 +808,7 @@ class Controller:
                        "resumed_generation": resumed}
         if rec.grown:
             grow_s = round(first_step_t - rec.decision_t, 4)
+            phases = {"prepare": rec.prepare_s or 0.0, **phases}
             self.journal.write("grown", generation=rec.generation, ranks=rec.grown,
                                grow_s=grow_s, steps_lost=steps_lost,
                                recovery_point=rec.summary["recovery_point"],
@@ -819,6 +863,7 @@ class Controller:
         grows = [{"generation": rec.generation, "ranks": rec.grown, "action": "grow",
                   **{f"{k}_after": v for k, v in rec.after.items()},
                   "nodes": sorted({self.node_of[r] for r in rec.grown}),
+                  "prepare_s": rec.prepare_s,
                   **({"grow_s": round(rec.summary["first_step_t"] - rec.decision_t, 4),
                       "phases": {k: round(v, 4) for k, v in rec.summary["phases"].items()},
                       "steps_lost": rec.summary["steps_lost"],
@@ -856,6 +901,10 @@ class Controller:
             return []
 
     def _finish(self):
+        if self.growing is not None:  # the job ended while the grown ranks started
+            self.journal.write("grow_abandoned", generation=self.generation,
+                               ranks=self.growing["plan"]["grown"],
+                               reason="the job ended before the grown ranks stood by")
         for spec in self._unfired_injections():
             self.journal.write("injection_not_fired", generation=self.generation, spec=spec)
             log.warning("--inject %s never fired: the job never ran that rank, step and phase",

@@ -73,7 +73,7 @@ class Recovery:
             lost=me_lost, ring=tx.ring.steps(), held=tx.copies.held_steps(),
             committed=-1 if me_lost else tx.committed,
             refused=self._check_inherited() if me_lost else [],
-            fresh=s.rank in plan.get("grown", ()))
+            fresh=s.fresh and not s.has_state)
         wire: list = [None] * s.world_size
         dist.all_gather_object(wire, mine.to_wire(), group=s.group)
         reports = [recovery_point.RankReport.from_wire(w) for w in wire]

@@ -73,6 +73,7 @@ class Session:
         self.host, self.port = parse_address(controller, "FR_CONTROLLER")
         self.replacement = replacement
         self.has_state = True  # False until a replacement has restored its state from peers
+        self.fresh = False  # started as the job grows back: no state of its own anywhere
         self.history: dict[int, Any] = {}  # step -> what train_step returned, for every step
         self.link = ControlLink(rank, self.host, self.port, token, agent_socket, self.cfg,
                                 self._status, self._orphaned)
@@ -217,6 +218,19 @@ class Session:
             if self._notice is not None and self._notice["generation"] <= self.generation:
                 self._notice = None
 
+    def _plan_of_own_generation(self) -> dict:
+        """The plan of the generation this process was started in. A rank started as the job
+        grows back (``launcher.shrink``) is started before its generation opens: it says it
+        stands by, and waits while the others train."""
+        key = keys.plan(self.generation)
+        if not self.store.check([key]):
+            self.send("standby", generation=self.generation, pid=os.getpid())
+            log.info("rank=%d generation=%d stands by until its generation opens", self.rank,
+                     self.generation)
+            while not self.store.check([key]):
+                time.sleep(0.01)
+        return self.link.plan_for(self.generation)
+
     def _adopt_members(self, plan: dict) -> None:
         """The world of ``plan``: its members (every job rank unless the job has shrunk)."""
         self.members = list(plan.get("members", range(self.job_size)))
@@ -244,7 +258,9 @@ class Session:
     # ---- set-up ----------------------------------------------------------------------------
     def init_process_group(self, backend: str = "gloo") -> None:
         if self.generation > 0:  # a replacement: the world of its generation
-            self._adopt_members(self.link.plan_for(self.generation))
+            plan = self._plan_of_own_generation()
+            self.fresh = self.rank in plan.get("grown", ())
+            self._adopt_members(plan)
         self.comms = Communicators(lambda: connect_cuttable(self.host, self.port), self.port,
                                    self.world_rank, self.world_size, backend)
         while True:
