@@ -27,7 +27,7 @@ from .common import REPO, RESULTS
 
 BENCH_DIR = REPO / "benchmarks"
 # the order they run in; restart_baseline runs only where its module exists
-ORDER = ["detection", "rebuild_scale", "recovery", "state_scale", "restart_baseline",
+ORDER = ["detection", "rebuild_scale", "recovery", "state_scale", "shrink", "restart_baseline",
          "control_plane", "soak"]
 # smaller runs for --quick, for the benchmarks that have no --quick flag of their own
 QUICK_ARGS = {"detection": ["--trials", "1"], "rebuild_scale": ["--worlds", "4,8"],

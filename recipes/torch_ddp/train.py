@@ -14,6 +14,7 @@ import argparse
 import gc
 import logging
 import os
+import time
 
 import torch
 import torch.distributed as dist
@@ -32,13 +33,16 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--step-sleep", type=float, default=0.0, help="extra seconds per step")
+    p.add_argument("--width", type=int, default=64, help="hidden width of the model")
+    p.add_argument("--micro-batch-size", type=int, default=16, help="samples per micro-batch")
     p.add_argument("--out", default=None)
     a = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.manual_seed(0)
     session = Session.from_env()
     session.init_process_group("gloo")
-    module = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 1))
+    module = torch.nn.Sequential(torch.nn.Linear(32, a.width), torch.nn.ReLU(),
+                                 torch.nn.Linear(a.width, 1))
     opt = torch.optim.Adam(module.parameters(), lr=1e-2)
     # Gradients are averaged over one flat buffer: a DDP wrapper rebuilt on a new generation
     # re-buckets at its first step, which changes gloo's summation order in the last bits.
@@ -52,7 +56,7 @@ def main():
         opt.zero_grad()
         loss_sum = torch.zeros(())
         for m in mine:  # gradients of the rank's micro-batches add up
-            x, y = batch(step, m)
+            x, y = batch(step, m, n=a.micro_batch_size)
             session.phase("forward")
             loss = torch.nn.functional.mse_loss(fr.model(x), y)
             session.phase("backward")
@@ -73,16 +77,16 @@ def main():
         session.phase("optimizer")
         opt.step()
         if a.step_sleep:
-            import time
             time.sleep(a.step_sleep)
         return {"loss": flat[off].item(), "taken": flat[-total:].tolist(),
-                "world_size": session.world_size}
+                "world_size": session.world_size, "t": time.time()}
 
     steps = session.run(train_step, a.steps)
     if a.out and session.world_rank == 0:
         torch.save({"losses": {k: v["loss"] for k, v in steps.items()},
                     "taken": {k: v["taken"] for k, v in steps.items()},
                     "world_sizes": {k: v["world_size"] for k, v in steps.items()},
+                    "step_t": {k: v["t"] for k, v in steps.items()},
                     "params": {k: v.clone() for k, v in module.state_dict().items()},
                     "optim": opt.state_dict(), "pid": os.getpid()}, a.out)
 

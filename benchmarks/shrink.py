@@ -1,0 +1,188 @@
+"""Shrink and grow back at 8 ranks: fault to the first step on fewer replicas, spare node to the first step on all of them, and throughput in each phase.
+
+The plain torch recipe on one node of 8 ranks with ``--shrink always``: a rank is killed at
+``--fault-step``, the job goes on with 7 data-parallel replicas, and a spare node started once
+the shrink is over takes the removed rank back. From the report: the shrink's recovery time and
+phases, the grow's time from its decision to the first step after it and its phases. From the
+recipe's per-step timestamps: samples per second before the fault, while shrunk and after the
+grow (the global batch is the same throughout), with the ratio that the data-parallel sizes alone
+would give. On a machine with fewer cores than ranks the ranks share the CPUs, so fewer ranks do
+the same work in about the same time and throughput barely moves; on accelerators a shrunk step
+takes longer by the ratio of the data-parallel sizes.
+
+    python -m benchmarks.shrink [--steps 300] [--width 2048] [--micro-batch-size 256] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from .common import REPO, table, write
+
+RECIPE = REPO / "recipes" / "torch_ddp" / "train.py"
+
+
+def _launch(tmp: Path, port: int, node_rank: int, nproc: int, script_args: list[str],
+            extra: list[str]) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "fr_megatron.cli", "run", "--nnodes", "1", "--node-rank",
+           str(node_rank), "--nproc-per-node", str(nproc), "--controller", f"127.0.0.1:{port}",
+           "--token-file", str(tmp / "token"), "--no-wandb", "--spares", "1", *extra,
+           str(RECIPE), *script_args]
+    return subprocess.Popen(cmd, cwd=REPO, stdout=open(tmp / f"node{node_rank}.log", "w"),
+                            stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _wait_event(journal: Path, event: str, proc: subprocess.Popen, timeout: float) -> None:
+    from fr_megatron.events import Journal
+
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if journal.exists() and any(e["event"] == event for e in Journal.read(str(journal))):
+            return
+        time.sleep(0.1)
+    raise RuntimeError(f"no {event} event within {timeout:.0f} s")
+
+
+def _throughput(step_t: dict, first: int, last: int, samples: int) -> float | None:
+    """Samples per second over steps first+1..last (each interval ends at a step)."""
+    gaps = [step_t[s] - step_t[s - 1] for s in range(first + 1, last + 1)
+            if s - 1 in step_t and s in step_t]
+    return round(samples / statistics.median(gaps), 1) if gaps else None
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--nproc", type=int, default=8)
+    p.add_argument("--steps", type=int, default=300,
+                   help="steps of the job: enough for the spare node to start while it runs")
+    p.add_argument("--width", type=int, default=2048, help="the recipe's hidden width")
+    p.add_argument("--micro-batch-size", type=int, default=256,
+                   help="samples per micro-batch (the global batch: one per rank)")
+    p.add_argument("--fault-step", type=int, default=8)
+    p.add_argument("--quick", action="store_true", help="fewer steps")
+    a = p.parse_args(argv)
+    if a.quick:
+        a.steps = 200
+    import torch
+
+    from fr_megatron.protocol.auth import new_token, write_token_file
+
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        write_token_file(str(tmp / "token"), new_token())
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        journal, report = tmp / "journal.jsonl", tmp / "report.json"
+        script_args = ["--steps", str(a.steps), "--width", str(a.width), "--micro-batch-size",
+                       str(a.micro_batch_size), "--out", str(tmp / "job.pt")]
+        victim = a.nproc // 2 - 1
+        nodes = [_launch(tmp, port, 0, a.nproc, script_args, [
+            "--shrink", "always", "--inject", f"kill:rank={victim}:step={a.fault_step}:"
+            "phase=backward", "--report", str(report), "--journal", str(journal)])]
+        try:
+            _wait_event(journal, "recovered", nodes[0], 300)
+            nodes.append(_launch(tmp, port, 1, a.nproc, script_args, ["--spare-node"]))
+            rcs = [nodes[0].wait(900), nodes[1].wait(60)]
+        finally:
+            for proc in nodes:
+                if proc.poll() is None:
+                    os.killpg(proc.pid, signal.SIGKILL)
+        if rcs != [0, 0]:
+            raise RuntimeError(f"job failed {rcs}: {(tmp / 'node0.log').read_text()[-3000:]}")
+        rep = json.loads(report.read_text())
+        result = torch.load(tmp / "job.pt", weights_only=False)
+    (fault,) = rep["faults"]
+    grows = [g for g in rep["grows"] if g.get("grow_s") is not None]
+    samples = a.nproc * a.micro_batch_size
+    shrunk_at = fault["recovery_point"]
+    grown_at = grows[0]["recovery_point"] if grows else a.steps
+    step_t = result["step_t"]
+    phases = {"before": (1, shrunk_at, a.nproc), "shrunk": (shrunk_at + 1, grown_at, a.nproc - 1)}
+    if grows:
+        phases["grown"] = (grown_at + 1, a.steps, a.nproc)
+    base = _throughput(step_t, 1, shrunk_at, samples)
+    rows = []
+    for name, (first, last, dp) in phases.items():
+        tput = _throughput(step_t, first, last, samples)
+        rows.append({"phase": name, "steps": f"{first}-{last}", "data_parallel_size": dp,
+                     "samples_per_s": tput,
+                     "vs_before": round(tput / base, 3) if tput and base else None,
+                     "dp_ratio": round(dp / a.nproc, 3)})
+    events = [{"event": "shrink", "rank": fault["rank"], "step": fault["step"],
+               "seconds": fault["recovery_s"], "prepare_s": None, "phases": fault["phases"],
+               "steps_lost": fault["steps_lost"],
+               "world_size_after": fault["world_size_after"]}]
+    events += [{"event": "grow", "rank": g["ranks"][0], "step": g["recovery_point"] + 1,
+                "seconds": g["grow_s"], "prepare_s": g["prepare_s"], "phases": g["phases"],
+                "steps_lost": g["steps_lost"], "world_size_after": g["world_size_after"]}
+               for g in grows]
+    print(f"\nShrink and grow back, {a.nproc} ranks, plain torch recipe (width {a.width}), "
+          f"{a.steps} steps; global batch {samples} samples\n")
+    print(table([{k: v for k, v in e.items() if k != "phases"} for e in events],
+                ["event", "rank", "step", "seconds", "prepare_s", "steps_lost",
+                 "world_size_after"]))
+    for e in events:
+        print(f"  {e['event']} phases: " + ", ".join(f"{k} {v:.3f}s" for k, v in
+                                                   e["phases"].items()))
+    if not grows:
+        print("  no grow: the job ended before the spare node's process stood by; give it more "
+              "--steps")
+    print()
+    print(table(rows, list(rows[0])))
+    png = _plot(result, events, a.nproc)
+    path = write("shrink", {"nproc": a.nproc, "steps": a.steps, "width": a.width,
+                            "micro_batch_size": a.micro_batch_size, "grew_back": bool(grows),
+                            "events": events, "throughput": rows, "plot": png.name})
+    print(f"\nwrote {path} and {png}")
+    return 0
+
+
+def _plot(result: dict, events: list[dict], nproc: int) -> Path:
+    """Step time over the run, with the world's size, the shrink and the grow marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .common import RESULTS
+
+    t = result["step_t"]
+    steps = [s for s in sorted(t) if s - 1 in t]
+    fig, ax = plt.subplots(figsize=(9, 3.8))
+    ax.plot(steps, [t[s] - t[s - 1] for s in steps], lw=1, color="tab:blue", label="step time")
+    ax.set_xlabel("step")
+    ax.set_ylabel("seconds per step")
+    ax2 = ax.twinx()
+    sizes = result["world_sizes"]
+    ax2.step(sorted(sizes), [sizes[s] for s in sorted(sizes)], where="post", color="tab:green",
+             label="ranks (data-parallel size)")
+    ax2.set_ylim(0, nproc + 1)
+    ax2.set_ylabel("ranks")
+    for e in events:
+        ax.axvline(e["step"], color="red" if e["event"] == "shrink" else "tab:purple", ls="--")
+        ax.annotate(f"{e['event']} {e['seconds']:.2f}s", (e["step"], ax.get_ylim()[1]),
+                    fontsize=8, va="top")
+    fig.legend(loc="lower right", fontsize=8)
+    ax.set_title(f"Shrink and grow back, {nproc} ranks")
+    fig.tight_layout()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    png = RESULTS / "shrink.png"
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    return png
+
+
+if __name__ == "__main__":
+    sys.exit(main())
