@@ -161,3 +161,17 @@ def test_a_shrunk_job_grows_back_when_a_spare_node_joins(tmp_path, torch_baselin
     assert shrunk == 2 and shrunk < back < len(result["world_sizes"]), (shrunk, back)
     assert result["world_sizes"] == {s: 3 if shrunk < s <= back else 4 for s in range(1, 9)}
     assert_same_samples_close_training(torch_baseline, result, first_shrunk_step=shrunk + 1)
+
+
+def test_always_shrinking_a_job_that_cannot_shrink_is_refused_at_start_up():
+    from fr_megatron.config import ConfigError
+    from fr_megatron.deepspeed.integration import DeepSpeedIntegration
+    from fr_megatron.megatron.integration import MegatronIntegration
+    from fr_megatron.runtime.integration import TorchIntegration, check_shrink_policy
+
+    for cls in (MegatronIntegration, DeepSpeedIntegration):
+        with pytest.raises(ConfigError, match=f"shrink: 'always'.*{cls.name} integration.*"
+                                              "'no-spare'"):
+            check_shrink_policy("always", cls)
+        check_shrink_policy("no-spare", cls)  # stops where it cannot shrink, as it says
+    check_shrink_policy("always", TorchIntegration)

@@ -114,6 +114,19 @@ class Integration(abc.ABC):
         return None
 
 
+def check_shrink_policy(policy: str, integration) -> None:
+    """``shrink: always`` is refused at start-up for a job that cannot shrink: its ranks would
+    be replaced after all, against what the setting says."""
+    from ..config import ConfigError
+
+    if policy == "always" and not integration.shrinkable:
+        raise ConfigError(
+            f"shrink: 'always' removes a lost rank's data-parallel replica instead of replacing "
+            f"it, and the {integration.name} integration cannot re-partition its state over "
+            "fewer replicas yet; use 'no-spare' (the default: such a job stops when no "
+            "replacement can be placed) or 'never'")
+
+
 class TorchIntegration(Integration):
     """Plain torch.distributed: a module and an optimizer, replicated on every rank.
 

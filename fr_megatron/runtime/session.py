@@ -43,7 +43,7 @@ from .comms import Communicators, RendezvousInterrupted, release_deferred
 from .control import ControlLink
 from .errors import (EXIT_FAULTY, RecoveryImpossible, RecoveryRequested, exit_process,
                      is_communication_failure)
-from .integration import Integration
+from .integration import Integration, check_shrink_policy
 from .layout import ChecksumError
 from .recovery import Recovery
 from .state_machine import RecoveryStateMachine, State
@@ -279,6 +279,7 @@ class Session:
 
     def attach(self, integration: Integration) -> None:
         """Hand the runtime the framework's state; builds the runtime's own groups."""
+        check_shrink_policy(self.cfg.shrink, integration)
         self.integration = integration
         integration.install_phase_marks(self.phase)
         self.tx.guard(integration.optimizers())
