@@ -69,6 +69,8 @@ def main(argv=None) -> int:
                    help="samples per micro-batch (the global batch: one per rank)")
     p.add_argument("--fault-step", type=int, default=8)
     p.add_argument("--quick", action="store_true", help="fewer steps")
+    p.add_argument("--keep", default=None, metavar="DIR",
+                   help="keep the job's logs, report and journal in DIR")
     a = p.parse_args(argv)
     if a.quick:
         a.steps = 200
@@ -77,7 +79,8 @@ def main(argv=None) -> int:
     from fr_megatron.protocol.auth import new_token, write_token_file
 
     with tempfile.TemporaryDirectory() as d:
-        tmp = Path(d)
+        tmp = Path(a.keep or d)
+        tmp.mkdir(parents=True, exist_ok=True)
         write_token_file(str(tmp / "token"), new_token())
         import socket
 

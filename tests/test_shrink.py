@@ -16,6 +16,7 @@ import torch
 from jobs import (REPO, TORCH_RECIPE, TORCH_STEPS, assert_same_samples_close_training, free_port,
                   run_job)
 from fr_megatron.protocol.auth import new_token, write_token_file
+from fr_megatron.wandb_reader import read_run
 from fr_megatron.launcher.shrink import ShrinkImpossible, shrink, shrinks
 from fr_megatron.runtime.batch_split import BatchSplitError, micro_batches
 from fr_megatron.runtime.transaction import model_replicas
@@ -109,12 +110,15 @@ def test_a_lost_rank_is_removed_and_the_job_ends_on_three_ranks_with_the_same_sa
 
 
 def _launcher(tmp: Path, port: int, node_rank: int, extra: list[str]) -> subprocess.Popen:
+    """A launcher on this machine; node 0's controller logs to an offline wandb run in tmp."""
     cmd = [sys.executable, "-m", "fr_megatron.cli", "run", "--nnodes", "1", "--node-rank",
            str(node_rank), "--nproc-per-node", "4", "--controller", f"127.0.0.1:{port}",
-           "--token-file", str(tmp / "token"), "--no-wandb", "--spares", "1", *extra,
+           "--token-file", str(tmp / "token"), "--spares", "1", *extra,
            str(TORCH_RECIPE), *TORCH_STEPS, "--step-sleep", "3", "--out", str(tmp / "job.pt")]
+    wandb = {"enabled": node_rank == 0, "mode": "offline", "dir": str(tmp), "project": "fr-tests"}
     return subprocess.Popen(cmd, cwd=REPO, stdout=open(tmp / f"node{node_rank}.log", "w"),
-                            stderr=subprocess.STDOUT, start_new_session=True)
+                            stderr=subprocess.STDOUT, start_new_session=True,
+                            env={**os.environ, "FR_CONFIG": json.dumps({"wandb": wandb})})
 
 
 def _journal_has(path: Path, event: str, deadline: float, proc: subprocess.Popen) -> dict:
@@ -161,6 +165,11 @@ def test_a_shrunk_job_grows_back_when_a_spare_node_joins(tmp_path, torch_baselin
     assert shrunk == 2 and shrunk < back < len(result["world_sizes"]), (shrunk, back)
     assert result["world_sizes"] == {s: 3 if shrunk < s <= back else 4 for s in range(1, 9)}
     assert_same_samples_close_training(torch_baseline, result, first_shrunk_step=shrunk + 1)
+    # the shrink and the grow are rows of the controller's wandb run, with the sizes after them
+    rows = [h for h in read_run(str(tmp_path / "wandb"))["history"] if "recovery/action" in h]
+    assert [(h["recovery/action"], h["recovery/rank"], h["recovery/world_size"],
+             h["recovery/data_parallel_size"]) for h in rows] == [("shrink", 2, 3, 3),
+                                                                  ("grow", 2, 4, 4)], rows
 
 
 def test_always_shrinking_a_job_that_cannot_shrink_is_refused_at_start_up():
