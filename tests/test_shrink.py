@@ -184,3 +184,77 @@ def test_always_shrinking_a_job_that_cannot_shrink_is_refused_at_start_up():
             check_shrink_policy("always", cls)
         check_shrink_policy("no-spare", cls)  # stops where it cannot shrink, as it says
     check_shrink_policy("always", TorchIntegration)
+
+
+def _controller(tmp_path, shrink_policy: str, shrinkable: bool = True):
+    from fr_megatron.config import FlashRecoveryConfig
+    from fr_megatron.launcher.controller import Controller
+
+    cfg = FlashRecoveryConfig(wandb={"enabled": False}, journal=str(tmp_path / "j.jsonl"),
+                              shrink=shrink_policy)
+    ctl = Controller(4, 2, 2, "127.0.0.1", 0, b"token", cfg)  # node 1 hosts ranks 2 and 3
+    ctl._on_event({"kind": "event", "rank": 0, "event": "redundancy", "generation": 0,
+                   "fields": {"shrink": shrinkable, "replicas": [[0], [1], [2], [3]]}})
+    return ctl
+
+
+def _lose_node_1(ctl, now: float) -> None:
+    for rank in (2, 3):
+        ctl._on_event({"kind": "fault", "rank": rank, "fault": "node_lost", "pid": 100 + rank,
+                       "generation": ctl.generation, "step": 5, "phase": "backward", "node": 1,
+                       "fault_t": now, "ts": now})
+    ctl._decide()
+
+
+def _plan(ctl, key: str):
+    from fr_megatron.protocol.auth import Signer
+
+    return Signer(b"token", "test").verify(ctl.store.get(key)) if ctl.store.check([key]) else None
+
+
+@pytest.mark.timeout(60)
+def test_the_controller_shrinks_then_grows_back_once_the_grown_ranks_stand_by(tmp_path):
+    from fr_megatron.protocol import keys
+
+    ctl = _controller(tmp_path, "no-spare")
+    try:
+        now = time.time()
+        _lose_node_1(ctl, now)  # no spare node: ranks 2 and 3 leave with their replicas
+        plan = _plan(ctl, keys.plan(1))
+        assert (plan["replaced"], plan["removed"], plan["members"]) == ([], [2, 3], [0, 1])
+        assert [(f["rank"], f["action"], f["world_size"]) for f in plan["faults"]] == \
+            [(2, "shrink", 2), (3, "shrink", 2)]
+        assert ctl.fatal is None and sorted(ctl.views) == [0, 1]
+        for rank in (0, 1):
+            ctl._on_event({"kind": "recovered", "rank": rank, "generation": 1, "pid": rank,
+                           "first_step_t": now + 1, "phases": {}, "recovery_point": 4,
+                           "steps_lost": 0, "ts": now})
+        # a spare node joins: its agent is woken to start ranks 2 and 3, the ranks are not yet
+        ctl._on_event({"kind": "agent_started", "node": 2, "spare": True, "pid": 1, "ts": now})
+        ctl._grow()
+        woken = _plan(ctl, keys.agent_wake(2))
+        assert (woken["grown"], woken["placement"]) == ([2, 3], {"2": 2, "3": 2})
+        assert _plan(ctl, keys.plan(2)) is None and ctl.members == [0, 1]
+        ctl._on_event({"kind": "standby", "rank": 2, "generation": 2, "pid": 7, "ts": now})
+        assert _plan(ctl, keys.plan(2)) is None  # rank 3 is still starting
+        ctl._on_event({"kind": "standby", "rank": 3, "generation": 2, "pid": 8, "ts": now})
+        assert _plan(ctl, keys.plan(2))["members"] == [0, 1, 2, 3]
+        assert ctl.members == [0, 1, 2, 3] and ctl.node_of[2] == ctl.node_of[3] == 2
+        assert ctl.report()["grows"][0]["prepare_s"] >= 0
+    finally:
+        ctl.stop()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("policy, shrinkable, why", [
+    ("never", True, "--shrink never keeps the job from going on"),
+    ("no-spare", False, "cannot go on with fewer data-parallel replicas")])
+def test_a_lost_node_stops_the_job_where_it_cannot_shrink_and_says_why(tmp_path, policy,
+                                                                       shrinkable, why):
+    ctl = _controller(tmp_path, policy, shrinkable)
+    try:
+        _lose_node_1(ctl, time.time())
+        assert "node 1 is lost and no spare node is left" in ctl.fatal and why in ctl.fatal
+        assert ctl.members == [0, 1, 2, 3]
+    finally:
+        ctl.stop()
