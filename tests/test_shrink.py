@@ -258,3 +258,17 @@ def test_a_lost_node_stops_the_job_where_it_cannot_shrink_and_says_why(tmp_path,
         assert ctl.members == [0, 1, 2, 3]
     finally:
         ctl.stop()
+
+
+def test_with_an_averaging_reduction_the_loss_scale_keeps_the_mean_over_the_global_batch():
+    from fr_megatron.runtime.batch_split import loss_scale
+
+    grads = [float(m + 1) for m in range(8)]  # one number per micro-batch
+    for size in (8, 5, 3, 1):
+        # each rank sums its scaled micro-batch gradients, then the ranks average (DDP)
+        sums = [sum(grads[m] * loss_scale(8, size) for m in micro_batches(8, r, size))
+                for r in range(size)]
+        assert sum(sums) / size == pytest.approx(sum(grads) / 8)
+    assert loss_scale(8, 4) == 0.5  # two micro-batches per rank: the usual 1/2
+    with pytest.raises(BatchSplitError):
+        loss_scale(2, 3)

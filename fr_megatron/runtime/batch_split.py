@@ -6,7 +6,8 @@ the same ``total``: each a contiguous run, the first ``total % size`` ranks one 
 others. Each rank sums its micro-batches' gradients and the sum over ranks is divided by
 ``total``, so a step's gradient is the mean over the same samples as at the configured size; only
 the order of the additions differs. At the configured size each rank takes exactly what it took
-before.
+before. A script whose reduction averages over the data-parallel ranks instead (DDP) scales each
+micro-batch's loss by ``loss_scale`` to the same effect.
 """
 
 from __future__ import annotations
@@ -29,3 +30,13 @@ def micro_batches(total: int, dp_rank: int, dp_size: int) -> range:
     base, extra = divmod(total, dp_size)
     start = dp_rank * base + min(dp_rank, extra)
     return range(start, start + base + (1 if dp_rank < extra else 0))
+
+
+def loss_scale(total: int, dp_size: int) -> float:
+    """The factor on each micro-batch's loss when gradients are averaged over the ``dp_size``
+    data-parallel ranks (DDP): the step's gradient is then the mean over all ``total``
+    micro-batches. 1/``micro-batches per rank`` at the configured size, as usual."""
+    if dp_size < 1 or total < dp_size:
+        raise BatchSplitError(f"{total} micro-batches per step cannot be spread over {dp_size} "
+                              "data-parallel ranks")
+    return dp_size / total
