@@ -68,14 +68,19 @@ def test_rank_that_fails_every_restart_stops_the_job_and_every_process(tmp_path)
 
 @pytest.mark.timeout(300)
 def test_rank_that_fails_every_restart_leaves_the_job_with_its_replica(tmp_path):
-    # the default --shrink no-spare: a rank that cannot be restarted is no reason to stop
-    job = run_job(tmp_path, TORCH_RECIPE, ["--steps", "6"], inject=FAILS_EVERY_RESTART,
-                  timeout=150)
+    # the default --shrink no-spare: a rank that cannot be restarted is no reason to stop; in
+    # the world without it, rank 3 (the new world's rank 2) is lost too and replaced as usual,
+    # from its own snapshot
+    job = run_job(tmp_path, TORCH_RECIPE, ["--steps", "6"], timeout=150,
+                  inject=FAILS_EVERY_RESTART + ";kill:rank=3:step=5:phase=backward")
     assert job.rc == 0, job.failure(3000)
     faults = job.report["faults"]
     assert [(f["rank"], f["kind"], f["action"]) for f in faults] == \
-        [(1, "exception", "replace")] * MAX_FAILED_RESTARTS + [(1, "exception", "shrink")]
-    assert faults[-1]["world_size_after"] == 3 and faults[-1]["steps_lost"] == 0
+        [(1, "exception", "replace")] * MAX_FAILED_RESTARTS + [(1, "exception", "shrink"),
+                                                               (3, "crash", "replace")]
+    assert faults[-2]["world_size_after"] == 3 and faults[-2]["steps_lost"] == 0
+    assert (faults[-1]["world_size_after"], faults[-1]["steps_lost"]) == (3, 0), faults[-1]
+    assert faults[-1]["restored_from"] == {"replicated": 3, "unique": 3, "meta": 3}, faults[-1]
     assert job.report["members"] == [0, 2, 3] and job.report["fatal"] is None
     assert job.result["world_sizes"] == {s: 4 if s < 3 else 3 for s in range(1, 7)}
     assert all(t == [1.0] * 4 for t in job.result["taken"].values()), job.result["taken"]

@@ -102,8 +102,10 @@ class Recovery:
             raise
         tx.ring.drop_after(point)
         s.history = {k: v for k, v in s.history.items() if k <= point}
-        restored = {"from": decision.sources[me], "bytes": moved[0],
-                    "seconds": round(moved[1], 4)} if me in decision.sources else None
+        restored = None
+        if me in decision.sources:  # where its state came from, in job ranks
+            sources = {part: s.members[src] for part, src in decision.sources[me].items()}
+            restored = {"from": sources, "bytes": moved[0], "seconds": round(moved[1], 4)}
         self._settle(point, decision.steps_lost, lost, decision.resend, restored=restored)
         log.info("rank=%d generation=%d step=%d phase=restore recovered to step %d%s",
                  s.rank, s.generation, point, point,
