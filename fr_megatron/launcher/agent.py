@@ -4,7 +4,8 @@ Workers get the environment torchrun would give them, so an existing script runs
 A blocking ``waitpid`` thread learns of a death the moment it happens; a light poll finds stopped
 (SIGSTOP) workers. Faults go to the controller; the agent acts only on the controller's signed
 plans: it kills a replaced rank that is still alive (a hung one) and hands its rank to a warm
-spare, or spawns a fresh process when none is left. Healthy workers are never touched.
+spare, or spawns a fresh process when none is left; it ends the ranks whose data-parallel replica
+left the world (a shrink). Healthy workers of the world are never touched.
 
 Heartbeats: the node's ranks send theirs to the agent (a local Unix socket); the agent beats
 its own key with all of them inside (``protocol.node_beats``), so the controller reads one key per

@@ -2,8 +2,10 @@
 
 One per job. It owns the TCPStore that every rank and agent rendezvous on (so the store
 outlives any rank), reads heartbeats, takes fault reports from agents and workers, and for each
-fault: fixes which ranks are replaced, bumps the generation and publishes the signed plan that
-wakes every survivor and agent. It writes the event journal and, at the end, the JSON report.
+fault: fixes which ranks are replaced, or removed with their data-parallel replicas
+(``shrink``), bumps the generation and publishes the signed plan that wakes every survivor and
+agent; once a spare node is free it takes removed replicas back (a grow). It writes the event
+journal and, at the end, the JSON report.
 
 If the controller itself dies, agents see the store go away and stop their workers; the
 journal keeps the last good step (see README, "Failure model").
