@@ -36,7 +36,7 @@ from ..protocol import modules as job_modules
 from ..protocol.auth import read_token
 from ..protocol.node_beats import BeatSender
 from ..protocol.stderr_tail import restore_stderr
-from ..protocol.store import connect_cuttable
+from ..protocol.store import connect_cuttable, wait_key
 from . import comm_progress, inject, transaction
 from .abort_watch import AbortWatch
 from .comms import Communicators, RendezvousInterrupted, release_deferred
@@ -227,8 +227,8 @@ class Session:
             self.send("standby", generation=self.generation, pid=os.getpid())
             log.info("rank=%d generation=%d stands by until its generation opens", self.rank,
                      self.generation)
-            while not self.store.check([key]):
-                time.sleep(0.01)
+            while not wait_key(self.store, key, 1.0):
+                pass
         return self.link.plan_for(self.generation)
 
     def _adopt_members(self, plan: dict) -> None:
