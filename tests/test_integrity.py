@@ -38,7 +38,7 @@ def test_rank_and_holder_of_its_copy_lost_together_stops_cleanly(tmp_path):
     # snapshots in process memory: rank 1's copy lives on rank 2 (the next data-parallel rank),
     # so losing both loses what only rank 1 had (its meta: RNG state, counters) for good
     job = run_job(tmp_path, TORCH_RECIPE, ["--steps", "6"], inject=LOSE_1_AND_2,
-                  extra=["--snapshot-dir", ""])
+                  extra=["--snapshot-dir", "", "--shrink", "never"])
     assert job.rc == 1, job.failure(3000)
     assert "every holder of their copies are lost" in (job.report["fatal"] or ""), job.report
     stopped = [e for e in job.journal if e["event"] == "job_stopped"]
@@ -49,6 +49,24 @@ def test_rank_and_holder_of_its_copy_lost_together_stops_cleanly(tmp_path):
 
 # rank 1 raises in step 3 again and again, in every replacement (each spec fires once)
 FAILS_EVERY_RESTART = ";".join(["exception:rank=1:step=3:phase=forward"] * (MAX_FAILED_RESTARTS + 2))
+
+
+@pytest.mark.timeout(300)
+def test_ranks_lost_with_every_copy_of_their_state_leave_the_job_with_their_replicas(tmp_path):
+    # the same loss with the default --shrink no-spare: the replacements of ranks 1 and 2 find
+    # nothing to restore, and the job goes on without their replicas from the last step the
+    # others committed
+    job = run_job(tmp_path, TORCH_RECIPE, ["--steps", "6"], inject=LOSE_1_AND_2,
+                  extra=["--snapshot-dir", ""])
+    assert job.rc == 0, job.failure(3000)
+    faults = sorted((f["kind"], f["rank"], f["action"]) for f in job.report["faults"])
+    assert faults == [("crash", 1, "replace"), ("crash", 2, "replace"),
+                      ("state_lost", 1, "shrink"), ("state_lost", 2, "shrink")], faults
+    assert job.report["members"] == [0, 3] and job.report["fatal"] is None
+    shrunk = [f for f in job.report["faults"] if f["action"] == "shrink"]
+    assert all(f["steps_lost"] == 0 and f["recovery_point"] == 2 for f in shrunk), shrunk
+    assert job.result["world_sizes"] == {s: 4 if s <= 2 else 2 for s in range(1, 7)}
+    assert all(t == [1.0] * 4 for t in job.result["taken"].values()), job.result["taken"]
 
 
 @pytest.mark.timeout(300)

@@ -37,7 +37,7 @@ from .shrink import Shrink, ShrinkImpossible, shrink, shrinks
 log = logging.getLogger("fr_megatron.controller")
 
 FAULT_KINDS = ("crash", "segv", "exit", "exit0_early", "exception", "hang", "hang_gil", "stop",
-               "node_lost", "stuck")
+               "node_lost", "stuck", "state_lost")
 # what a rank reports about itself before it exits: more precise than its exit code
 SELF_REPORTED = ("exception", "stuck")
 DEBOUNCE_S = 0.03  # reports arriving this close together are decided as one fault
@@ -100,7 +100,7 @@ _MESSAGE_KINDS = {"fault": "_on_fault", "stop_requested": "_on_stop_requested",
                   "joined": "_on_joined", "recovered": "_on_recovered",
                   "finished": "_on_finished", "agent_started": "_on_agent_started",
                   "node_done": "_on_node_done", "fatal": "_on_fatal", "event": "_on_record",
-                  "standby": "_on_standby"}
+                  "standby": "_on_standby", "state_lost": "_on_state_lost"}
 
 
 @dataclass
@@ -484,6 +484,17 @@ class Controller:
         for f in self._faults_of(ev["generation"], ev["rank"]):
             f.joined_t = ev["ts"]
 
+    def _on_state_lost(self, ev: dict) -> None:
+        """The ranks found no state for ``ranks`` among live peers (each lost with every holder
+        of its copies): they cannot be replaced, only removed with their replicas."""
+        for rank in ev.get("ranks", []):
+            if rank in self.views:
+                v = self.views[rank]
+                self._report_fault(Fault(rank, "state_lost", ev.get("step", v.step), "restore",
+                                         v.pid, ev.get("generation", self.generation),
+                                         fault_t=ev["ts"], reported_t=time.time(),
+                                         detail={"reason": ev.get("reason", "")}))
+
     def _on_standby(self, ev: dict) -> None:
         """A grown rank's process has started and waits for its generation to open."""
         growing = self.growing
@@ -664,6 +675,10 @@ class Controller:
         open_recoveries = [r for r in self.recoveries if r.summary is None]
         unreplaceable: dict[int, str] = {}
         for f in faults:
+            if f.kind == "state_lost":
+                unreplaceable[f.rank] = f.detail.get("reason") or \
+                    f"rank {f.rank}'s state is lost with every copy of it"
+                continue
             # a rank whose replacement keeps failing before it recovers is not restarted forever
             if any(f.rank in (x.rank for x in r.faults) for r in open_recoveries):
                 self.restarts_without_progress[f.rank] = \

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Optional
 import torch.distributed as dist
 
 from . import recovery_point, transaction, transfer
-from .errors import RecoveryImpossible
+from .errors import RecoveryImpossible, RecoveryRequested
 from .layout import ChecksumError, Layout
 from .state_machine import State
 
@@ -182,6 +182,15 @@ class Recovery:
                 return resume
             reason += f", and {s.cfg.checkpoint_dir} holds no checkpoint to fall back to"
         good = min((rep.committed for rep in reports if not rep.lost), default=-1)
+        if s.cfg.shrink != "never" and s.integration.shrinkable and len(lost) < len(reports):
+            # the job can go on without them: the controller removes their replicas, and
+            # every rank, theirs too, waits for that plan (``launcher.shrink``)
+            if s.world_rank == min(set(range(len(reports))) - lost):
+                s.link.send("state_lost", ranks=sorted(s.members[r] for r in lost),
+                            generation=s.generation, step=s.step, reason=reason)
+            log.warning("rank=%d generation=%d step=%d phase=restore %s: waiting for the job to "
+                        "go on without them", s.rank, s.generation, s.step, reason)
+            raise RecoveryRequested(reason)
         s.link.send("fatal", reason=reason, step=s.step, last_good_step=good)
         raise RecoveryImpossible(reason)
 
