@@ -1,4 +1,4 @@
-"""Shrink and grow back at 8 ranks: fault to the first step on fewer replicas, spare node to the first step on all of them, and throughput in each phase.
+"""Shrink and grow back at 8 ranks: time to the first step after each, throughput in each phase.
 
 The plain torch recipe on one node of 8 ranks with ``--shrink always``: a rank is killed at
 ``--fault-step``, the job goes on with 7 data-parallel replicas, and a spare node started once
@@ -23,7 +23,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 from .common import REPO, table, write
@@ -39,17 +38,6 @@ def _launch(tmp: Path, port: int, node_rank: int, nproc: int, script_args: list[
            str(RECIPE), *script_args]
     return subprocess.Popen(cmd, cwd=REPO, stdout=open(tmp / f"node{node_rank}.log", "w"),
                             stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def _wait_event(journal: Path, event: str, proc: subprocess.Popen, timeout: float) -> None:
-    from fr_megatron.events import Journal
-
-    deadline = time.time() + timeout
-    while time.time() < deadline and proc.poll() is None:
-        if journal.exists() and any(e["event"] == event for e in Journal.read(str(journal))):
-            return
-        time.sleep(0.1)
-    raise RuntimeError(f"no {event} event within {timeout:.0f} s")
 
 
 def _throughput(step_t: dict, first: int, last: int, samples: int) -> float | None:
@@ -76,6 +64,7 @@ def main(argv=None) -> int:
         a.steps = 200
     import torch
 
+    from fr_megatron.events import Journal
     from fr_megatron.protocol.auth import new_token, write_token_file
 
     with tempfile.TemporaryDirectory() as d:
@@ -95,7 +84,9 @@ def main(argv=None) -> int:
             "--shrink", "always", "--inject", f"kill:rank={victim}:step={a.fault_step}:"
             "phase=backward", "--report", str(report), "--journal", str(journal)])]
         try:
-            _wait_event(journal, "recovered", nodes[0], 300)
+            if Journal.wait_for(str(journal), "recovered", 300,
+                                lambda: nodes[0].poll() is None) is None:
+                raise RuntimeError("the shrink did not recover within 300 s")
             nodes.append(_launch(tmp, port, 1, a.nproc, script_args, ["--spare-node"]))
             rcs = [nodes[0].wait(900), nodes[1].wait(60)]
         finally:

@@ -20,7 +20,7 @@ import queue
 import sys
 import threading
 import time
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 log = logging.getLogger("fr_megatron.events")
 
@@ -67,6 +67,27 @@ class Journal:
     def read(path: str) -> list[dict]:
         with open(path) as f:
             return [json.loads(line) for line in f if line.strip()]
+
+    @staticmethod
+    def wait_for(path: str, event: str, timeout: float,
+                 alive: Callable[[], bool] = lambda: True) -> Optional[dict]:
+        """The first ``event`` a running job's journal gets, read as it grows; None when it has
+        not come within ``timeout`` seconds or ``alive()`` turned false (the job ended)."""
+        deadline = time.monotonic() + timeout
+        pos, partial = 0, ""
+        while time.monotonic() < deadline and alive():
+            if os.path.exists(path):
+                with open(path) as f:
+                    f.seek(pos)
+                    partial += f.read()
+                    pos = f.tell()
+                *lines, partial = partial.split("\n")
+                for line in filter(str.strip, lines):
+                    entry = json.loads(line)
+                    if entry["event"] == event:
+                        return entry
+            time.sleep(0.1)
+        return None
 
 
 class WandbSink:

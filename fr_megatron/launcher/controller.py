@@ -68,6 +68,13 @@ def _restored(r: Optional[dict]) -> dict:
             "restore_gb_s": round(r["bytes"] / r["seconds"] / 1e9, 3) if r["seconds"] else None}
 
 
+def _sizes(members: list[int], replicas: Optional[list[list[int]]]) -> dict:
+    """A world's size and data-parallel size (None before the ranks have said their replicas),
+    as the report, the journal and wandb give them after a shrink or a grow."""
+    return {"world_size": len(members),
+            "data_parallel_size": len(replicas) if replicas is not None else None}
+
+
 def _blame_fields(f: "Fault") -> dict:
     """What blamed a hang (``detector``): its evidence, and the operations its peers wait in."""
     return {k: f.detail[k] for k in ("evidence", "waits") if k in f.detail}
@@ -186,13 +193,19 @@ class Controller:
         self._publish_generation()
 
     # ---- the store protocol ------------------------------------------------------------
-    def _publish_generation(self, plan: Optional[dict] = None):
+    def _publish_generation(self, plan: Optional[dict] = None, *, agents: bool = True,
+                            ranks: bool = True):
+        """The current generation's signed plan, for the agents (their wake key) and for the
+        ranks (the plan key and the generation number); a grow publishes the two apart."""
         g = self.generation
         plan = plan or {"generation": g, "replaced": [], "faults": []}
         raw = self.signer.sign("plan", **plan)
-        self.store.set(keys.plan(g), raw)
-        self.store.set(keys.agent_wake(g), raw)
-        self.store.set(keys.GENERATION, self.signer.sign("generation", generation=g))
+        if ranks:
+            self.store.set(keys.plan(g), raw)
+        if agents:
+            self.store.set(keys.agent_wake(g), raw)
+        if ranks:
+            self.store.set(keys.GENERATION, self.signer.sign("generation", generation=g))
 
     def _open_grow(self) -> None:
         """The prepared grow's generation opens for the ranks (``_grow``): its plan, which the
@@ -207,14 +220,12 @@ class Controller:
         for r in plan["grown"]:
             self.views[r] = RankView(r)
         rec = Recovery(g, [], now, survivors, list(self.members), grown=plan["grown"],
-                       after={"world_size": len(self.members),
-                              "data_parallel_size": len(self.dp_replicas)},
+                       after=_sizes(self.members, self.dp_replicas),
                        prepare_s=round(now - growing["decided_t"], 4))
         self.recoveries.append(rec)
         self.plan_t = now
-        self.store.set(keys.plan(g), self.signer.sign("plan", **plan))
-        if self.generation == g:
-            self.store.set(keys.GENERATION, self.signer.sign("generation", generation=g))
+        # the grow's generation is still the newest: a fault's or the end's comes after it
+        self._publish_generation(plan, agents=False)
         self.journal.write("grow_opened", generation=g, ranks=plan["grown"],
                            prepare_s=rec.prepare_s, standby=sorted(growing["standby"]))
 
@@ -502,7 +513,8 @@ class Controller:
             return
         growing["standby"].add(int(ev["rank"]))
         # a job whose ranks have begun to finish ends as it is
-        if growing["standby"] >= set(growing["plan"]["grown"]) and not self.finished_ranks:
+        if growing["standby"] >= set(growing["plan"]["grown"]) and not self.finished_ranks \
+                and not self.stopping:
             self._open_grow()
 
     def _faults_of(self, generation: int, rank: int) -> list[Fault]:
@@ -714,8 +726,7 @@ class Controller:
             self._stop_job(unreplaceable[r] + hint, rank=r, step=f.step, phase=f.phase,
                            node=self.node_of[r], last_good_step=self._last_good_step())
             return
-        after = {"world_size": len(self.members),
-                 "data_parallel_size": len(self.dp_replicas) if self.dp_replicas else None}
+        after = _sizes(self.members, self.dp_replicas)
         for f in faults:
             f.after = after
             if f.rank in removed:
@@ -787,7 +798,7 @@ class Controller:
         now = time.time()
         g = self.generation + 1
         members, replicas = sorted(self.members + grown), sorted(self.dp_replicas + back, key=min)
-        after = {"world_size": len(members), "data_parallel_size": len(replicas)}
+        after = _sizes(members, replicas)
         plan = {"generation": g, "replaced": grown, "removed": [], "grown": grown,
                 "members": members, "faults": [],
                 "placement": {str(r): n for r, n in placement.items()}, "decided_t": now}
@@ -801,7 +812,7 @@ class Controller:
         self.generation = g
         self.growing = {"generation": g, "plan": plan, "standby": set(), "back": back,
                         "replicas": replicas, "placement": placement, "decided_t": now}
-        self.store.set(keys.agent_wake(g), self.signer.sign("plan", **plan))
+        self._publish_generation(plan, ranks=False)
 
     def _recovery_complete(self, rec: Recovery, resumed: int, excused: frozenset = frozenset()):
         """Summarise ``rec`` from the reports of generation ``resumed``, the one training resumed
@@ -877,26 +888,31 @@ class Controller:
                     entry.update({"recovery_s": None, "steps_lost": None,
                                   "survivor_pids_unchanged": None})
                 faults.append(entry)
-        grows = [{"generation": rec.generation, "ranks": rec.grown, "action": "grow",
-                  **{f"{k}_after": v for k, v in rec.after.items()},
-                  "nodes": sorted({self.node_of[r] for r in rec.grown}),
-                  "prepare_s": rec.prepare_s,
-                  **({"grow_s": round(rec.summary["first_step_t"] - rec.decision_t, 4),
-                      "phases": {k: round(v, 4) for k, v in rec.summary["phases"].items()},
-                      "steps_lost": rec.summary["steps_lost"],
-                      "recovery_point": rec.summary["recovery_point"],
-                      "survivor_pids_unchanged": rec.summary["survivor_pids_unchanged"]}
-                     if rec.summary else {"grow_s": None})}
-                 for rec in self.recoveries if rec.grown]
+        grows = [self._grow_entry(rec) for rec in self.recoveries if rec.grown]
         return {"world_size": self.world_size, "nnodes": self.nnodes, "grows": grows,
                 "members": self.members,
-                "data_parallel_size": len(self.dp_replicas) if self.dp_replicas else None,
+                "data_parallel_size": _sizes(self.members, self.dp_replicas)["data_parallel_size"],
                 "generations": self.generation, "faults": faults,
                 "rejected_messages": self.rejected, "fatal": self.fatal,
                 "startup_error": self.startup_error,
                 "stopped": self._stopped(), "exit_code": self.exit_code,
                 "finished_ranks": len(self.finished_ranks), "redundancy": self.redundancy,
                 "rank_stats": {str(r): v for r, v in sorted(self.rank_stats.items())}}
+
+    def _grow_entry(self, rec: Recovery) -> dict:
+        """A grow in the report: its ranks, node, sizes after it, and once the ranks trained on
+        after it, its time from the plan to that step, phases and recovery point."""
+        entry = {"generation": rec.generation, "ranks": rec.grown, "action": "grow",
+                 **{f"{k}_after": v for k, v in rec.after.items()},
+                 "nodes": sorted({self.node_of[r] for r in rec.grown}),
+                 "prepare_s": rec.prepare_s, "grow_s": None}
+        s = rec.summary
+        if s:
+            entry.update({"grow_s": round(s["first_step_t"] - rec.decision_t, 4),
+                          "phases": {k: round(v, 4) for k, v in s["phases"].items()},
+                          "steps_lost": s["steps_lost"], "recovery_point": s["recovery_point"],
+                          "survivor_pids_unchanged": s["survivor_pids_unchanged"]})
+        return entry
 
     def _stopped(self) -> Optional[dict]:
         st = self.stopping

@@ -45,11 +45,10 @@ class CopyPlan:
                 "holders": {str(r): hs for r, hs in self.holders.items() if hs}}
 
 
-def holders(rank: int, world_size: int, nproc_per_node: int, replica_ranks: list[int],
-            replicas: int, nodes: Optional[list[int]] = None) -> list[int]:
+def holders(rank: int, nodes: list[int], replica_ranks: list[int], replicas: int) -> list[int]:
     """The ranks that keep copies of ``rank``'s unique state, best first; ``nodes[r]``: the
-    node of rank r (default: ``nproc_per_node`` ranks a node, in rank order)."""
-    nodes = nodes if nodes is not None else [node_of(r, nproc_per_node) for r in range(world_size)]
+    node of rank r."""
+    world_size = len(nodes)
     me = nodes[rank]
     multi_node = len(set(nodes)) > 1
     ring = [(rank + k) % world_size for k in range(1, world_size)]
@@ -90,7 +89,6 @@ def copy_plan(world_size: int, nproc_per_node: int, replica_of: list[list[int]],
                 "nodes as there are instances (e.g. tensor x pipeline x context parallel size "
                 "<= ranks per node), or use 1 instance and let flash recovery copy the shards")
         needs = multi_node or not durable_of[r]
-        plan.holders[r] = holders(r, world_size, nproc_per_node, replica_of[r], replicas,
-                                  nodes) if needs else []
+        plan.holders[r] = holders(r, nodes, replica_of[r], replicas) if needs else []
         plan.parts[r] = () if elsewhere else ("unique",)
     return plan

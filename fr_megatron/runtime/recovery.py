@@ -120,8 +120,8 @@ class Recovery:
         refused = [f"rank {s.rank}'s snapshot of step {step}: {why}"
                    for step, why in tx.ring.validate()]
         for ward, ring in tx.copies.held.items():
-            refused += [f"the copy of rank {s.members[ward]} held by rank {s.rank}, step {step}: {why}"
-                        for step, why in ring.validate()]
+            refused += [f"the copy of rank {s.members[ward]} held by rank {s.rank}, step "
+                        f"{step}: {why}" for step, why in ring.validate()]
         for why in refused:
             log.warning("rank=%d generation=%d step=%d phase=restore refused %s", s.rank,
                         s.generation, s.step, why)

@@ -12,12 +12,13 @@ every rank of the job agreeing that the step is durable everywhere (``agree``: e
 snapshot sealed, each copy sealed by its holder): ranks are not in lockstep (plain data
 parallelism syncs only in the gradient all-reduce), and without it a rank could commit step N+1,
 and drop step N-1 from its ring of two, while a lost rank's snapshot or copy of step N was still
-on its way; no step would then be left that every rank could go back to. A fault voids the exchange in flight (``abandon``) without waiting for it: gloo
-leaves a send or receive whose message was cut in the middle (a peer killed or cut off while
-hundreds of MB stream) waiting until the group's timeout, so the recovery must not depend on it
-ending. A holder keeps the last ``depth`` versions of each ward's copy in slots of its
-own, in the node's shared memory when there is one: a holder that dies does not take its wards'
-copies with it, and its replacement on the same node finds them there.
+on its way; no step would then be left that every rank could go back to. A fault voids the
+exchange in flight (``abandon``) without waiting for it: gloo leaves a send or receive whose
+message was cut in the middle (a peer killed or cut off while hundreds of MB stream) waiting
+until the group's timeout, so the recovery must not depend on it ending. A holder keeps the last
+``depth`` versions of each ward's copy in slots of its own, in the node's shared memory when
+there is one: a holder that dies does not take its wards' copies with it, and its replacement on
+the same node finds them there.
 """
 
 from __future__ import annotations

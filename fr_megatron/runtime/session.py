@@ -69,6 +69,7 @@ class Session:
         # differ once the job goes on with fewer replicas (``members``)
         self.rank, self.job_size, self.nproc = rank, world_size, nproc_per_node
         self.members = list(range(world_size))  # the job ranks of the current world, in order
+        self.world_rank = rank  # this rank's rank in the current world (dist.get_rank())
         self.cfg = config or FlashRecoveryConfig()
         self.host, self.port = parse_address(controller, "FR_CONTROLLER")
         self.replacement = replacement
@@ -126,11 +127,6 @@ class Session:
     @property
     def world_size(self) -> int:
         return len(self.members)
-
-    @property
-    def world_rank(self) -> int:
-        """This rank's rank in the current world (``torch.distributed.get_rank()``)."""
-        return self.members.index(self.rank)
 
     @property
     def store(self):
@@ -234,6 +230,7 @@ class Session:
     def _adopt_members(self, plan: dict) -> None:
         """The world of ``plan``: its members (every job rank unless the job has shrunk)."""
         self.members = list(plan.get("members", range(self.job_size)))
+        self.world_rank = self.members.index(self.rank)
         if self.comms is not None:
             self.comms.resize(self.world_rank, self.world_size)
 

@@ -92,7 +92,8 @@ class StepTransaction:
         self.plan = failure_domains.copy_plan(world_size, nproc, self.replica_of,
                                               self.shard_replicas_of, [e[2] for e in every],
                                               self.cfg.replicas,
-                                              nodes=[m // nproc for m in members])
+                                              nodes=[failure_domains.node_of(m, nproc)
+                                                     for m in members])
         old = self.copies
         self.copies = CopyExchange(world_rank, self.plan.holders[world_rank],
                                    self.plan.wards(world_rank), self.plan.parts, group,
