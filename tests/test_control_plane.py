@@ -339,3 +339,60 @@ def test_recovery_finished_but_for_ranks_the_next_fault_took_keeps_its_own_repor
         assert faults[1]["steps_lost"] == faults[3]["steps_lost"] == 0
     finally:
         ctl.stop()
+
+
+@pytest.mark.timeout(60)
+def test_a_replacement_not_yet_heard_beating_is_a_survivor_of_the_next_fault_by_its_pid(
+        tmp_path):
+    """Rank 2's replacement recovers and training goes on; ranks 1 and 3 fail before the
+    replacement's first beat reaches the controller. The replacement is one of that recovery's
+    survivors, known by the pid its agent reported when it handed it the rank (found by
+    test_faults_torch once in three runs: survivor_pids_unchanged was False)."""
+    from fr_megatron.config import FlashRecoveryConfig
+    import time
+
+    from fr_megatron.launcher.controller import Controller
+
+    cfg = FlashRecoveryConfig(wandb={"enabled": False}, journal=str(tmp_path / "j.jsonl"))
+    ctl = Controller(4, 1, 4, "127.0.0.1", 0, b"token", cfg)
+    pids = {r: 100 + r for r in range(4)}
+    try:
+        now = time.time()
+        ctl._on_node_beat(0, {"node": 0, "ranks": {
+            str(r): {"rank": r, "pid": pid, "seq": 1, "generation": 0, "step": 2,
+                     "phase": "forward", "state": "running"} for r, pid in pids.items()}}, now)
+
+        def fault(rank, generation):
+            ctl._on_event({"kind": "fault", "rank": rank, "fault": "crash", "pid": pids[rank],
+                           "generation": generation, "step": 2, "phase": "forward",
+                           "fault_t": now, "ts": now})
+
+        def recovered(generation):
+            for rank, pid in pids.items():
+                ctl._on_event({"kind": "recovered", "rank": rank, "generation": generation,
+                               "pid": pid, "first_step_t": now + generation, "phases": {},
+                               "recovery_point": 1, "steps_lost": 0, "ts": now})
+
+        fault(2, 0)
+        ctl._decide()
+        pids[2] = 202
+        ctl._on_event({"kind": "replaced", "rank": 2, "generation": 1, "how": "spare",
+                       "pid": 202, "ts": now})
+        recovered(1)
+        for rank in (1, 3):
+            fault(rank, 1)
+        ctl._decide()
+        assert ctl.recoveries[-1].survivor_pids == {0: 100, 2: 202}
+        pids[1], pids[3] = 201, 203
+        recovered(2)
+        faults = ctl.report()["faults"]
+        assert [(f["rank"], f["survivor_pids_unchanged"]) for f in faults] == \
+            [(2, True), (1, True), (3, True)]
+        # the pid a rank's restart reported is not taken for a later restart's process
+        fault(2, 2)
+        ctl._decide()
+        ctl._on_event({"kind": "replaced", "rank": 2, "generation": 2, "how": "spare",
+                       "pid": 999, "ts": now})
+        assert ctl.views[2].pid == 0 and ctl.views[2].started_in == 3
+    finally:
+        ctl.stop()

@@ -218,7 +218,7 @@ class Controller:
         self.members, self.dp_replicas = plan["members"], growing["replicas"]
         self.node_of.update(growing["placement"])
         for r in plan["grown"]:
-            self.views[r] = RankView(r)
+            self.views[r] = RankView(r, started_in=g)
         rec = Recovery(g, [], now, survivors, list(self.members), grown=plan["grown"],
                        after=_sizes(self.members, self.dp_replicas),
                        prepare_s=round(now - growing["decided_t"], 4))
@@ -487,8 +487,20 @@ class Controller:
         for f in self._faults_of(ev["generation"], ev["rank"]):
             f.replacement, f.replacement_t = ev["how"], ev["ts"]
             f.replacement_pid = ev.get("pid")
+        self._learn_pid(int(ev["rank"]), ev.get("pid"), int(ev["generation"]), handed=True)
         self.journal.write("replacement_started", generation=ev["generation"], rank=ev["rank"],
                            how=ev["how"], pid=ev.get("pid"))
+
+    def _learn_pid(self, rank: int, pid: Optional[int], generation: int, handed: bool) -> None:
+        """Know a restarted rank's process before its first beat arrives, so that a fault
+        decided in between counts it among the survivors by its pid: from the agent that
+        ``handed`` it the rank in the generation that restarted it, or from its own report of
+        resuming training in that generation or a later one."""
+        v = self.views.get(rank)
+        if v is None or v.pid or not pid:
+            return
+        if generation == v.started_in or (not handed and generation > v.started_in):
+            v.pid = int(pid)
 
     def _on_joined(self, ev: dict) -> None:
         """A replacement joined its generation's world."""
@@ -525,6 +537,7 @@ class Controller:
         """A rank committed its first step after a recovery; once every rank has, the recovery
         (and any earlier one a new fault cut short) is complete."""
         self._rank_committed(int(ev["rank"]), int(ev.get("recovery_point", -2)) + 1)
+        self._learn_pid(int(ev["rank"]), ev.get("pid"), int(ev["generation"]), handed=False)
         for rec in self.recoveries:
             if rec.generation != ev["generation"]:
                 continue
@@ -749,7 +762,7 @@ class Controller:
             del self.views[rank]
         for rank in replaced:  # judged again from its replacement's first heartbeat
             self._rank_committed(rank, self.views[rank].committed)
-            self.views[rank] = RankView(rank)
+            self.views[rank] = RankView(rank, started_in=g)
         survivors = {r: v.pid for r, v in self.views.items() if r not in replaced}
         plan = {"generation": g, "replaced": replaced, "removed": removed,
                 "members": self.members,

@@ -52,7 +52,8 @@ class RankView:
     """What the controller has seen of one rank, timed by the controller's clock."""
 
     rank: int
-    pid: int = 0
+    pid: int = 0                 # 0 until its process is known (handed the rank, or a beat)
+    started_in: int = 0          # the generation whose plan started its process
     generation: int = -1
     step: int = -1
     phase: str = "init"
