@@ -22,21 +22,17 @@ from fr_megatron.megatron.data import learnable_labels, micro_batch
 class TinyGPTConfig:
     """Sizes and hyper-parameters of the tiny job; ``num_layers`` must divide by ``pp``."""
 
-    # parallelism
-    tp: int = 1
-    pp: int = 1
-    # the model
+    tp: int = 1                     # tensor-parallel size
+    pp: int = 1                     # pipeline-parallel size; the rest of the world is DP
     num_layers: int = 2
-    hidden_size: int = 32
+    hidden_size: int = 32           # divides by num_attention_heads and by tp
     num_attention_heads: int = 4
     ffn_hidden_size: int = 64
-    # the data
-    vocab_size: int = 64
+    vocab_size: int = 64            # the learnable labels' alphabet (``data``)
     seq_length: int = 16
-    micro_batch_size: int = 2
-    num_microbatches: int = 2
-    # the learning rate schedule
-    lr: float = 1e-3
+    micro_batch_size: int = 2       # samples per micro-batch per data-parallel rank
+    num_microbatches: int = 2       # micro-batches per step (gradient accumulation)
+    lr: float = 1e-3                # the schedule: linear warm-up, cosine decay to min_lr
     min_lr: float = 1e-4
     lr_warmup_steps: int = 2
     lr_decay_steps: int = 50
