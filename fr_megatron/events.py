@@ -111,6 +111,11 @@ class WandbSink:
         self._q.put(("recovery", dict(fault=fault, phases=phases, steps_lost=steps_lost,
                                       replacement=replacement, generation=generation)))
 
+    def sizes(self, step: int, sizes: dict):
+        """The job's world and data-parallel sizes from ``step`` on, a row on the ``job/step``
+        axis (see ``Controller._show_sizes``)."""
+        self._q.put(("sizes", {"job/step": step, **{f"job/{k}": v for k, v in sizes.items()}}))
+
     def close(self, timeout: float = 60.0):
         self._q.put(("close", None))
         self._thread.join(timeout)
@@ -128,6 +133,8 @@ class WandbSink:
                              tags=["flash-recovery", *self.cfg.tags], config=self.config,
                              group=self.group, reinit=True)
             self.run_dir = getattr(run, "dir", None)
+            run.define_metric("job/step")
+            run.define_metric("job/*", step_metric="job/step")
         except Exception as e:  # wandb missing or broken: recoveries still go to the journal
             self.error = f"{type(e).__name__}: {e}"
             log.warning("wandb disabled: %s", self.error)
@@ -137,6 +144,12 @@ class WandbSink:
             if kind == "close":
                 break
             if run is None:
+                continue
+            if kind == "sizes":
+                try:
+                    run.log(item)
+                except Exception as e:
+                    log.warning("wandb logging failed, going on: %s", e)
                 continue
             try:
                 n += 1

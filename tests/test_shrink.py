@@ -160,6 +160,12 @@ def test_a_shrunk_job_grows_back_when_a_spare_node_joins(tmp_path, torch_baselin
     assert [(h["recovery/action"], h["recovery/rank"], h["recovery/world_size"],
              h["recovery/data_parallel_size"]) for h in rows] == [("shrink", 2, 3, 3),
                                                                   ("grow", 2, 4, 4)], rows
+    # and the data-parallel size over the job's steps, a step function from the first step to
+    # the last
+    sizes = [(h["job/step"], h["job/world_size"], h["job/data_parallel_size"])
+             for h in read_run(str(tmp_path / "wandb"))["history"] if "job/step" in h]
+    assert sizes == [(0, 4, 4), (shrunk, 4, 4), (shrunk + 1, 3, 3), (back, 3, 3),
+                     (back + 1, 4, 4), (8, 4, 4)], sizes
 
 
 def test_always_shrinking_a_job_that_cannot_shrink_is_refused_at_start_up():

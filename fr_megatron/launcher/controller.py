@@ -190,6 +190,7 @@ class Controller:
         self._wake = threading.Event()  # a fault reported: the serving loop times its decision
         self.wandb = WandbSink(cfg.wandb, run_name, {"world_size": world_size, "nnodes": nnodes},
                                group=wandb_group) if cfg.wandb.enabled else None
+        self._shown_sizes: Optional[dict] = None  # the sizes the wandb run shows last
         self._publish_generation()
 
     # ---- the store protocol ------------------------------------------------------------
@@ -597,6 +598,7 @@ class Controller:
             self.redundancy = ev.get("fields", {})
             if self.dp_replicas is None and self.redundancy.get("replicas"):
                 self.dp_replicas = [list(r) for r in self.redundancy["replicas"]]
+                self._show_sizes(0, _sizes(self.members, self.dp_replicas))
         self.journal.write(ev["event"], generation=ev.get("generation", self.generation),
                            rank=ev.get("rank"), step=ev.get("step"), phase=ev.get("phase"),
                            **ev.get("fields", {}))
@@ -827,6 +829,17 @@ class Controller:
                         "replicas": replicas, "placement": placement, "decided_t": now}
         self._publish_generation(plan, ranks=False)
 
+    def _show_sizes(self, first_step: int, sizes: dict, again: bool = False) -> None:
+        """The world and data-parallel sizes over steps in the wandb run, as a step function: a
+        change shows the old sizes at the step before ``first_step`` and the new ones from it."""
+        sizes = {k: sizes[k] for k in ("world_size", "data_parallel_size") if k in sizes}
+        if not self.wandb or (sizes == self._shown_sizes and not again):
+            return
+        if self._shown_sizes and not again:
+            self.wandb.sizes(first_step - 1, self._shown_sizes)
+        self.wandb.sizes(first_step, sizes)
+        self._shown_sizes = sizes
+
     def _recovery_complete(self, rec: Recovery, resumed: int, excused: frozenset = frozenset()):
         """Summarise ``rec`` from the reports of generation ``resumed``, the one training resumed
         in (a later one when a new fault cut this recovery short)."""
@@ -847,6 +860,9 @@ class Controller:
                        "restored": {int(r["rank"]): r["restored"] for r in reports
                                     if r.get("restored")},
                        "resumed_generation": resumed}
+        after = rec.after or (rec.faults[-1].after if rec.faults else None)
+        if after:
+            self._show_sizes(rec.summary["recovery_point"] + 1, after)
         if rec.grown:
             grow_s = round(first_step_t - rec.decision_t, 4)
             phases = {"prepare": rec.prepare_s or 0.0, **phases}
@@ -977,6 +993,8 @@ class Controller:
                        self.signer.sign("done", fatal=self.fatal or "",
                                         stopped=stopped["signal"] if stopped else ""))
         if self.wandb:
+            if self._shown_sizes:  # the sizes' line runs to the job's last step
+                self._show_sizes(self._last_good_step(), self._shown_sizes, again=True)
             self.wandb.close()
         self._stop.set()
         self.journal.close()
