@@ -115,3 +115,25 @@ def test_replacement_checks_the_slots_it_inherits_and_drops_a_corrupted_one(tmp_
     assert inherited.steps() == [2]
     again = _copy(inherited.get(2))
     assert all(torch.equal(again[k], good[k]) for k in good)
+
+
+@pytest.mark.timeout(30)
+def test_background_calls_share_one_thread_and_a_stuck_one_holds_nothing_up():
+    """The snapshot's seal and the copies' exchange run on a thread started once (a thread
+    start per step makes the training thread wait for the scheduler); a call handed over while
+    the last one hangs (an exchange gloo never ends) runs on a new thread at once."""
+    from fr_megatron.runtime.background import Worker
+
+    worker = Worker("test-worker")
+    threads = [worker.submit(threading.get_ident).result(5) for _ in range(5)]
+    assert len(set(threads)) == 1 and threads[0] != threading.get_ident()
+    with pytest.raises(ZeroDivisionError):
+        worker.submit(lambda: 1 / 0).result(5)
+    release = threading.Event()
+    stuck = worker.submit(release.wait, 20)
+    after = worker.submit(threading.get_ident).result(5)  # not behind the stuck call
+    assert after != threads[0] and not stuck.done()
+    assert worker.submit(threading.get_ident).result(5) == after  # the new thread serves on
+    release.set()
+    assert stuck.result(5) is True
+    assert worker.submit(threading.get_ident).result(5) == after

@@ -33,6 +33,7 @@ from typing import Callable, Optional
 import torch.distributed as dist
 
 from . import transfer
+from .background import Worker
 from .errors import RecoveryRequested
 from .snapshot import SnapshotRing
 
@@ -72,6 +73,7 @@ class CopyExchange:
                      for w in wards}
         self._pending: Optional[Future] = None
         self._void = threading.Event()  # set: the exchange in flight seals nothing any more
+        self._exchanger = Worker("fr-copies")
 
     @property
     def active(self) -> bool:
@@ -90,8 +92,8 @@ class CopyExchange:
         wards = self.wards if wards is None else wards
         if to or wards or agree:
             self._void = threading.Event()
-            self._pending = _in_background(self._exchange, step, ring, to, wards, self._void,
-                                           agree)
+            self._pending = self._exchanger.submit(self._exchange, step, ring, to, wards,
+                                                   self._void, agree)
 
     def wait(self) -> None:
         """Wait for the exchange in flight; ``RecoveryRequested`` once ``interrupted()`` (a fault
@@ -160,21 +162,6 @@ class CopyExchange:
             if now is not None:
                 self.held[now].close()
                 self.held[now] = ring
-
-
-def _in_background(fn: Callable, *args) -> Future:
-    """Run ``fn(*args)`` on a daemon thread of its own: an exchange that gloo never ends must
-    neither hold up the next one nor the process's exit (a pool's threads are joined then)."""
-    fut: Future = Future()
-
-    def run() -> None:
-        if fut.set_running_or_notify_cancel():
-            try:
-                fut.set_result(fn(*args))
-            except BaseException as e:  # noqa: BLE001 - handed to whoever waits
-                fut.set_exception(e)
-    threading.Thread(target=run, name="fr-copies", daemon=True).start()
-    return fut
 
 
 def _delay_for_tests(step: int, rank: int) -> None:

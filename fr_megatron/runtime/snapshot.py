@@ -34,6 +34,7 @@ from typing import Iterable, Optional
 import torch
 import xxhash
 
+from .background import Worker
 from .integration import RankState
 from .layout import PARTS, ChecksumError, Layout, bytes_of, checksum, dumps_meta, loads_meta
 
@@ -177,6 +178,7 @@ class SnapshotRing:
         self._sealed = threading.Event()  # cleared while a GPU write is being sealed
         self._sealed.set()
         self._error: Optional[BaseException] = None
+        self._sealer = Worker("fr-snapshot-seal")
 
     @property
     def in_shared_memory(self) -> bool:
@@ -297,7 +299,7 @@ class SnapshotRing:
                 self._sealed.set()
 
         self._sealed.clear()
-        threading.Thread(target=seal, name="fr-snapshot-seal", daemon=True).start()
+        self._sealer.submit(seal)
 
     def settle(self) -> None:
         """Block until the last ``write`` has sealed or failed, leaving a failure for ``wait``
