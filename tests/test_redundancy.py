@@ -49,8 +49,12 @@ def test_optimizer_instances_restore_every_phase_from_the_instance_peer(tmp_path
     assert red["instances"] == 2 and red["snapshots"] == "process memory"
     assert red["ranks_copying_tensors"] == [], red  # only the meta travels each step
     faults = sorted(job.report["faults"], key=lambda f: f["step"])
-    assert [(f["step"], f["phase"]) for f in faults] == list(zip(range(2, 7), PHASES)), faults
-    peer = {0: 2, 2: 0, 5: 7, 7: 5}
+    # a survivor whose abort cut a message in the middle (gloo then waits out its timeout)
+    # leaves as "stuck" and is recovered like the killed rank, at the killed rank's step
+    injected = [f for f in faults if f["kind"] != "stuck"]
+    assert [(f["step"], f["phase"]) for f in injected] == list(zip(range(2, 7), PHASES)), faults
+    assert {f["step"] for f in faults} == {f["step"] for f in injected}, faults
+    peer = {0: 2, 2: 0, 1: 3, 3: 1, 4: 6, 6: 4, 5: 7, 7: 5}  # instance peers
     for f in faults:
         assert f["steps_lost"] == 0 and f["recovery_point"] == f["step"] - 1, f
         assert f["survivor_pids_unchanged"] is True
