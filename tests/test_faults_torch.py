@@ -76,9 +76,12 @@ def test_faults_recovered_bit_exact(tmp_path, torch_baseline, name):
             (decided,) = [e for e in job.journal if e["event"] == "fault_decided"
                           and (e["rank"], e["step"]) == (fault["rank"], fault["step"])]
             assert decided["evidence"] == fault["evidence"]
-            if fault["phase"] == "grad_reduce":  # everyone else is inside the all-reduce
+            if fault["phase"] == "grad_reduce":  # everyone else is inside the all-reduce;
+                # when the hung rank's copies of the last commit had not begun, they also wait
+                # for it in the runtime group's agreement: each wait names all the others
                 others = sorted({0, 1, 2, 3} - {fault["rank"]})
-                assert [w["waiting"] for w in fault["waits"]] == [others], fault
+                assert fault["waits"] and all(w["waiting"] == others
+                                              for w in fault["waits"]), fault
     if "exception" in kinds:
         (reported,) = [e for e in job.journal
                        if e["event"] == "fault_reported" and e["kind"] == "exception"]
