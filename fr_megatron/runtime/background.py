@@ -43,12 +43,19 @@ class Worker:
     def _serve(self, calls: queue.SimpleQueue) -> None:
         while True:
             fn, args, fut = calls.get()
+            outcome = None
             if fut.set_running_or_notify_cancel():
                 try:
-                    fut.set_result(fn(*args))
+                    outcome = (fut.set_result, fn(*args))
                 except BaseException as e:  # noqa: BLE001 - handed to whoever waits
-                    fut.set_exception(e)
+                    outcome = (fut.set_exception, e)
             with self._lock:
-                if self._queue is not calls:
-                    return  # a later call went to a new thread while this one ran
-                self._busy = False
+                superseded = self._queue is not calls  # a later call got a thread of its own
+                if not superseded:
+                    self._busy = False
+            # idle before the outcome is seen: whoever waited for it and hands over the next
+            # call finds this thread free
+            if outcome is not None:
+                outcome[0](outcome[1])
+            if superseded:
+                return
