@@ -145,13 +145,10 @@ class WandbSink:
                 break
             if run is None:
                 continue
-            if kind == "sizes":
-                try:
-                    run.log(item)
-                except Exception as e:
-                    log.warning("wandb logging failed, going on: %s", e)
-                continue
             try:
+                if kind == "sizes":
+                    run.log(item)
+                    continue
                 n += 1
                 f = item["fault"]
                 kind_key = f"recovery/faults_{f.get('kind')}"

@@ -829,13 +829,13 @@ class Controller:
                         "replicas": replicas, "placement": placement, "decided_t": now}
         self._publish_generation(plan, ranks=False)
 
-    def _show_sizes(self, first_step: int, sizes: dict, again: bool = False) -> None:
-        """The world and data-parallel sizes over steps in the wandb run, as a step function: a
-        change shows the old sizes at the step before ``first_step`` and the new ones from it."""
-        sizes = {k: sizes[k] for k in ("world_size", "data_parallel_size") if k in sizes}
-        if not self.wandb or (sizes == self._shown_sizes and not again):
+    def _show_sizes(self, first_step: int, sizes: dict) -> None:
+        """The world and data-parallel sizes (``_sizes``) over steps in the wandb run, as a step
+        function: a change shows the old sizes at the step before ``first_step`` and the new
+        ones from it."""
+        if not self.wandb or sizes == self._shown_sizes:
             return
-        if self._shown_sizes and not again:
+        if self._shown_sizes:
             self.wandb.sizes(first_step - 1, self._shown_sizes)
         self.wandb.sizes(first_step, sizes)
         self._shown_sizes = sizes
@@ -994,7 +994,7 @@ class Controller:
                                         stopped=stopped["signal"] if stopped else ""))
         if self.wandb:
             if self._shown_sizes:  # the sizes' line runs to the job's last step
-                self._show_sizes(self._last_good_step(), self._shown_sizes, again=True)
+                self.wandb.sizes(self._last_good_step(), self._shown_sizes)
             self.wandb.close()
         self._stop.set()
         self.journal.close()
