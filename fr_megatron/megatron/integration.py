@@ -37,6 +37,7 @@ import torch.distributed as dist
 from torch.distributed import distributed_c10d as c10d
 
 from fr_megatron.megatron import parallel_state_hook, rebind
+from fr_megatron.runtime import reshard
 from fr_megatron.runtime.integration import Integration, RankState, tensor_bytes
 from fr_megatron.runtime.shard_gather import gather_shards
 
@@ -164,7 +165,7 @@ class MegatronIntegration(Integration):
         return [inner for opt in sub_optimizers(self.optimizer)
                 if (inner := getattr(opt, "optimizer", None)) is not None]
 
-    def capture(self) -> RankState:
+    def capture(self, meta: bool = True) -> RankState:
         state = RankState()
         for i, chunk in enumerate(self.model):
             sharded: set[int] = set()
@@ -188,13 +189,68 @@ class MegatronIntegration(Integration):
                 for j, shard in enumerate(shards):
                     if shard is not None:
                         state.unique[f"optim{k}/main{g}/param{j}"] = shard
-        state.meta = self._capture_meta()
+        if meta:
+            state.meta = self._capture_meta()
         return state
 
     def left_out_bytes(self) -> int:
         """The other ranks' shards of each bucket: ``capture`` holds only this rank's."""
         return sum(tensor_bytes(shards) - tensor_bytes([shards[rank]])
                    for chunk in self.model for _, _, _, shards, rank, _ in _param_shards(chunk))
+
+    def shard_layout(self) -> reshard.ShardLayout:
+        """Which range of which parameter each of this rank's ``unique`` tensors holds: the
+        DistributedOptimizer's own ranges for this rank (``gbuf_ranges``), so a snapshot can be
+        re-partitioned over another data-parallel size (``runtime.reshard``)."""
+        from megatron.core import parallel_state as ps
+
+        unique = self.capture(meta=False).unique
+        names = {p: f"model{i}/{n}" for i, c in enumerate(self.model)
+                 for n, p in c.named_parameters()}
+        layout = reshard.ShardLayout(
+            numel={name: p.numel() for p, name in names.items()},
+            position=(ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()))
+        shard_of = {p: f"model{i}/bucket_group{g}/bucket{b}/param_shard"
+                    for i, chunk in enumerate(self.model)
+                    for g, b, bucket, _, _, _ in _param_shards(chunk) for p in bucket.params_list}
+        key_of = {id(t): key for key, t in unique.items()}
+        for opt in sub_optimizers(self.optimizer):
+            for per_dtype in getattr(opt, "gbuf_ranges", None) or []:
+                for per_bucket in per_dtype.values():
+                    for ranges in per_bucket:
+                        for p, r in ranges["param_map"].items():
+                            name, rng = names[p], r["param"]
+                            layout.add(shard_of[p], reshard.Span(name, "param", rng.start,
+                                                                 rng.end, r["gbuf_local"].start))
+                            for kind, t in opt._get_main_param_and_optimizer_states(p).items():
+                                key = key_of.get(id(t))
+                                if key is None:  # an fp32 main param: a view of the param shard
+                                    continue
+                                kind = "main" if kind == "param" else kind
+                                start, end = ((reshard.SCALAR, reshard.SCALAR) if t.dim() == 0
+                                              else (rng.start, rng.end))
+                                layout.add(key, reshard.Span(name, kind, start, end))
+        layout.check_covers(unique)
+        return layout
+
+    def reshard(self, snapshots: Iterable[tuple[reshard.ShardLayout, dict[str, torch.Tensor]]]
+                ) -> int:
+        """Restore this rank's distributed-optimizer shards, and every sharded parameter, from
+        the shards of another partitioning: ``snapshots`` are (layout, unique tensors) of every
+        old data-parallel rank at this rank's model position. Local: no collective."""
+        layout = self.shard_layout()
+        mine = [(old, t) for old, t in snapshots if old.position == layout.position]
+        space = reshard.assemble(mine)
+        copied = reshard.scatter(space, layout, self.capture(meta=False).unique)
+        sharded = {p for chunk in self.model for _, _, bucket, _, _, _ in _param_shards(chunk)
+                   for p in bucket.params_list}
+        with torch.no_grad():  # every parameter whole: the shards' all-gather, done locally
+            for i, chunk in enumerate(self.model):
+                for name, p in chunk.named_parameters():
+                    if p in sharded:
+                        whole = reshard.Span(f"model{i}/{name}", "param", 0, p.numel())
+                        p.data.view(-1).copy_(space.get(whole))
+        return copied
 
     def _capture_meta(self) -> dict[str, Any]:
         from megatron.core.tensor_parallel import get_cuda_rng_tracker
