@@ -111,8 +111,14 @@ class MegatronIntegration(Integration):
         progress: Any = None,
         progress_attrs: Iterable[str] = ("iteration", "consumed_samples"),
         extra_roots: Iterable[Any] = (),
+        resize: Any = None,
     ):
         self.model = list(model) if isinstance(model, (list, tuple)) else [model]
+        # builds model, optimizer and scheduler again at a new data-parallel size (a shrink or
+        # a grow); without it the job cannot change that size
+        self.resize = resize
+        self._data_parallel_size = self._current_data_parallel_size()
+        self._layout: reshard.ShardLayout | None = None  # this partition's, once computed
         self.optimizer = optimizer
         self.scheduler = scheduler
         self.progress = progress
@@ -134,7 +140,20 @@ class MegatronIntegration(Integration):
     @classmethod
     def from_job(cls, job) -> "MegatronIntegration":
         """For ``fr_megatron.megatron.model.TinyGPTJob``-like objects."""
-        return cls(job.model, job.optimizer, job.scheduler, progress=job)
+        return cls(job.model, job.optimizer, job.scheduler, progress=job,
+                   resize=getattr(job, "resize", None))
+
+    @property
+    def shrinkable(self) -> bool:
+        return self.resize is not None
+
+    @staticmethod
+    def _current_data_parallel_size() -> int | None:
+        from megatron.core import parallel_state
+
+        if not parallel_state.model_parallel_is_initialized():
+            return None
+        return parallel_state.get_data_parallel_world_size(with_context_parallel=True)
 
     # ------------------------------------------------------------------ state
 
@@ -191,6 +210,8 @@ class MegatronIntegration(Integration):
                         state.unique[f"optim{k}/main{g}/param{j}"] = shard
         if meta:
             state.meta = self._capture_meta()
+            if self.resize is not None:  # read by any rank after a shrink or grow
+                state.meta["shard_layout"] = self.shard_layout()
         return state
 
     def left_out_bytes(self) -> int:
@@ -201,7 +222,13 @@ class MegatronIntegration(Integration):
     def shard_layout(self) -> reshard.ShardLayout:
         """Which range of which parameter each of this rank's ``unique`` tensors holds: the
         DistributedOptimizer's own ranges for this rank (``gbuf_ranges``), so a snapshot can be
-        re-partitioned over another data-parallel size (``runtime.reshard``)."""
+        re-partitioned over another data-parallel size (``runtime.reshard``). Computed once per
+        partition."""
+        if self._layout is None:
+            self._layout = self._shard_layout()
+        return self._layout
+
+    def _shard_layout(self) -> reshard.ShardLayout:
         from megatron.core import parallel_state as ps
 
         unique = self.capture(meta=False).unique
@@ -240,6 +267,8 @@ class MegatronIntegration(Integration):
         old data-parallel rank at this rank's model position. Local: no collective."""
         layout = self.shard_layout()
         mine = [(old, t) for old, t in snapshots if old.position == layout.position]
+        logger.info("megatron reshard: %d old shards of position %s into this rank's",
+                    len(mine), layout.position)
         space = reshard.assemble(mine)
         copied = reshard.scatter(space, layout, self.capture(meta=False).unique)
         sharded = {p for chunk in self.model for _, _, bucket, _, _, _ in _param_shards(chunk)
@@ -287,23 +316,31 @@ class MegatronIntegration(Integration):
             }
         return meta
 
-    def restore(self, state: RankState) -> None:
-        live = self.capture()
-        missing = (set(live.replicated) - set(state.replicated)) | (
-            set(live.unique) - set(state.unique)
-        )
+    def restore(self, state: RankState, old_shards=None) -> None:
+        """``old_shards``: (layout, unique tensors) of the old partition's shards at this
+        rank's position, after the data-parallel size changed: the unique state is taken from
+        them (``reshard``) instead of from ``state``."""
+        live = self.capture(meta=False)
+        parts = [(live.replicated, state.replicated)]
+        if old_shards is None:
+            parts.append((live.unique, state.unique))
+        missing = {key for dst, src in parts for key in set(dst) - set(src)}
         if missing:
             raise KeyError(f"restore: state lacks {sorted(missing)[:5]} ({len(missing)} keys)")
         with torch.no_grad():
-            for part, src in ((live.replicated, state.replicated), (live.unique, state.unique)):
-                for key, dst in part.items():
-                    if dst.shape != src[key].shape or dst.dtype != src[key].dtype:
+            for dst_part, src_part in parts:
+                for key, dst in dst_part.items():
+                    src = src_part[key]
+                    if dst.shape != src.shape or dst.dtype != src.dtype:
                         raise ValueError(
-                            f"restore: {key} is {src[key].dtype}{tuple(src[key].shape)}, "
+                            f"restore: {key} is {src.dtype}{tuple(src.shape)}, "
                             f"live is {dst.dtype}{tuple(dst.shape)}"
                         )
-                    dst.copy_(src[key])
-        self._gather_params()
+                    dst.copy_(src)
+        if old_shards is None:
+            self._gather_params()
+        else:
+            self.reshard(old_shards)
         self._restore_meta(state.meta)
 
     def _gather_params(self) -> None:
@@ -382,13 +419,15 @@ class MegatronIntegration(Integration):
         parallel_state_hook.teardown()
         self.last_rebuild = {"teardown_s": time.perf_counter() - t0}
 
-    def rebuild(self) -> None:
-        """Rebuild parallel_state on the new world, rebind, retire the old groups, check."""
+    def rebuild(self) -> bool:
+        """Rebuild parallel_state on the new world, rebind, retire the old groups, check;
+        whether the model and optimizer were built again (the data-parallel size changed)."""
         if not self._old_roles:
             raise RuntimeError("rebuild() without a preceding teardown()")
         t0 = time.perf_counter()
         parallel_state_hook.rebuild_model_parallel()
         self._world = c10d._get_default_group()
+        resized = self._resize_if_needed()
         t1 = time.perf_counter()
         mapping = rebind.build_group_map(self._old_roles, parallel_state_hook.group_roles())
         roots = self.roots()
@@ -408,6 +447,22 @@ class MegatronIntegration(Integration):
         if stale:
             raise RuntimeError(f"{stale} references to old process groups survived the rebind")
         self._torn_down = False
+        return resized
+
+    def _resize_if_needed(self) -> bool:
+        """The world's data-parallel size changed: model, optimizer and scheduler are built
+        again for it (``resize``), their state restored later from the old shards."""
+        dp = self._current_data_parallel_size()
+        if dp == self._data_parallel_size:
+            return False
+        if self.resize is None:
+            raise RuntimeError(f"the data-parallel size changed from {self._data_parallel_size} "
+                               f"to {dp}, and the job gave no way to build itself again")
+        model, self.optimizer, self.scheduler = self.resize()
+        self.model = list(model) if isinstance(model, (list, tuple)) else [model]
+        self._data_parallel_size, self._layout = dp, None
+        logger.info("megatron resize: data-parallel size %s, model and optimizer built again", dp)
+        return True
 
     def group_kinds(self) -> dict[str, list[Any]]:
         """parallel_state's groups by kind (``inject.GROUP_KINDS``); "dist_opt" is the group the

@@ -3,8 +3,12 @@
 It is the workload the recovery machinery is tested and demonstrated on: megatron-core's own
 GPTModel (local layer spec, CPU initialisation), megatron DDP, the DistributedOptimizer (Adam;
 fp32, or bf16 with fp32 main params) and the pipeline schedules, driven by synthetic data that is
-a pure function of (step, micro-batch, data-parallel rank), so that a step redone after a
-recovery sees exactly the same micro-batches and two runs with the same seed are bit-identical.
+a pure function of (step, the micro-batch's index in the global batch), so that a step redone
+after a recovery sees exactly the same micro-batches and two runs with the same seed are
+bit-identical. The global batch stays the same when the data-parallel size changes (a shrink or a
+grow): its micro-batches are spread over the ranks there are (``runtime.batch_split``), and the
+loss is a mean over the global batch's tokens (megatron-core's per-token loss), so only the order
+of the additions changes.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import torch.distributed as dist
 from fr_megatron.megatron import parallel_state_hook, training_hooks
 from fr_megatron.megatron.cpu import enable_cpu_mode, import_megatron_core
 from fr_megatron.megatron.data import learnable_labels, micro_batch
+from fr_megatron.runtime.batch_split import micro_batches
 
 @dataclass
 class TinyGPTConfig:
@@ -31,7 +36,8 @@ class TinyGPTConfig:
     vocab_size: int = 64            # the learnable labels' alphabet (``data``)
     seq_length: int = 16
     micro_batch_size: int = 2       # samples per micro-batch per data-parallel rank
-    num_microbatches: int = 2       # micro-batches per step (gradient accumulation)
+    num_microbatches: int = 2       # micro-batches per step and rank at the starting DP size
+    global_batch_size: int = 0      # samples per step; 0: micro_batch_size x num_microbatches x DP
     lr: float = 1e-3                # the schedule: linear warm-up, cosine decay to min_lr
     min_lr: float = 1e-4
     lr_warmup_steps: int = 2
@@ -100,6 +106,9 @@ def _transformer_config(cfg: TinyGPTConfig, initialize: bool = True):
         # them as tensor-parallel, but draws nothing
         **({"use_cpu_initialization": True} if initialize else training_hooks.NO_RANDOM_INIT),
         hidden_dropout=cfg.dropout,
+        # the gradient is a mean over the global batch's tokens however many micro-batches each
+        # data-parallel rank takes (``runtime.batch_split``)
+        calculate_per_token_loss=True,
         attention_dropout=cfg.dropout,
         bias_dropout_fusion=False,
         gradient_accumulation_fusion=False,
@@ -120,7 +129,16 @@ class TinyGPTJob:
     """
 
     def __init__(self, cfg: TinyGPTConfig, initialize: bool = True):
+        from megatron.core import parallel_state
+
+        if not cfg.global_batch_size:
+            cfg.global_batch_size = (cfg.micro_batch_size * cfg.num_microbatches
+                                     * parallel_state.get_data_parallel_world_size())
+        if cfg.global_batch_size % cfg.micro_batch_size:
+            raise ValueError(f"global_batch_size {cfg.global_batch_size} is not a multiple of "
+                             f"micro_batch_size {cfg.micro_batch_size}")
         self._build(cfg, initialize)
+        self.taken: dict[int, list[int]] = {}  # step -> the global batch's micro-batches taken
         self.iteration = 0
         self.consumed_samples = 0
 
@@ -188,24 +206,32 @@ class TinyGPTJob:
             wd_incr_style="constant",
         )
 
+    def resize(self):
+        """Model, optimizer and scheduler built again on the current parallel state, whose
+        data-parallel size changed (a shrink or a grow): megatron DDP's buffers and the
+        DistributedOptimizer's shards depend on it. Nothing is drawn: the recovery restores
+        every value from the old shards (``MegatronIntegration.reshard``)."""
+        self._build(self.cfg, initialize=False)
+        return self.model, self.optimizer, self.scheduler
+
     @property
     def global_batch_size(self) -> int:
-        from megatron.core import parallel_state
-
-        dp = parallel_state.get_data_parallel_world_size()
-        return self.cfg.micro_batch_size * self.cfg.num_microbatches * dp
+        return self.cfg.global_batch_size
 
     # ------------------------------------------------------------------ data
 
-    def batch(self, step: int, microbatch: int) -> dict[str, torch.Tensor]:
-        """The micro-batch ``microbatch`` of step ``step`` for this rank's data-parallel slice."""
+    def micro_batch_indices(self) -> range:
+        """The global batch's micro-batches that this data-parallel rank takes."""
         from megatron.core import parallel_state
 
+        return micro_batches(self.cfg.global_batch_size // self.cfg.micro_batch_size,
+                             parallel_state.get_data_parallel_rank(),
+                             parallel_state.get_data_parallel_world_size())
+
+    def batch(self, step: int, microbatch: int) -> dict[str, torch.Tensor]:
+        """The micro-batch ``microbatch`` of the global batch of step ``step``."""
         cfg = self.cfg
-        dp_rank = parallel_state.get_data_parallel_rank()
-        gen = torch.Generator().manual_seed(
-            ((cfg.seed * 1_000_003 + step) * 1009 + microbatch) * 1013 + dp_rank
-        )
+        gen = torch.Generator().manual_seed((cfg.seed * 1_000_003 + step) * 1009 + microbatch)
         tokens = torch.randint(0, cfg.vocab_size, (cfg.micro_batch_size, cfg.seq_length),
                                generator=gen)
         return micro_batch(tokens, learnable_labels(tokens, cfg.vocab_size))
@@ -235,8 +261,8 @@ class TinyGPTJob:
     def train_step(self, step: int, data_iterator=None) -> float:
         """One optimizer step; the global mean token loss.
 
-        The micro-batches are those of ``step`` (``batch``), or the next ``num_microbatches`` of
-        ``data_iterator`` (a ``RerunDataIterator``, read inside the rerun state machine's loop as
+        The micro-batches are this rank's of ``step`` (``batch``, ``micro_batch_indices``), or the
+        next ``num_microbatches`` of ``data_iterator`` (a ``RerunDataIterator``, read inside the rerun state machine's loop as
         Megatron-LM's ``train_step`` does). The loss is reduced over data-parallel ranks and
         broadcast from the last pipeline stage, so every rank returns the same float.
         """
@@ -245,8 +271,12 @@ class TinyGPTJob:
         from megatron.core.rerun_state_machine import get_rerun_state_machine
 
         cfg = self.cfg
+        num_microbatches = cfg.num_microbatches
         if data_iterator is None:
-            data_iterator = iter([self.batch(step, m) for m in range(cfg.num_microbatches)])
+            mine = self.micro_batch_indices()
+            num_microbatches = len(mine)
+            self.taken[step] = list(mine)
+            data_iterator = iter([self.batch(step, m) for m in mine])
             rerun = iter((True, False)).__next__
         else:
             rsm = get_rerun_state_machine()
@@ -259,7 +289,7 @@ class TinyGPTJob:
                 forward_step_func=self._forward_step,
                 data_iterator=data_iterator,
                 model=self.model,
-                num_microbatches=cfg.num_microbatches,
+                num_microbatches=num_microbatches,
                 seq_length=cfg.seq_length,
                 micro_batch_size=cfg.micro_batch_size,
                 forward_only=False,

@@ -175,9 +175,15 @@ def _mark(phase: str) -> None:
 
 def on_train_start(model, optimizer, opt_param_scheduler, args, iteration: int = 0,
                    progress: Any = None, forward_step_wrapper: Optional[Callable] = None,
-                   train_data_iterator: Any = _NOT_GIVEN) -> int:
+                   train_data_iterator: Any = _NOT_GIVEN,
+                   resize: Optional[Callable] = None) -> int:
     """Attach the job to the runtime; returns the iteration to start from (a replacement
     process starts at the recovery point it restored).
+
+    ``resize``: builds the model, optimizer and scheduler again on the current parallel state
+    and returns them, for a job that can go on at another data-parallel size (a shrink or a
+    grow, ``runtime.batch_split``): its data must then be spread over any data-parallel size,
+    and its training loop use the objects it holds, not ones it kept from before.
 
     ``train_data_iterator`` (even None, on ranks that read no data) says the caller is Megatron-LM's
     ``train()``: ``args`` carries the sample counters and the hooks keep Megatron-LM's own
@@ -214,7 +220,8 @@ def on_train_start(model, optimizer, opt_param_scheduler, args, iteration: int =
         progress = _StartedAt(progress, iteration)
         progress_attrs = ("start_iteration", *progress_attrs)
     integration = MegatronIntegration(model, optimizer, opt_param_scheduler, progress=progress,
-                                      progress_attrs=progress_attrs)
+                                      progress_attrs=progress_attrs,
+                                      resize=_marked(resize) if resize else None)
     phases.install(config, optimizer, _mark)
     _session.attach(integration)
     _lm = lm
@@ -233,6 +240,19 @@ def on_train_start(model, optimizer, opt_param_scheduler, args, iteration: int =
     log.info("rank=%d generation=%d step=%d phase=start flash recovery on; first iteration %d",
              _session.rank, _session.generation, step, first)
     return first
+
+
+def _marked(resize: Callable) -> Callable:
+    """``resize`` whose new optimizer and config mark the phases as the first ones do."""
+    def resize_and_mark():
+        from megatron.core.utils import get_model_config
+
+        from . import phases
+
+        model, optimizer, scheduler = resize()
+        phases.install(get_model_config(model[0]), optimizer, _mark)
+        return model, optimizer, scheduler
+    return resize_and_mark
 
 
 def wrap_forward_step(forward_step_func: Callable) -> Callable:

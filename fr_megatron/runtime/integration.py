@@ -75,6 +75,13 @@ class Integration(abc.ABC):
         Every rank restores at the same time, so it may run collectives (re-assembling what
         ``capture`` left out because peers hold it)."""
 
+    def shard_layout(self):
+        """What range of which parameter each ``unique`` tensor holds (``reshard.ShardLayout``),
+        for a job whose partition of that state depends on the data-parallel size; None when it
+        does not. With a layout, ``restore(state, old_shards=...)`` takes the unique state from
+        the shards of another partition after a shrink or grow."""
+        return None
+
     def left_out_bytes(self) -> int:
         """Bytes of this rank's training state that ``capture`` leaves out because ``restore``
         rebuilds them from peers (parameters a distributed optimizer all-gathers): with what

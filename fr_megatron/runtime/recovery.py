@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Optional
 
 import torch.distributed as dist
 
-from . import recovery_point, transaction, transfer
+from . import recovery_point, reshard_exchange, transaction, transfer
 from .errors import RecoveryImpossible, RecoveryRequested
 from .layout import ChecksumError, Layout
 from .state_machine import State
@@ -50,7 +50,8 @@ class Recovery:
         s.comms.init_world(s.generation, s.superseded)
         t.append(time.monotonic())
         if s.integration:
-            s.integration.rebuild()
+            if s.integration.rebuild():  # built again at a new data-parallel size
+                s.tx.guard(s.integration.optimizers())
             stale = s.integration.old_group_references(old_groups)
             if stale:
                 raise RecoveryImpossible(f"{stale} references to old groups survived the rebuild")
@@ -78,7 +79,9 @@ class Recovery:
         dist.all_gather_object(wire, mine.to_wire(), group=s.group)
         reports = [recovery_point.RankReport.from_wire(w) for w in wire]
         lost = {r for r, rep in enumerate(reports) if rep.lost}
-        decision = recovery_point.decide(reports, tx.replica_of, tx.shard_replicas_of, tx.plan)
+        offers = self._offer_old_shards(plan, me_lost)
+        decision = recovery_point.decide(reports, tx.replica_of, tx.shard_replicas_of, tx.plan,
+                                         within=offers.within if offers else None)
         if decision is None:
             return self._no_live_state(reports, lost)
         point = decision.point
@@ -93,7 +96,9 @@ class Recovery:
         s.step = point + 1
         s.injector.at_phase(s.step, s.phase_name)
         try:
-            transaction.restore(s.integration, tx.ring.get(point, verify=s.cfg.verify_checksums))
+            old_shards = offers.exchange(point) if offers else None
+            transaction.restore(s.integration, tx.ring.get(point, verify=s.cfg.verify_checksums),
+                                old_shards)
             moved = (tx.ring.slot(point).layout.total, time.perf_counter() - t_move)
         except ChecksumError as e:
             s.link.send("fatal", reason=str(e), step=point, last_good_step=point)
@@ -101,17 +106,43 @@ class Recovery:
                       point, e)
             raise
         tx.ring.drop_after(point)
+        resend = decision.resend
+        if offers:  # the ring holds the point in the old partition: commit it in the new one
+            offers.close()
+            tx.ring.drop_after(-1)
+            tx.ring.write(point, transaction.capture(s.integration, point))
+            resend = {r: hs for r, hs in tx.plan.holders.items() if hs}
         s.history = {k: v for k, v in s.history.items() if k <= point}
         restored = None
         if me in decision.sources:  # where its state came from, in job ranks
             sources = {part: s.members[src] for part, src in decision.sources[me].items()}
             restored = {"from": sources, "bytes": moved[0], "seconds": round(moved[1], 4)}
-        self._settle(point, decision.steps_lost, lost, decision.resend, restored=restored)
+        self._settle(point, decision.steps_lost, lost, resend, restored=restored)
         log.info("rank=%d generation=%d step=%d phase=restore recovered to step %d%s",
                  s.rank, s.generation, point, point,
                  " from its predecessor's snapshot" if decision.sources.get(me, {})
                  .get("unique") == me else "")
         return point + 1
+
+    def _offer_old_shards(self, plan: dict, me_lost: bool) -> Optional["_OldShards"]:
+        """After a shrink or grow of a job whose unique state is partitioned by the
+        data-parallel size: what every rank offers of the old partition (``reshard_exchange``),
+        else None. Every rank takes the same branch: the plan and the integration are the same
+        everywhere."""
+        s, tx = self.s, self.s.tx
+        if not (plan.get("removed") or plan.get("grown")) or s.integration is None or \
+                s.integration.shard_layout() is None:
+            return None
+        left = [r for r in plan.get("removed", ())]
+        rings = dict(tx.departed)
+        behind = reshard_exchange.rings_left_behind(tx.snapshot_dir, s.cfg.snapshot_depth,
+                                                    [r for r in left if r not in rings])
+        rings.update(behind)
+        if not me_lost and not s.fresh:
+            rings[s.rank] = tx.ring
+        offers = reshard_exchange.announce(rings, s.integration.shard_layout().position,
+                                           s.group, s.world_size)
+        return _OldShards(self, offers, rings, behind, left)
 
     def _check_inherited(self) -> list[str]:
         """A replacement offers what its predecessor left in shared memory only once checked;
@@ -235,3 +266,27 @@ class Recovery:
         self.last = {"recovery_point": point, "steps_lost": steps_lost, "lost": sorted(lost),
                      "restored_t": time.monotonic(), **({"fallback": True} if fallback else {}),
                      **({"restored": restored} if restored else {})}
+
+
+class _OldShards:
+    """The old partition's snapshots on offer during one recovery (``reshard_exchange``)."""
+
+    def __init__(self, recovery: Recovery, offers, rings: dict, behind: dict, left: list[int]):
+        self.r, self.offers, self.rings, self.behind = recovery, offers, rings, behind
+        # a point is possible only where every rank that left can still be read
+        self.within = set.intersection(*(offers.steps_of(o) for o in left)) if left else None
+
+    def exchange(self, point: int) -> list:
+        s = self.r.s
+        t0 = time.perf_counter()
+        got = reshard_exchange.exchange(self.offers, self.rings, point, s.world_rank, s.group,
+                                        verify=s.cfg.verify_checksums)
+        log.info("rank=%d generation=%d step=%d phase=restore %d snapshots of the old partition "
+                 "gathered in %.3fs", s.rank, s.generation, point, len(got),
+                 time.perf_counter() - t0)
+        return got
+
+    def close(self) -> None:
+        """The rings that ranks which left kept in shared memory are not needed any more."""
+        for ring in self.behind.values():
+            ring.close(remove=True)

@@ -71,8 +71,11 @@ class RecoveryPlan:
 
 
 def decide(reports: list[RankReport], replica_of: list[list[int]],
-           shard_replicas_of: list[list[int]], copies: CopyPlan) -> Optional[RecoveryPlan]:
-    """The recovery plan, or None when no step can be assembled for every lost rank."""
+           shard_replicas_of: list[list[int]], copies: CopyPlan,
+           within: Optional[set[int]] = None) -> Optional[RecoveryPlan]:
+    """The recovery plan, or None when no step can be assembled for every lost rank.
+    ``within``: the steps the point must be among (those still readable for ranks that left
+    the world, whose state a shrink re-partitions)."""
     n = len(reports)
     lost = [r for r in range(n) if reports[r].lost]
     survivors = [r for r in range(n) if not reports[r].lost]
@@ -80,6 +83,8 @@ def decide(reports: list[RankReport], replica_of: list[list[int]],
         candidates = set.intersection(*(set(reports[r].ring) for r in survivors))
     else:
         candidates = set.union(*(set(r.ring) for r in reports)) if reports else set()
+    if within is not None:
+        candidates &= within
     for point in sorted(candidates, reverse=True):
         sources = {}
         for x in lost:

@@ -37,8 +37,13 @@ def capture(integration: Integration, step: int) -> RankState:
     return live
 
 
-def restore(integration: Integration, state: RankState) -> None:
-    integration.restore(state)
+def restore(integration: Integration, state: RankState, old_shards=None) -> None:
+    """``old_shards``: when the data-parallel size changed, every old shard of this rank's model
+    position (``reshard_exchange``), from which the integration takes its unique state."""
+    if old_shards is None:
+        integration.restore(state)
+    else:
+        integration.restore(state, old_shards=old_shards)
     if "fr/rng" in state.meta:
         rng.restore(state.meta["fr/rng"])
 
@@ -65,6 +70,9 @@ class StepTransaction:
         self.snapshot_dir = snapshot_dir if cfg.snapshot_dir else None
         self.ring = SnapshotRing(cfg.snapshot_depth, self.snapshot_dir, f"rank{rank}")
         self.copies: Optional[CopyExchange] = None
+        # copies this rank held for ranks that left the world (a shrink), by job rank, until
+        # the recovery that re-partitions their state is over (``reshard_exchange``)
+        self.departed: dict[int, SnapshotRing] = {}
         self.plan: Optional[failure_domains.CopyPlan] = None
         self.replica_of: list[list[int]] = []
         self.shard_replicas_of: list[list[int]] = []
@@ -102,6 +110,8 @@ class StepTransaction:
                                    agree=world_size > 1, names=members)
         if old is not None:
             self.copies.adopt(old)
+            self.departed.update({old.job_rank(w): ring for w, ring in old.held.items()
+                                  if old.job_rank(w) not in members})
             old.abandon()  # an exchange of the old groups, if any, is void
             return None
         in_shm = [e[2] for e in every]
@@ -179,6 +189,9 @@ class StepTransaction:
     def settled(self, point: int) -> None:
         """The rank stands at ``point`` again, its snapshot of it durable."""
         self.committed = self.durable_step = point
+        for ring in self.departed.values():
+            ring.close(remove=True)
+        self.departed = {}
 
     def resend(self, point: int, to: list[int], wards: list[int]) -> None:
         """Send this rank's copy of ``point`` to ``to`` and take ``wards``' copies, now."""

@@ -116,7 +116,11 @@ def tiny_config(args, world_size: int):
     dp = world_size // (tp * pp)
     flash_recovery.check_optimizer_instances(args.num_distributed_optimizer_instances, dp)
     gbs = args.global_batch_size or args.micro_batch_size * dp
-    if gbs % (args.micro_batch_size * dp):
+    # a job that shrank or grew runs at another data-parallel size, which the synthetic data
+    # spreads the same global batch over (a replacement or grown rank starts there too)
+    if gbs % (args.micro_batch_size * dp) and not (
+            args.dataloader_type == "synthetic" and gbs % args.micro_batch_size == 0
+            and flash_recovery.replacing()):
         raise SystemExit(f"--global-batch-size {gbs} must be a multiple of micro-batch-size x "
                          f"data-parallel size ({args.micro_batch_size}x{dp})")
     return TinyGPTConfig(
@@ -125,7 +129,8 @@ def tiny_config(args, world_size: int):
         ffn_hidden_size=args.ffn_hidden_size or 4 * args.hidden_size,
         vocab_size=args.vocab_size, seq_length=args.seq_length,
         micro_batch_size=args.micro_batch_size,
-        num_microbatches=gbs // (args.micro_batch_size * dp), lr=args.lr, min_lr=args.min_lr,
+        num_microbatches=max(1, gbs // (args.micro_batch_size * dp)), global_batch_size=gbs,
+        lr=args.lr, min_lr=args.min_lr,
         lr_warmup_steps=args.lr_warmup_iters, lr_decay_steps=max(args.train_iters, 1),
         weight_decay=args.weight_decay, clip_grad=args.clip_grad, dropout=args.hidden_dropout,
         seed=args.seed, bf16=args.bf16,
@@ -133,11 +138,14 @@ def tiny_config(args, world_size: int):
 
 
 def save(prefix: str, rank: int, losses: dict, job) -> None:
+    from megatron.core import parallel_state
+
     state = {"losses": losses,
              "params": {f"{i}/{n}": p.detach().clone() for i, c in enumerate(job.model)
                         for n, p in c.named_parameters()},
              "optim": {k: v.clone() for k, v in _optimizer_tensors(job).items()},
-             "consumed_samples": job.consumed_samples, "pid": os.getpid()}
+             "consumed_samples": job.consumed_samples, "pid": os.getpid(),
+             "taken": job.taken, "tensor_rank": parallel_state.get_tensor_model_parallel_rank()}
     torch.save(state, f"{prefix}.rank{rank}.pt")
 
 
@@ -228,7 +236,8 @@ def main(argv=None) -> int:
         start = checkpoint.load(job, args.load)
 
     data_iterator = None
-    hook_kwargs = {"progress": job}
+    # synthetic data is spread over any data-parallel size: the job can shrink and grow
+    hook_kwargs = {"progress": job, "resize": job.resize}
     if args.dataloader_type == "single":
         data_iterator = megatron_lm_data(args, job, cfg, rank)
         hook_kwargs = {"train_data_iterator": data_iterator}
