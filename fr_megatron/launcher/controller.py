@@ -548,11 +548,11 @@ class Controller:
             for older in self.recoveries:
                 if older.generation <= rec.generation and older.summary is None:
                     older.reports = rec.reports
-                    # a survivor of the older plan that a later one replaced did not stay
-                    # alive through it
+                    # a survivor of the older plan that a later one replaced, or took out of
+                    # the world with its replica (a shrink), did not stay alive through it
                     later = {f.rank for r in self.recoveries
                              if older.generation < r.generation <= rec.generation
-                             for f in r.faults}
+                             for f in r.faults} | (set(older.survivor_pids) - set(rec.members))
                     self._recovery_complete(older, rec.generation, excused=later)
             self.restarts_without_progress.clear()
 

@@ -102,6 +102,9 @@ class MegatronIntegration(Integration):
     """A megatron-core job: DDP-wrapped model chunks, a Chained/DistributedOptimizer, scheduler."""
 
     name = "megatron"
+    shrink_needs = ("a resize function (training_hooks.on_train_start(resize=...)) that builds "
+                    "model, optimizer and scheduler again, and data that any data-parallel size "
+                    "can spread (the recipe: --dataloader-type synthetic)")
 
     def __init__(
         self,
@@ -117,6 +120,7 @@ class MegatronIntegration(Integration):
         # builds model, optimizer and scheduler again at a new data-parallel size (a shrink or
         # a grow); without it the job cannot change that size
         self.resize = resize
+        self.shrinkable = resize is not None
         self._data_parallel_size = self._current_data_parallel_size()
         self._layout: reshard.ShardLayout | None = None  # this partition's, once computed
         self.optimizer = optimizer
@@ -142,10 +146,6 @@ class MegatronIntegration(Integration):
         """For ``fr_megatron.megatron.model.TinyGPTJob``-like objects."""
         return cls(job.model, job.optimizer, job.scheduler, progress=job,
                    resize=getattr(job, "resize", None))
-
-    @property
-    def shrinkable(self) -> bool:
-        return self.resize is not None
 
     @staticmethod
     def _current_data_parallel_size() -> int | None:
@@ -234,9 +234,12 @@ class MegatronIntegration(Integration):
         unique = self.capture(meta=False).unique
         names = {p: f"model{i}/{n}" for i, c in enumerate(self.model)
                  for n, p in c.named_parameters()}
+        shards = [(rank, len(shards)) for chunk in self.model
+                  for _, _, _, shards, rank, _ in _param_shards(chunk)]
         layout = reshard.ShardLayout(
             numel={name: p.numel() for p, name in names.items()},
-            position=(ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()))
+            position=(ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()),
+            part=shards[0] if shards else (0, 1))
         shard_of = {p: f"model{i}/bucket_group{g}/bucket{b}/param_shard"
                     for i, chunk in enumerate(self.model)
                     for g, b, bucket, _, _, _ in _param_shards(chunk) for p in bucket.params_list}

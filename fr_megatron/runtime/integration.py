@@ -127,11 +127,13 @@ def check_shrink_policy(policy: str, integration) -> None:
     from ..config import ConfigError
 
     if policy == "always" and not integration.shrinkable:
+        needs = getattr(integration, "shrink_needs", "")
         raise ConfigError(
             f"shrink: 'always' removes a lost rank's data-parallel replica instead of replacing "
-            f"it, and the {integration.name} integration cannot re-partition its state over "
-            "fewer replicas yet; use 'no-spare' (the default: such a job stops when no "
-            "replacement can be placed) or 'never'")
+            f"it, and this job of the {integration.name} integration cannot re-partition its "
+            "state over fewer replicas" + (f" without {needs}" if needs else "") + "; use "
+            "'no-spare' (the default: such a job stops when no replacement can be placed) or "
+            "'never'")
 
 
 class TorchIntegration(Integration):

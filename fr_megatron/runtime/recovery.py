@@ -79,12 +79,14 @@ class Recovery:
         dist.all_gather_object(wire, mine.to_wire(), group=s.group)
         reports = [recovery_point.RankReport.from_wire(w) for w in wire]
         lost = {r for r, rep in enumerate(reports) if rep.lost}
-        offers = self._offer_old_shards(plan, me_lost)
+        offers = self._offer_old_shards(me_lost, lost)
         decision = recovery_point.decide(reports, tx.replica_of, tx.shard_replicas_of, tx.plan,
-                                         within=offers.within if offers else None)
+                                         allowed=offers.allowed if offers else None)
         if decision is None:
             return self._no_live_state(reports, lost)
         point = decision.point
+        if offers and offers.needed(point) and offers.finished is not None:
+            decision.steps_lost = min(decision.steps_lost, max(0, offers.finished - point))
         if me in decision.sources:
             tx.ring.drop_after(point)
         t_move = time.perf_counter()
@@ -96,7 +98,7 @@ class Recovery:
         s.step = point + 1
         s.injector.at_phase(s.step, s.phase_name)
         try:
-            old_shards = offers.exchange(point) if offers else None
+            old_shards = offers.exchange(point, decision) if offers else None
             transaction.restore(s.integration, tx.ring.get(point, verify=s.cfg.verify_checksums),
                                 old_shards)
             moved = (tx.ring.slot(point).layout.total, time.perf_counter() - t_move)
@@ -106,43 +108,40 @@ class Recovery:
                       point, e)
             raise
         tx.ring.drop_after(point)
-        resend = decision.resend
-        if offers:  # the ring holds the point in the old partition: commit it in the new one
-            offers.close()
-            tx.ring.drop_after(-1)
-            tx.ring.write(point, transaction.capture(s.integration, point))
-            resend = {r: hs for r, hs in tx.plan.holders.items() if hs}
         s.history = {k: v for k, v in s.history.items() if k <= point}
         restored = None
         if me in decision.sources:  # where its state came from, in job ranks
             sources = {part: s.members[src] for part, src in decision.sources[me].items()}
             restored = {"from": sources, "bytes": moved[0], "seconds": round(moved[1], 4)}
-        self._settle(point, decision.steps_lost, lost, resend, restored=restored)
+        # after a re-partition the ring keeps the point in the old partition, as every rank's
+        # does, until a step of the new one is durable everywhere (``StepTransaction.commit``)
+        self._settle(point, decision.steps_lost, lost, decision.resend, restored=restored)
         log.info("rank=%d generation=%d step=%d phase=restore recovered to step %d%s",
                  s.rank, s.generation, point, point,
                  " from its predecessor's snapshot" if decision.sources.get(me, {})
                  .get("unique") == me else "")
         return point + 1
 
-    def _offer_old_shards(self, plan: dict, me_lost: bool) -> Optional["_OldShards"]:
-        """After a shrink or grow of a job whose unique state is partitioned by the
-        data-parallel size: what every rank offers of the old partition (``reshard_exchange``),
-        else None. Every rank takes the same branch: the plan and the integration are the same
-        everywhere."""
+    def _offer_old_shards(self, me_lost: bool, lost: set) -> Optional["_OldShards"]:
+        """For a job whose unique state is partitioned by the data-parallel size and can change
+        it (a shrink or grow): what every rank offers of older partitions
+        (``reshard_exchange``), else None. Every rank takes the same branch."""
         s, tx = self.s, self.s.tx
-        if not (plan.get("removed") or plan.get("grown")) or s.integration is None or \
+        if s.integration is None or not s.integration.shrinkable or \
                 s.integration.shard_layout() is None:
             return None
-        left = [r for r in plan.get("removed", ())]
+        live = s.integration.shard_layout()
+        gone = [r for r in range(s.job_size) if r not in s.members]
+        tx.departed.update(reshard_exchange.rings_left_behind(
+            tx.snapshot_dir, s.cfg.snapshot_depth, [r for r in gone if r not in tx.departed]))
         rings = dict(tx.departed)
-        behind = reshard_exchange.rings_left_behind(tx.snapshot_dir, s.cfg.snapshot_depth,
-                                                    [r for r in left if r not in rings])
-        rings.update(behind)
+        stale = []
         if not me_lost and not s.fresh:
             rings[s.rank] = tx.ring
-        offers = reshard_exchange.announce(rings, s.integration.shard_layout().position,
-                                           s.group, s.world_size)
-        return _OldShards(self, offers, rings, behind, left)
+            stale = [st for st in tx.ring.steps()
+                     if reshard_exchange.layout_of(tx.ring.slot(st)) != live]
+        offers = reshard_exchange.announce(rings, live.position, stale, s.group, s.world_size)
+        return _OldShards(self, offers, rings, sorted(lost), gone)
 
     def _check_inherited(self) -> list[str]:
         """A replacement offers what its predecessor left in shared memory only once checked;
@@ -269,15 +268,37 @@ class Recovery:
 
 
 class _OldShards:
-    """The old partition's snapshots on offer during one recovery (``reshard_exchange``)."""
+    """The older partitions' snapshots on offer during one recovery (``reshard_exchange``)."""
 
-    def __init__(self, recovery: Recovery, offers, rings: dict, behind: dict, left: list[int]):
-        self.r, self.offers, self.rings, self.behind = recovery, offers, rings, behind
-        # a point is possible only where every rank that left can still be read
-        self.within = set.intersection(*(offers.steps_of(o) for o in left)) if left else None
+    def __init__(self, recovery: Recovery, offers, rings: dict, lost: list[int],
+                 gone: list[int]):
+        self.r, self.offers, self.rings, self.lost = recovery, offers, rings, lost
+        # the newest step kept of each rank that left the world: like a lost rank, one that
+        # left had finished no step past it
+        newest = [max(st) for o in gone if (st := {s for offered in offers.steps
+                                                   for s in offered.get(o, {})})]
+        self.finished = min(newest, default=None)
 
-    def exchange(self, point: int) -> list:
+    def needed(self, point: int) -> bool:
+        """Whether ``point`` is held in another partition than the live one somewhere."""
+        return any(point in stale for stale in self.offers.stale)
+
+    def allowed(self, point: int) -> bool:
+        """A point held in an old partition needs that whole partition on offer, the
+        snapshots of ranks that left the world included."""
+        return not self.needed(point) or self.offers.complete(point, self.lost)
+
+    def exchange(self, point: int, decision) -> Optional[list]:
+        """The old shards of this rank's position at ``point``, or None when no rank needs a
+        re-partition there. A lost rank offers what its sources sent it."""
+        if not self.needed(point):
+            return None
         s = self.r.s
+        for x in decision.sources:
+            if x not in decision.fresh:
+                self.offers.add(s.members[x], x, point)
+        if s.world_rank in decision.sources and s.world_rank not in decision.fresh:
+            self.rings[s.rank] = s.tx.ring
         t0 = time.perf_counter()
         got = reshard_exchange.exchange(self.offers, self.rings, point, s.world_rank, s.group,
                                         verify=s.cfg.verify_checksums)
@@ -285,8 +306,3 @@ class _OldShards:
                  "gathered in %.3fs", s.rank, s.generation, point, len(got),
                  time.perf_counter() - t0)
         return got
-
-    def close(self) -> None:
-        """The rings that ranks which left kept in shared memory are not needed any more."""
-        for ring in self.behind.values():
-            ring.close(remove=True)

@@ -11,7 +11,7 @@ from a holder's copy or from an optimizer instance peer, the meta from a holder'
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 from .failure_domains import CopyPlan
 
@@ -72,10 +72,10 @@ class RecoveryPlan:
 
 def decide(reports: list[RankReport], replica_of: list[list[int]],
            shard_replicas_of: list[list[int]], copies: CopyPlan,
-           within: Optional[set[int]] = None) -> Optional[RecoveryPlan]:
+           allowed: Optional[Callable[[int], bool]] = None) -> Optional[RecoveryPlan]:
     """The recovery plan, or None when no step can be assembled for every lost rank.
-    ``within``: the steps the point must be among (those still readable for ranks that left
-    the world, whose state a shrink re-partitions)."""
+    ``allowed``: whether a step can be the point (a step that must be re-partitioned needs the
+    snapshots of the ranks that left the world, ``reshard_exchange``)."""
     n = len(reports)
     lost = [r for r in range(n) if reports[r].lost]
     survivors = [r for r in range(n) if not reports[r].lost]
@@ -83,8 +83,8 @@ def decide(reports: list[RankReport], replica_of: list[list[int]],
         candidates = set.intersection(*(set(reports[r].ring) for r in survivors))
     else:
         candidates = set.union(*(set(r.ring) for r in reports)) if reports else set()
-    if within is not None:
-        candidates &= within
+    if allowed is not None:
+        candidates = {c for c in candidates if allowed(c)}
     for point in sorted(candidates, reverse=True):
         sources = {}
         for x in lost:

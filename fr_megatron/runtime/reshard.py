@@ -47,6 +47,7 @@ class ShardLayout:
     spans: dict[str, list[Span]] = field(default_factory=dict)  # captured key -> its spans
     numel: dict[str, int] = field(default_factory=dict)         # parameter name -> elements
     position: tuple = ()  # the model position (tensor, pipeline, ... ranks) the shards belong to
+    part: tuple = (0, 1)  # (which shard, of how many): this rank's place in its partition
 
     def add(self, key: str, span: Span) -> None:
         self.spans.setdefault(key, []).append(span)

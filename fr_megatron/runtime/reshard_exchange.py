@@ -50,44 +50,69 @@ def rings_left_behind(directory: Optional[str], depth: int, ranks: list[int]) ->
 @dataclass
 class Offers:
     """What every rank of the world offers: ``position[w]`` is world rank w's model position,
-    ``steps[w][origin]`` the steps of job rank ``origin``'s snapshot it can send, and
-    ``origin_position[origin]`` the model position that snapshot belongs to."""
+    ``steps[w][origin]`` maps the steps of job rank ``origin``'s snapshots it can send to their
+    partition (``ShardLayout.part``), ``origin_position[origin]`` is the model position those
+    snapshots belong to, and ``stale[w]`` the steps of w's own ring held in another partition
+    than its live one."""
 
     position: list
-    steps: list[dict[int, list[int]]]
+    steps: list[dict[int, dict[int, tuple]]]
     origin_position: dict
+    stale: list[list[int]]
 
-    def steps_of(self, origin: int) -> set[int]:
-        return {s for offered in self.steps for s in offered.get(origin, [])}
+    def add(self, origin: int, w: int, step: int) -> None:
+        """World rank w will hold ``origin``'s snapshot of ``step`` (a lost rank, once its
+        sources sent it), at w's position."""
+        self.steps[w] = {**self.steps[w], origin: {**self.steps[w].get(origin, {}), step: None}}
+        self.origin_position[origin] = self.position[w]
 
     def sender(self, origin: int, step: int) -> Optional[int]:
         return next((w for w, offered in enumerate(self.steps)
-                     if step in offered.get(origin, [])), None)
+                     if step in offered.get(origin, {})), None)
+
+    def complete(self, step: int, wildcards: list[int] = ()) -> bool:
+        """Whether, at every model position, the snapshots offered of ``step`` hold a whole
+        partition (every shard of some partition size); ``wildcards``: world ranks that will
+        hold their own snapshot of it but cannot say of which partition yet (lost ranks)."""
+        parts: dict = {}
+        for offered in self.steps:
+            for origin, by_step in offered.items():
+                if by_step.get(step) is not None:
+                    parts.setdefault(self.origin_position[origin], set()).add(by_step[step])
+        for pos in set(self.position) | set(parts):
+            free = sum(1 for w in wildcards if self.position[w] == pos)
+            held = parts.get(pos, set())
+            sizes = {n for _, n in held} or {free}
+            if not any(len({i for i, m in held if m == n}) + free >= n for n in sizes):
+                return False
+        return True
 
 
-def announce(rings: dict[int, SnapshotRing], position, group, world_size: int) -> Offers:
+def announce(rings: dict[int, SnapshotRing], position, stale: list[int], group,
+             world_size: int) -> Offers:
     """Every rank's offers (``rings``: origin job rank -> a ring holding its snapshots; only
-    snapshots committed with a shard layout are offered)."""
+    snapshots committed with a shard layout are offered), and the steps of its own ring that
+    are ``stale``."""
     offered, where = {}, {}
     for origin, ring in rings.items():
-        steps = [s for s in ring.steps() if layout_of(ring.slot(s)) is not None]
-        if steps:
-            offered[origin] = steps
-            where[origin] = layout_of(ring.slot(steps[-1])).position
+        layouts = {s: layout_of(ring.slot(s)) for s in ring.steps()}
+        layouts = {s: lay for s, lay in layouts.items() if lay is not None}
+        if layouts:
+            offered[origin] = {s: lay.part for s, lay in layouts.items()}
+            where[origin] = next(iter(layouts.values())).position
     every: list = [None] * world_size
-    dist.all_gather_object(every, (position, offered, where), group=group)
+    dist.all_gather_object(every, (position, offered, where, stale), group=group)
     origin_position = {o: p for e in every for o, p in e[2].items()}
-    return Offers([e[0] for e in every], [e[1] for e in every], origin_position)
+    return Offers([e[0] for e in every], [e[1] for e in every], origin_position,
+                  [e[3] for e in every])
 
 
 def exchange(offers: Offers, rings: dict[int, SnapshotRing], step: int, me: int, group,
              verify: bool = True) -> list[tuple[ShardLayout, dict]]:
     """Send and receive the snapshots of ``step``: returns (layout, unique tensors) of every
     origin at this rank's position, this rank's own included."""
-    plan = {o: (offers.sender(o, step), p) for o, p in offers.origin_position.items()}
-    missing = sorted(o for o, (src, _) in plan.items() if src is None)
-    if missing:
-        raise RuntimeError(f"no rank offers step {step} of ranks {missing}")
+    plan = {o: (src, p) for o, p in offers.origin_position.items()
+            if (src := offers.sender(o, step)) is not None}
     works = []
     for w, position in enumerate(offers.position):
         if w == me:

@@ -70,9 +70,11 @@ class StepTransaction:
         self.snapshot_dir = snapshot_dir if cfg.snapshot_dir else None
         self.ring = SnapshotRing(cfg.snapshot_depth, self.snapshot_dir, f"rank{rank}")
         self.copies: Optional[CopyExchange] = None
-        # copies this rank held for ranks that left the world (a shrink), by job rank, until
-        # the recovery that re-partitions their state is over (``reshard_exchange``)
+        # snapshots of ranks that left the world (a shrink), by job rank: the copies this rank
+        # held for them, the rings they left in the node's shared memory; kept until a step of
+        # the new partition is durable everywhere (``reshard_exchange``)
         self.departed: dict[int, SnapshotRing] = {}
+        self._departed_until = -1
         self.plan: Optional[failure_domains.CopyPlan] = None
         self.replica_of: list[list[int]] = []
         self.shard_replicas_of: list[list[int]] = []
@@ -127,6 +129,10 @@ class StepTransaction:
         # the last step must be durable on every rank before this one takes the ring's oldest
         # slot: a rank lost meanwhile can then still be put back at it (``redundancy``)
         self.wait_durable()
+        if self.departed and self.durable_step > self._departed_until:
+            for ring in self.departed.values():  # a later step is durable on every rank
+                ring.close(remove=True)
+            self.departed = {}
         self.ring.write(step, live)
         if self.copies is not None and self.copies.active:
             self.copies.start(step, self.ring)
@@ -189,9 +195,7 @@ class StepTransaction:
     def settled(self, point: int) -> None:
         """The rank stands at ``point`` again, its snapshot of it durable."""
         self.committed = self.durable_step = point
-        for ring in self.departed.values():
-            ring.close(remove=True)
-        self.departed = {}
+        self._departed_until = point
 
     def resend(self, point: int, to: list[int], wards: list[int]) -> None:
         """Send this rank's copy of ``point`` to ``to`` and take ``wards``' copies, now."""
