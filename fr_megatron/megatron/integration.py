@@ -432,7 +432,8 @@ class MegatronIntegration(Integration):
         self._world = c10d._get_default_group()
         resized = self._resize_if_needed()
         t1 = time.perf_counter()
-        mapping = rebind.build_group_map(self._old_roles, parallel_state_hook.group_roles())
+        mapping = rebind.build_group_map(self._old_roles, parallel_state_hook.group_roles(),
+                                         resized=resized)
         roots = self.roots()
         replaced = rebind.rebind(roots, mapping)
         t2 = time.perf_counter()

@@ -34,24 +34,32 @@ ProcessGroup = dist.ProcessGroup
 
 
 def build_group_map(
-    old_roles: dict[str, ProcessGroup], new_roles: dict[str, ProcessGroup]
+    old_roles: dict[str, ProcessGroup], new_roles: dict[str, ProcessGroup],
+    resized: bool = False,
 ) -> dict[int, ProcessGroup]:
     """Map ``id(old group)`` to the new group with the same role key.
 
     Roles come from ``parallel_state_hook.group_roles()`` before teardown and after rebuild. An old
     group seen under several roles (aliases such as the intra-partial DP group) must map to one
-    new group; a role that vanished is an error (the rebuild changed the topology).
+    new group; a role that vanished is an error (the rebuild changed the topology). After the
+    data-parallel size changed (``resized``), one group may have served roles that are apart now
+    (at DP=1 the data-parallel group is the pipeline group): it is left out of the map, and the
+    check for old references that follows the rebind fails if anything still holds it (the
+    model and optimizer, built again, hold none).
     """
     mapping: dict[int, ProcessGroup] = {}
+    split: set[int] = set()
     for role, old in old_roles.items():
         if role not in new_roles:
             raise RuntimeError(f"group role {role!r} has no replacement after the rebuild")
         new = new_roles[role]
         prev = mapping.get(id(old))
         if prev is not None and prev is not new:
-            raise RuntimeError(f"group role {role!r} maps one old group to two new groups")
+            if not resized:
+                raise RuntimeError(f"group role {role!r} maps one old group to two new groups")
+            split.add(id(old))
         mapping[id(old)] = new
-    return mapping
+    return {k: v for k, v in mapping.items() if k not in split}
 
 
 def rebind(roots: Iterable[Any], group_map: dict[int, ProcessGroup]) -> int:

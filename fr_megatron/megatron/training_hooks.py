@@ -110,8 +110,10 @@ def init_process_group(backend: str, args=None, **_ignored):
         _set_world_timeout(datetime.timedelta(minutes=minutes))
     # from here to on_train_start the script starts up; a replacement's collectives are answered
     # from the replaced rank's record, since the survivors wait in the runtime
+    # (a rank that joins as the job grows back builds with the survivors, which build again
+    # at the new data-parallel size: its collectives are real, and it records them)
     how = startup_calls.begin(_session.store, _session.signer, _session.rank,
-                              _session.replacement)
+                              _session.replacement and not _session.fresh)
     log.info("rank=%d generation=%d step=0 phase=startup start-up collectives: %s",
              _session.rank, _session.generation, how)
     return _session
@@ -243,13 +245,22 @@ def on_train_start(model, optimizer, opt_param_scheduler, args, iteration: int =
 
 
 def _marked(resize: Callable) -> Callable:
-    """``resize`` whose new optimizer and config mark the phases as the first ones do."""
+    """``resize`` whose new optimizer and config mark the phases as the first ones do. Its
+    collectives (every rank of the new world builds at once) are recorded as the rank's
+    start-up record: a later replacement of the rank starts in this world, not the first."""
     def resize_and_mark():
         from megatron.core.utils import get_model_config
 
         from . import phases
 
-        model, optimizer, scheduler = resize()
+        startup_calls.begin(_session.store, _session.signer, _session.rank, replacement=False)
+        try:
+            model, optimizer, scheduler = resize()
+        except BaseException:
+            startup_calls.end()
+            raise
+        startup_calls.end(lambda record: record.publish(_session.store, _session.signer,
+                                                        _session.rank))
         phases.install(get_model_config(model[0]), optimizer, _mark)
         return model, optimizer, scheduler
     return resize_and_mark
