@@ -2,16 +2,18 @@
 three data-parallel replicas (``--shrink always``): the lost rank's tensor-parallel partner leaves
 with it, the survivors keep their processes, build model and optimizer again at DP=3 and take the
 re-partitioned shards of all four old replicas, the two that left included (from the snapshots
-they left in the node's shared memory). The same global batch is spread over three replicas."""
+they left in the node's shared memory). The same global batch is spread over three replicas.
+And a TP=2 x DP=2 job that shrinks to one replica and grows back to two when a spare node joins."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 import torch
 
-from jobs import MEGATRON_RECIPE as RECIPE, run_job
+from jobs import MEGATRON_RECIPE as RECIPE, run_job, shrink_then_grow
 
 WORLD, MICRO_BATCHES = 8, 12
 ARGS = ["--tensor-model-parallel-size", "2", "--num-layers", "2", "--hidden-size", "32",
@@ -27,13 +29,30 @@ ARGS = ["--tensor-model-parallel-size", "2", "--num-layers", "2", "--hidden-size
 TOLERANCE = 1e-5
 
 
-def _job(tmp: Path, name: str, **kw):
-    job = run_job(tmp, RECIPE, [*ARGS, "--out", str(tmp / name)], nproc=WORLD, spares=0,
+def _load(tmp: Path, name: str, world: int = WORLD) -> dict:
+    return {r: torch.load(p, weights_only=False)
+            for r in range(world) if (p := tmp / f"{name}.rank{r}.pt").exists()}
+
+
+def _job(tmp: Path, name: str, nproc: int = WORLD, **kw):
+    job = run_job(tmp, RECIPE, [*ARGS, "--out", str(tmp / name)], nproc=nproc, spares=0,
                   name=name, timeout=420, **kw)
     assert job.rc == 0, job.failure(5000)
-    ranks = {r: torch.load(p, weights_only=False)
-             for r in range(WORLD) if (p := tmp / f"{name}.rank{r}.pt").exists()}
-    return job, ranks
+    return job, _load(tmp, name, nproc)
+
+
+def _assert_close(ranks: dict, baseline: dict, first_changed: int) -> None:
+    """Bit-identical losses before ``first_changed``, then within TOLERANCE, as the parameters."""
+    for r, got in ranks.items():
+        base = baseline[r]
+        assert got["losses"].keys() == base["losses"].keys()
+        for step, loss in got["losses"].items():
+            if step < first_changed:
+                assert loss == base["losses"][step], (r, step)
+            else:
+                assert abs(loss - base["losses"][step]) <= TOLERANCE, (r, step, loss)
+        for k, p in got["params"].items():
+            assert (p - base["params"][k]).abs().max().item() <= TOLERANCE, (r, k)
 
 
 @pytest.fixture(scope="module")
@@ -80,13 +99,35 @@ def test_a_lost_rank_takes_its_replica_out_and_training_goes_on_at_three_replica
                        for rank, r in ranks.items()), step
         if step > last:
             assert taken == list(range(MICRO_BATCHES)), (step, taken)
-    for r, got in ranks.items():
-        base = baseline[r]
-        assert got["losses"].keys() == base["losses"].keys()
-        for step, loss in got["losses"].items():
-            if step <= 3:
-                assert loss == base["losses"][step], (r, step)
-            else:
-                assert abs(loss - base["losses"][step]) <= TOLERANCE, (r, step, loss)
-        for k, p in got["params"].items():
-            assert (p - base["params"][k]).abs().max().item() <= TOLERANCE, (r, k)
+    _assert_close(ranks, baseline, first_changed=4)
+
+
+@pytest.mark.timeout(600)
+def test_a_shrunk_job_grows_back_to_two_replicas_when_a_spare_node_joins(tmp_path):
+    args = [*ARGS[:ARGS.index("--train-iters")], "--train-iters", "10",
+            *ARGS[ARGS.index("--train-iters") + 2:]]
+    base = run_job(tmp_path, RECIPE, [*args, "--out", str(tmp_path / "base")], nproc=4,
+                   spares=0, name="base", timeout=420)
+    assert base.rc == 0, base.failure(5000)
+    rcs, logs = shrink_then_grow(tmp_path, RECIPE, [*args, "--step-sleep", "3", "--out",
+                                                    str(tmp_path / "grown")],
+                                 inject="kill:rank=3:step=3:phase=backward", spares=0)
+    assert rcs == [0, 0], (rcs, logs)
+    report = json.loads((tmp_path / "report.json").read_text())
+    (fault,) = report["faults"]
+    assert (fault["rank"], fault["action"], fault["world_size_after"],
+            fault["data_parallel_size_after"]) == (3, "shrink", 2, 1), fault
+    (grow,) = report["grows"]
+    assert (grow["ranks"], grow["world_size_after"], grow["data_parallel_size_after"]) == \
+        ([2, 3], 4, 2), grow
+    assert grow["steps_lost"] == 0 and grow["survivor_pids_unchanged"] is True, grow
+    assert report["members"] == [0, 1, 2, 3] and report["finished_ranks"] == 4, logs
+    shrunk, back = fault["recovery_point"], grow["recovery_point"]
+    assert shrunk == 2 and shrunk < back < 10, (shrunk, back)
+    ranks = _load(tmp_path, "grown", 4)
+    # one replica took the whole global batch while the job was shrunk, two after the grow
+    for step in range(shrunk + 1, 11):
+        takers = [ranks[0]] if step <= back else [ranks[0], ranks[2]]
+        taken = sorted(m for r in takers for m in r["taken"][step])
+        assert taken == list(range(MICRO_BATCHES)), (step, taken)
+    _assert_close(ranks, _load(tmp_path, "base", 4), first_changed=shrunk + 1)

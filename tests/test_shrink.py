@@ -3,20 +3,13 @@ batch is spread over the ranks left, a real job that loses a rank and goes on wi
 one that grows back when a spare node joins."""
 
 import json
-import os
-import signal
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
-from jobs import (REPO, TORCH_RECIPE, TORCH_STEPS, assert_same_samples_close_training, free_port,
-                  run_job)
-from fr_megatron.events import Journal
-from fr_megatron.protocol.auth import new_token, write_token_file
+from jobs import (TORCH_RECIPE, TORCH_STEPS, assert_same_samples_close_training, run_job,
+                  shrink_then_grow)
 from fr_megatron.wandb_reader import read_run
 from fr_megatron.launcher.shrink import ShrinkImpossible, shrink, shrinks
 from fr_megatron.runtime.batch_split import BatchSplitError, micro_batches
@@ -110,37 +103,11 @@ def test_a_lost_rank_is_removed_and_the_job_ends_on_three_ranks_with_the_same_sa
     assert_same_samples_close_training(torch_baseline, result, first_shrunk_step=point + 1)
 
 
-def _launcher(tmp: Path, port: int, node_rank: int, extra: list[str]) -> subprocess.Popen:
-    """A launcher on this machine; node 0's controller logs to an offline wandb run in tmp."""
-    cmd = [sys.executable, "-m", "fr_megatron.cli", "run", "--nnodes", "1", "--node-rank",
-           str(node_rank), "--nproc-per-node", "4", "--controller", f"127.0.0.1:{port}",
-           "--token-file", str(tmp / "token"), "--spares", "1", *extra,
-           str(TORCH_RECIPE), *TORCH_STEPS, "--step-sleep", "3", "--out", str(tmp / "job.pt")]
-    wandb = {"enabled": node_rank == 0, "mode": "offline", "dir": str(tmp), "project": "fr-tests"}
-    return subprocess.Popen(cmd, cwd=REPO, stdout=open(tmp / f"node{node_rank}.log", "w"),
-                            stderr=subprocess.STDOUT, start_new_session=True,
-                            env={**os.environ, "FR_CONFIG": json.dumps({"wandb": wandb})})
-
-
 @pytest.mark.timeout(300)
 def test_a_shrunk_job_grows_back_when_a_spare_node_joins(tmp_path, torch_baseline):
-    write_token_file(str(tmp_path / "token"), new_token())
-    port = free_port()
-    journal = tmp_path / "journal.jsonl"
-    nodes = [_launcher(tmp_path, port, 0, [
-        "--shrink", "always", "--inject", "kill:rank=2:step=3:phase=backward",
-        "--report", str(tmp_path / "report.json"), "--journal", str(journal)])]
-    try:
-        # the spare node joins once the job has gone on without rank 2
-        assert Journal.wait_for(str(journal), "recovered", 120,
-                                lambda: nodes[0].poll() is None), "the shrink never recovered"
-        nodes.append(_launcher(tmp_path, port, 1, ["--spare-node"]))
-        rcs = [nodes[0].wait(240), nodes[1].wait(60)]
-    finally:
-        for p in nodes:
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGKILL)
-    logs = "".join((tmp_path / f"node{n}.log").read_text()[-3000:] for n in range(len(nodes)))
+    rcs, logs = shrink_then_grow(tmp_path, TORCH_RECIPE, [*TORCH_STEPS, "--step-sleep", "3",
+                                                          "--out", str(tmp_path / "job.pt")],
+                                 inject="kill:rank=2:step=3:phase=backward")
     assert rcs == [0, 0], (rcs, logs)
     report = json.loads((tmp_path / "report.json").read_text())
     (fault,) = report["faults"]

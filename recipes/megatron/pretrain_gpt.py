@@ -102,6 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="write PREFIX.rank<R>.pt with losses and state")
     p.add_argument("--timings", default=None,
                    help="rank 0 writes each iteration's wall time (JSON) to this file")
+    p.add_argument("--step-sleep", type=float, default=0.0,
+                   help="extra seconds per iteration (tests: time for a spare node to join)")
     add_flash_recovery_args(p)
     return p
 
@@ -265,6 +267,8 @@ def main(argv=None) -> int:
             args.consumed_train_samples += job.global_batch_size
             job.consumed_samples = args.consumed_train_samples
         losses[iteration] = loss
+        if args.step_sleep:
+            time.sleep(args.step_sleep)
         timings[iteration] = time.perf_counter() - t_step
         if writer is not None and iteration % args.log_interval == 0:
             writer.log({"lm loss": loss}, iteration)
