@@ -1,8 +1,11 @@
 """Shrink and grow back at 8 ranks: time to the first step after each, throughput in each phase.
 
-The plain torch recipe on one node of 8 ranks with ``--shrink always``: a rank is killed at
-``--fault-step``, the job goes on with 7 data-parallel replicas, and a spare node started once
-the shrink is over takes the removed rank back. From the report: the shrink's recovery time and
+The plain torch recipe (``--recipe torch``) on one node of 8 ranks with ``--shrink always``: a
+rank is killed at ``--fault-step``, the job goes on with 7 data-parallel replicas, and a spare
+node started once the shrink is over takes the removed rank back. With ``--recipe megatron``, the
+megatron-core recipe at TP=2 x DP=4 with the distributed optimizer: the killed rank's replica (two
+ranks) leaves, the job goes on at DP=3 with the optimizer's shards re-partitioned, and grows back
+to DP=4. From the report: the shrink's recovery time and
 phases, the grow's time from its decision to the first step after it and its phases. From the
 recipe's per-step timestamps: samples per second before the fault, while shrunk and after the
 grow (the global batch is the same throughout), with the ratio that the data-parallel sizes alone
@@ -10,7 +13,8 @@ would give. On a machine with fewer cores than ranks the ranks share the CPUs, s
 the same work in about the same time and throughput barely moves; on accelerators a shrunk step
 takes longer by the ratio of the data-parallel sizes.
 
-    python -m benchmarks.shrink [--steps 300] [--width 2048] [--micro-batch-size 256] [--quick]
+    python -m benchmarks.shrink [--recipe torch|megatron] [--steps 300] [--width 2048]
+                                [--micro-batch-size 256] [--quick]
 """
 
 from __future__ import annotations
@@ -27,15 +31,17 @@ from pathlib import Path
 
 from .common import REPO, table, write
 
-RECIPE = REPO / "recipes" / "torch_ddp" / "train.py"
+RECIPES = {"torch": REPO / "recipes" / "torch_ddp" / "train.py",
+           "megatron": REPO / "recipes" / "megatron" / "pretrain_gpt.py"}
+TP = {"torch": 1, "megatron": 2}  # the ranks of one data-parallel replica
 
 
-def _launch(tmp: Path, port: int, node_rank: int, nproc: int, script_args: list[str],
-            extra: list[str]) -> subprocess.Popen:
+def _launch(tmp: Path, port: int, node_rank: int, nproc: int, recipe: str,
+            script_args: list[str], extra: list[str]) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "fr_megatron.cli", "run", "--nnodes", "1", "--node-rank",
            str(node_rank), "--nproc-per-node", str(nproc), "--controller", f"127.0.0.1:{port}",
            "--token-file", str(tmp / "token"), "--no-wandb", "--spares", "1", *extra,
-           str(RECIPE), *script_args]
+           str(RECIPES[recipe]), *script_args]
     return subprocess.Popen(cmd, cwd=REPO, stdout=open(tmp / f"node{node_rank}.log", "w"),
                             stderr=subprocess.STDOUT, start_new_session=True)
 
@@ -49,12 +55,15 @@ def _throughput(step_t: dict, first: int, last: int, samples: int) -> float | No
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--recipe", choices=sorted(RECIPES), default="torch")
     p.add_argument("--nproc", type=int, default=8)
     p.add_argument("--steps", type=int, default=300,
                    help="steps of the job: enough for the spare node to start while it runs")
-    p.add_argument("--width", type=int, default=2048, help="the recipe's hidden width")
-    p.add_argument("--micro-batch-size", type=int, default=256,
-                   help="samples per micro-batch (the global batch: one per rank)")
+    p.add_argument("--width", type=int, default=None,
+                   help="the recipe's hidden width (default: torch 2048, megatron 256)")
+    p.add_argument("--micro-batch-size", type=int, default=None,
+                   help="samples per micro-batch; the global batch: one per data-parallel rank "
+                        "(default: torch 256, megatron 4)")
     p.add_argument("--fault-step", type=int, default=8)
     p.add_argument("--quick", action="store_true", help="fewer steps")
     p.add_argument("--keep", default=None, metavar="DIR",
@@ -62,6 +71,11 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     if a.quick:
         a.steps = 200
+    torch_recipe = a.recipe == "torch"
+    a.width = a.width or (2048 if torch_recipe else 256)
+    a.micro_batch_size = a.micro_batch_size or (256 if torch_recipe else 4)
+    tp = TP[a.recipe]
+    dp = a.nproc // tp
     import torch
 
     from fr_megatron.events import Journal
@@ -77,17 +91,22 @@ def main(argv=None) -> int:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         journal, report = tmp / "journal.jsonl", tmp / "report.json"
-        script_args = ["--steps", str(a.steps), "--width", str(a.width), "--micro-batch-size",
-                       str(a.micro_batch_size), "--out", str(tmp / "job.pt")]
+        if torch_recipe:
+            script_args = ["--steps", str(a.steps), "--width", str(a.width),
+                           "--micro-batch-size", str(a.micro_batch_size),
+                           "--out", str(tmp / "job.pt")]
+        else:
+            script_args = _megatron_args(a, tp, dp, tmp / "timings.json")
         victim = a.nproc // 2 - 1
-        nodes = [_launch(tmp, port, 0, a.nproc, script_args, [
+        nodes = [_launch(tmp, port, 0, a.nproc, a.recipe, script_args, [
             "--shrink", "always", "--inject", f"kill:rank={victim}:step={a.fault_step}:"
             "phase=backward", "--report", str(report), "--journal", str(journal)])]
         try:
             if Journal.wait_for(str(journal), "recovered", 300,
                                 lambda: nodes[0].poll() is None) is None:
                 raise RuntimeError("the shrink did not recover within 300 s")
-            nodes.append(_launch(tmp, port, 1, a.nproc, script_args, ["--spare-node"]))
+            nodes.append(_launch(tmp, port, 1, a.nproc, a.recipe, script_args,
+                                 ["--spare-node"]))
             rcs = [nodes[0].wait(900), nodes[1].wait(60)]
         finally:
             for proc in nodes:
@@ -96,24 +115,33 @@ def main(argv=None) -> int:
         if rcs != [0, 0]:
             raise RuntimeError(f"job failed {rcs}: {(tmp / 'node0.log').read_text()[-3000:]}")
         rep = json.loads(report.read_text())
-        result = torch.load(tmp / "job.pt", weights_only=False)
-    (fault,) = rep["faults"]
+        if torch_recipe:
+            result = torch.load(tmp / "job.pt", weights_only=False)
+        else:
+            durations = json.loads((tmp / "timings.json").read_text())
+    # the injected fault; a survivor that the abort left inside a cut gloo message leaves
+    # too (``stuck``), which with --shrink always is another shrink, listed after it
+    fault, *more = rep["faults"]
     grows = [g for g in rep["grows"] if g.get("grow_s") is not None]
-    samples = a.nproc * a.micro_batch_size
+    samples = dp * a.micro_batch_size * (1 if torch_recipe else 3)
     shrunk_at = fault["recovery_point"]
     grown_at = grows[0]["recovery_point"] if grows else a.steps
+    if not torch_recipe:  # rank 0's step times, and the world's size at each step
+        result = {"step_t": _cumulative(durations),
+                  "world_sizes": {s: a.nproc - tp if shrunk_at < s <= grown_at else a.nproc
+                                  for s in range(1, a.steps + 1)}}
     step_t = result["step_t"]
-    phases = {"before": (1, shrunk_at, a.nproc), "shrunk": (shrunk_at + 1, grown_at, a.nproc - 1)}
+    phases = {"before": (1, shrunk_at, dp), "shrunk": (shrunk_at + 1, grown_at, dp - 1)}
     if grows:
-        phases["grown"] = (grown_at + 1, a.steps, a.nproc)
+        phases["grown"] = (grown_at + 1, a.steps, dp)
     base = _throughput(step_t, 1, shrunk_at, samples)
     rows = []
-    for name, (first, last, dp) in phases.items():
+    for name, (first, last, size) in phases.items():
         tput = _throughput(step_t, first, last, samples)
-        rows.append({"phase": name, "steps": f"{first}-{last}", "data_parallel_size": dp,
+        rows.append({"phase": name, "steps": f"{first}-{last}", "data_parallel_size": size,
                      "samples_per_s": tput,
                      "vs_before": round(tput / base, 3) if tput and base else None,
-                     "dp_ratio": round(dp / a.nproc, 3)})
+                     "dp_ratio": round(size / dp, 3)})
     events = [{"event": "shrink", "rank": fault["rank"], "step": fault["step"],
                "seconds": fault["recovery_s"], "prepare_s": None, "phases": fault["phases"],
                "steps_lost": fault["steps_lost"],
@@ -122,7 +150,8 @@ def main(argv=None) -> int:
                 "seconds": g["grow_s"], "prepare_s": g["prepare_s"], "phases": g["phases"],
                 "steps_lost": g["steps_lost"], "world_size_after": g["world_size_after"]}
                for g in grows]
-    print(f"\nShrink and grow back, {a.nproc} ranks, plain torch recipe (width {a.width}), "
+    what = "plain torch recipe" if torch_recipe else f"megatron recipe TP={tp} x DP={dp}"
+    print(f"\nShrink and grow back, {a.nproc} ranks, {what} (width {a.width}), "
           f"{a.steps} steps; global batch {samples} samples\n")
     print(table([{k: v for k, v in e.items() if k != "phases"} for e in events],
                 ["event", "rank", "step", "seconds", "prepare_s", "steps_lost",
@@ -130,20 +159,46 @@ def main(argv=None) -> int:
     for e in events:
         print(f"  {e['event']} phases: " + ", ".join(f"{k} {v:.3f}s" for k, v in
                                                    e["phases"].items()))
+    for f in more:
+        print(f"  also: rank {f['rank']} {f['kind']} at step {f['step']}: {f['action']} to "
+              f"{f['world_size_after']} ranks in {f['recovery_s']:.2f}s")
     if not grows:
         print("  no grow: the job ended before the spare node's process stood by; give it more "
               "--steps")
     print()
     print(table(rows, list(rows[0])))
-    png = _plot(result, events, a.nproc)
-    path = write("shrink", {"nproc": a.nproc, "steps": a.steps, "width": a.width,
+    name = "shrink" if torch_recipe else "shrink_megatron"
+    png = _plot(result, events, a.nproc, name)
+    path = write(name, {"recipe": a.recipe, "nproc": a.nproc, "tensor_parallel": tp,
+                        "steps": a.steps, "width": a.width,
                             "micro_batch_size": a.micro_batch_size, "grew_back": bool(grows),
                             "events": events, "throughput": rows, "plot": png.name})
     print(f"\nwrote {path} and {png}")
     return 0
 
 
-def _plot(result: dict, events: list[dict], nproc: int) -> Path:
+def _megatron_args(a, tp: int, dp: int, timings: Path) -> list[str]:
+    """The megatron recipe at TP x DP with the distributed optimizer; synthetic data, which any
+    data-parallel size can spread; a global batch of three micro-batches per rank."""
+    return ["--tensor-model-parallel-size", str(tp), "--num-layers", "2",
+            "--hidden-size", str(a.width), "--num-attention-heads", "8", "--seq-length", "64",
+            "--vocab-size", "512", "--micro-batch-size", str(a.micro_batch_size),
+            "--global-batch-size", str(3 * dp * a.micro_batch_size),
+            "--train-iters", str(a.steps), "--hidden-dropout", "0",
+            "--dataloader-type", "synthetic", "--use-distributed-optimizer", "--flash-recovery",
+            "--timings", str(timings)]
+
+
+def _cumulative(durations: dict) -> dict:
+    """Step -> the time it ended, from each step's duration."""
+    t, out = 0.0, {0: 0.0}
+    for step in sorted(durations, key=int):
+        t += durations[step]
+        out[int(step)] = t
+    return out
+
+
+def _plot(result: dict, events: list[dict], nproc: int, name: str) -> Path:
     """Step time over the run, with the world's size, the shrink and the grow marked."""
     import matplotlib
 
@@ -172,7 +227,7 @@ def _plot(result: dict, events: list[dict], nproc: int) -> Path:
     ax.set_title(f"Shrink and grow back, {nproc} ranks")
     fig.tight_layout()
     RESULTS.mkdir(parents=True, exist_ok=True)
-    png = RESULTS / "shrink.png"
+    png = RESULTS / f"{name}.png"
     fig.savefig(png, dpi=110)
     plt.close(fig)
     return png

@@ -133,3 +133,24 @@ def test_a_megatron_job_restores_its_shards_at_another_data_parallel_size(
         assert any(k[1] == "exp_avg" and v.abs().sum() > 0 for k, v in whole.items())
         if bf16:
             assert any(k[1] == "param" and v.dtype == torch.float32 for k, v in whole.items())
+
+
+def test_a_point_needs_a_whole_partition_at_every_position():
+    from fr_megatron.runtime.reshard_exchange import Offers
+
+    # two positions (tensor ranks 0 and 1) of a DP=3 world; step 5 was committed at DP=4
+    # (shards i of 4), step 6 at DP=3; job ranks 4 and 5 left the world with shards 2 of 4
+    position = [(0, 0), (1, 0), (0, 0), (1, 0), (0, 0), (1, 0)]
+    steps = [{0: {5: (0, 4), 6: (0, 3)}, 4: {5: (2, 4)}}, {1: {5: (0, 4), 6: (0, 3)}, 5: {5: (2, 4)}},
+             {2: {5: (1, 4), 6: (1, 3)}}, {3: {5: (1, 4), 6: (1, 3)}},
+             {6: {5: (3, 4), 6: (2, 3)}}, {7: {5: (3, 4), 6: (2, 3)}}]
+    where = {0: (0, 0), 2: (0, 0), 4: (0, 0), 6: (0, 0), 1: (1, 0), 3: (1, 0), 5: (1, 0), 7: (1, 0)}
+    offers = Offers(position, steps, where, stale=[[5, 6]] * 6)
+    assert offers.complete(5) and offers.complete(6)
+    # without the snapshot that rank 5 left, tensor rank 1 lacks shard 2 of 4 at step 5
+    steps[1] = {1: {5: (0, 4), 6: (0, 3)}}
+    offers = Offers(position, steps, where, stale=[[5, 6]] * 6)
+    assert not offers.complete(5) and offers.complete(6)
+    # a lost rank at that position will hold its own shard once its sources sent it
+    assert offers.complete(5, wildcards=[3])
+    assert offers.sender(4, 5) == 0 and offers.sender(5, 5) is None
