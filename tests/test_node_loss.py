@@ -75,14 +75,14 @@ def hosts():
 
 
 def _launch(tmp: Path, port: int, node: str | None, node_rank: int, extra: list[str],
-            log: Path) -> subprocess.Popen:
+            log: Path, script_extra: list[str] = ()) -> subprocess.Popen:
     """One node's launcher, in its namespace and its own process group."""
     iface = BRIDGE if node is None else NODES[node][1]
     cmd = [sys.executable, "-m", "fr_megatron.cli", "run", "--nnodes", "2", "--node-rank",
            str(node_rank), "--nproc-per-node", "2", "--controller", f"{BRIDGE_ADDR}:{port}",
            "--token-file", str(tmp / "token"), "--no-wandb", "--node-timeout", NODE_TIMEOUT,
            "--heartbeat-interval", "0.2", *extra, str(TORCH_RECIPE), *STEPS,
-           "--out", str(tmp / "job.pt")]
+           *script_extra, "--out", str(tmp / "job.pt")]
     if node is not None:
         cmd = ["ip", "netns", "exec", NODES[node][0], *cmd]
     env = {**os.environ, "GLOO_SOCKET_IFNAME": iface}
@@ -115,15 +115,20 @@ def _run(tmp: Path, how: str) -> tuple[dict, list[dict], dict | None, str]:
               "node_crash:rank=2:step=3:phase=backward"] if how == "crash" else \
         ["--inject", "node_crash:rank=2:step=3:phase=backward"] if how == "crash-no-spare" else []
     names = ("node0", "node1") if how == "crash-no-spare" else ("node0", "node1", "spare")
+    # the cut must land while the job trains: its steps take milliseconds otherwise, and the
+    # job may be over before the link goes down
+    slow = ["--step-sleep", "0.5"] if how == "partition" else []
     logs = {n: tmp / f"{n}.log" for n in names}
     procs = {"node0": _launch(tmp, port, None, 0, ["--spares", "1", "--report",
                                                    str(tmp / "report.json"), "--journal",
                                                    str(tmp / "journal.jsonl"), *inject],
-                              logs["node0"])}
+                              logs["node0"], slow)}
     time.sleep(1.0)  # node 0 hosts the store the others connect to
-    procs["node1"] = _launch(tmp, port, "node1", 1, ["--spares", "0", *inject], logs["node1"])
+    procs["node1"] = _launch(tmp, port, "node1", 1, ["--spares", "0", *inject], logs["node1"],
+                             slow)
     if "spare" in names:
-        procs["spare"] = _launch(tmp, port, "spare", 2, ["--spare-node", *inject], logs["spare"])
+        procs["spare"] = _launch(tmp, port, "spare", 2, ["--spare-node", *inject], logs["spare"],
+                                 slow)
     try:
         if how == "partition":
             assert _rank_reached(port, tmp / "token", 1, 2, 3, time.time() + 120), \
