@@ -109,7 +109,7 @@ def test_a_shrunk_job_grows_back_to_two_replicas_when_a_spare_node_joins(tmp_pat
     base = run_job(tmp_path, RECIPE, [*args, "--out", str(tmp_path / "base")], nproc=4,
                    spares=0, name="base", timeout=420)
     assert base.rc == 0, base.failure(5000)
-    rcs, logs = shrink_then_grow(tmp_path, RECIPE, [*args, "--step-sleep", "3", "--out",
+    rcs, logs = shrink_then_grow(tmp_path, RECIPE, [*args, "--step-sleep", "2", "--out",
                                                     str(tmp_path / "grown")],
                                  inject="kill:rank=3:step=3:phase=backward", spares=0)
     assert rcs == [0, 0], (rcs, logs)

@@ -174,3 +174,25 @@ def test_tampered_or_missing_record():
         startup_calls.load_record(store, signer, 3)
     with pytest.raises(AuthError):
         startup_calls.load_record(store, Signer("other", "x"), 3)
+
+
+@pytest.mark.timeout(60)
+def test_a_replacement_in_a_world_of_another_size_replays_a_record_made_in_that_size():
+    # rank 0 recorded its start-up in the first world of 4 ranks and was lost after a shrink to
+    # 2 ranks before it built again; rank 1 recorded its build in the world of 2
+    port = free_port()
+    store = dist.TCPStore("127.0.0.1", port, 1, True, wait_for_workers=False)
+    signer = Signer(TOKEN, "rank0")
+    for rank, size in ((0, 4), (1, 2)):
+        rec = startup_calls.Recorder()
+        rec.close()
+        rec.publish(store, signer, rank, world_size=size)
+    assert startup_calls.load_record(store, signer, 0, world_size=2) is None
+    try:
+        assert startup_calls.begin(store, signer, 0, replacement=True, members=[0, 1]) == \
+            "replaying 0 calls of rank 1"
+        assert startup_calls.begin(store, signer, 0, replacement=True,
+                                   members=[0, 1, 2, 3]) == "replaying 0 calls"
+        assert startup_calls.begin(store, signer, 0, replacement=True, members=[0, 2, 3]) == "none"
+    finally:
+        startup_calls.end()

@@ -29,6 +29,7 @@ while it builds, and ``runtime.startup_calls`` answers those calls from the repl
 from __future__ import annotations
 
 import logging
+import pickle
 import time
 from typing import Any, Iterable
 
@@ -123,6 +124,7 @@ class MegatronIntegration(Integration):
         self.shrinkable = resize is not None
         self._data_parallel_size = self._current_data_parallel_size()
         self._layout: reshard.ShardLayout | None = None  # this partition's, once computed
+        self._layout_bytes: bytes | None = None
         self.optimizer = optimizer
         self.scheduler = scheduler
         self.progress = progress
@@ -211,7 +213,7 @@ class MegatronIntegration(Integration):
         if meta:
             state.meta = self._capture_meta()
             if self.resize is not None:  # read by any rank after a shrink or grow
-                state.meta["shard_layout"] = self.shard_layout()
+                state.meta["shard_layout"] = self._shard_layout_bytes()
         return state
 
     def left_out_bytes(self) -> int:
@@ -226,7 +228,16 @@ class MegatronIntegration(Integration):
         partition."""
         if self._layout is None:
             self._layout = self._shard_layout()
+            self._layout_bytes = None
         return self._layout
+
+    def _shard_layout_bytes(self) -> bytes:
+        """The layout pickled once per partition: a commit carries it in its meta, and a layout
+        of thousands of parameters takes milliseconds to pickle."""
+        layout = self.shard_layout()
+        if self._layout_bytes is None:
+            self._layout_bytes = pickle.dumps(layout, protocol=pickle.HIGHEST_PROTOCOL)
+        return self._layout_bytes
 
     def _shard_layout(self) -> reshard.ShardLayout:
         from megatron.core import parallel_state as ps

@@ -113,7 +113,7 @@ def init_process_group(backend: str, args=None, **_ignored):
     # (a rank that joins as the job grows back builds with the survivors, which build again
     # at the new data-parallel size: its collectives are real, and it records them)
     how = startup_calls.begin(_session.store, _session.signer, _session.rank,
-                              _session.replacement and not _session.fresh)
+                              _session.replacement and not _session.fresh, _session.members)
     log.info("rank=%d generation=%d step=0 phase=startup start-up collectives: %s",
              _session.rank, _session.generation, how)
     return _session

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Optional
@@ -29,9 +30,10 @@ log = logging.getLogger("fr_megatron.reshard")
 
 
 def layout_of(slot: Slot) -> Optional[ShardLayout]:
-    """The model-space layout a snapshot was committed with (the integration puts it in the
-    meta), or None."""
-    return loads_meta(slot.header["meta"]).get("shard_layout")
+    """The model-space layout a snapshot was committed with (the integration puts it, pickled,
+    in the meta), or None."""
+    raw = loads_meta(slot.header["meta"]).get("shard_layout")
+    return pickle.loads(raw) if isinstance(raw, bytes) else raw
 
 
 def rings_left_behind(directory: Optional[str], depth: int, ranks: list[int]) -> dict:

@@ -148,13 +148,17 @@ class Recorder(_Interceptor):
         self.entries.append(entry)
         return work
 
-    def publish(self, store, signer: Signer, rank: int) -> int:
-        """Write the record and its signed digest to the store; returns its size in bytes."""
+    def publish(self, store, signer: Signer, rank: int,
+                world_size: Optional[int] = None) -> int:
+        """Write the record and its signed digest to the store; returns its size in bytes.
+        ``world_size``: of the world it was made in (default: the current one)."""
+        if world_size is None and dist.is_initialized():
+            world_size = dist.get_world_size()
         blob = pickle.dumps(self.entries)
         store.set(keys.startup_record(rank), blob)
         store.set(keys.startup_digest(rank), signer.sign(
             "startup_record", rank=rank, sha256=hashlib.sha256(blob).hexdigest(),
-            calls=len(self.entries)))
+            calls=len(self.entries), world_size=world_size))
         log.info("rank=%d generation=0 step=0 phase=startup start-up record published: %d "
                  "collective calls, %d bytes", rank, len(self.entries), len(blob))
         return len(blob)
@@ -197,11 +201,15 @@ class Replayer(_Interceptor):
                         self.rank, self.calls, len(self.entries))
 
 
-def load_record(store, signer: Signer, rank: int) -> Optional[list[dict]]:
-    """Rank ``rank``'s verified record, or None when it never published one."""
+def load_record(store, signer: Signer, rank: int,
+                world_size: Optional[int] = None) -> Optional[list[dict]]:
+    """Rank ``rank``'s verified record, or None when it never published one (or, given
+    ``world_size``, published none made in a world of that size)."""
     if not store.check([keys.startup_digest(rank)]):
         return None
     digest = signer.verify(store.get(keys.startup_digest(rank)))
+    if world_size is not None and digest.get("world_size") not in (None, world_size):
+        return None
     blob = store.get(keys.startup_record(rank))
     if digest.get("rank") != rank or hashlib.sha256(blob).hexdigest() != digest.get("sha256"):
         raise StartupMismatch(f"the start-up record of rank {rank} in the store does not match "
@@ -212,20 +220,34 @@ def load_record(store, signer: Signer, rank: int) -> Optional[list[dict]]:
 _active: Optional[_Interceptor] = None
 
 
-def begin(store, signer: Signer, rank: int, replacement: bool) -> str:
-    """Start recording (first generation) or replaying (replacement); returns which."""
+def begin(store, signer: Signer, rank: int, replacement: bool,
+          members: Optional[list[int]] = None) -> str:
+    """Start recording (first generation) or replaying (replacement); returns which.
+
+    ``members``: the job ranks of the current world. A replacement replays its rank's record
+    when that was made in a world of this size; else (its predecessor was lost before it built
+    again after a shrink or grow) a record another member made in this world: the start-up's
+    world-wide collectives (megatron-core's all-gather of param-group keys) returned the same
+    on every rank."""
     global _active
     end()
     if not replacement:
         _active = Recorder()
         return "recording"
-    entries = load_record(store, signer, rank)
+    size = len(members) if members is not None else None
+    entries = load_record(store, signer, rank, size)
+    source = rank
+    for other in members or ():
+        if entries is not None:
+            break
+        if other != rank:
+            entries, source = load_record(store, signer, other, size), other
     if entries is None:
         log.warning("rank=%d: no start-up record (the rank was lost before its start-up "
                     "finished); the replacement's start-up communicates", rank)
         return "none"
     _active = Replayer(entries, rank)
-    return f"replaying {len(entries)} calls"
+    return f"replaying {len(entries)} calls" + (f" of rank {source}" if source != rank else "")
 
 
 def end(publish: Optional[Callable[[Recorder], Any]] = None) -> None:
