@@ -124,21 +124,25 @@ def main(argv=None) -> int:
     fault, *more = rep["faults"]
     grows = [g for g in rep["grows"] if g.get("grow_s") is not None]
     samples = dp * a.micro_batch_size * (1 if torch_recipe else 3)
-    shrunk_at = fault["recovery_point"]
-    grown_at = grows[0]["recovery_point"] if grows else a.steps
+    # the data-parallel size from each change on: (last step before it, size after it)
+    changes = sorted([(f["recovery_point"], f["data_parallel_size_after"])
+                      for f in rep["faults"] if f["action"] == "shrink"] +
+                     [(g["recovery_point"], g["data_parallel_size_after"]) for g in grows])
     if not torch_recipe:  # rank 0's step times, and the world's size at each step
         result = {"step_t": _cumulative(durations),
-                  "world_sizes": {s: a.nproc - tp if shrunk_at < s <= grown_at else a.nproc
+                  "world_sizes": {s: tp * _size_at(s, dp, changes)
                                   for s in range(1, a.steps + 1)}}
     step_t = result["step_t"]
-    phases = {"before": (1, shrunk_at, dp), "shrunk": (shrunk_at + 1, grown_at, dp - 1)}
-    if grows:
-        phases["grown"] = (grown_at + 1, a.steps, dp)
-    base = _throughput(step_t, 1, shrunk_at, samples)
+    bounds = [0, *(point for point, _ in changes), a.steps]
+    base = _throughput(step_t, 1, bounds[1], samples)
     rows = []
-    for name, (first, last, size) in phases.items():
-        tput = _throughput(step_t, first, last, samples)
-        rows.append({"phase": name, "steps": f"{first}-{last}", "data_parallel_size": size,
+    for k, (start, last) in enumerate(zip(bounds, bounds[1:])):
+        if last <= start:
+            continue
+        size = _size_at(last, dp, changes)
+        name = "before" if k == 0 else "grown" if size == dp else "shrunk"
+        tput = _throughput(step_t, start + 1, last, samples)
+        rows.append({"phase": name, "steps": f"{start + 1}-{last}", "data_parallel_size": size,
                      "samples_per_s": tput,
                      "vs_before": round(tput / base, 3) if tput and base else None,
                      "dp_ratio": round(size / dp, 3)})
@@ -187,6 +191,11 @@ def _megatron_args(a, tp: int, dp: int, timings: Path) -> list[str]:
             "--train-iters", str(a.steps), "--hidden-dropout", "0",
             "--dataloader-type", "synthetic", "--use-distributed-optimizer", "--flash-recovery",
             "--timings", str(timings)]
+
+
+def _size_at(step: int, dp: int, changes: list[tuple[int, int]]) -> int:
+    """The data-parallel size that trained ``step``: the last change before it, else ``dp``."""
+    return next((size for point, size in reversed(changes) if point < step), dp)
 
 
 def _cumulative(durations: dict) -> dict:
