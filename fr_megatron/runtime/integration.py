@@ -53,6 +53,8 @@ class Integration(abc.ABC):
     # whether the job can go on with fewer data-parallel replicas (a shrink): its state is
     # then re-partitioned over the ranks left, and its data split over them (``batch_split``)
     shrinkable: bool = False
+    # what a job of this integration needs to be shrinkable, named when it is not
+    shrink_needs: str = ""
 
     @abc.abstractmethod
     def replica_ranks(self) -> list[int]:
@@ -127,7 +129,7 @@ def check_shrink_policy(policy: str, integration) -> None:
     from ..config import ConfigError
 
     if policy == "always" and not integration.shrinkable:
-        needs = getattr(integration, "shrink_needs", "")
+        needs = integration.shrink_needs
         raise ConfigError(
             f"shrink: 'always' removes a lost rank's data-parallel replica instead of replacing "
             f"it, and this job of the {integration.name} integration cannot re-partition its "

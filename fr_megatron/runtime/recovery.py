@@ -128,19 +128,17 @@ class Recovery:
         (``reshard_exchange``), else None. Every rank takes the same branch."""
         s, tx = self.s, self.s.tx
         if s.integration is None or not s.integration.shrinkable or \
-                s.integration.shard_layout() is None:
+                s.integration.shard_layout() is None:  # computed once per partition
             return None
-        live = s.integration.shard_layout()
         gone = [r for r in range(s.job_size) if r not in s.members]
         tx.departed.update(reshard_exchange.rings_left_behind(
             tx.snapshot_dir, s.cfg.snapshot_depth, [r for r in gone if r not in tx.departed]))
         rings = dict(tx.departed)
-        stale = []
-        if not me_lost and not s.fresh:
-            rings[s.rank] = tx.ring
-            stale = [st for st in tx.ring.steps()
-                     if reshard_exchange.layout_of(tx.ring.slot(st)) != live]
-        offers = reshard_exchange.announce(rings, live.position, stale, s.group, s.world_size)
+        own = None if me_lost or s.fresh else s.rank
+        if own is not None:
+            rings[own] = tx.ring
+        offers = reshard_exchange.announce(rings, s.integration.shard_layout(), own, s.group,
+                                           s.world_size)
         return _OldShards(self, offers, rings, sorted(lost), gone)
 
     def _check_inherited(self) -> list[str]:

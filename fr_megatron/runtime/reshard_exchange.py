@@ -13,7 +13,6 @@ rank that left, then the lowest rank offering each snapshot sends it to each ran
 from __future__ import annotations
 
 import logging
-import os
 import pickle
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -24,7 +23,7 @@ import torch.distributed as dist
 from . import transfer
 from .layout import loads_meta
 from .reshard import ShardLayout
-from .snapshot import SnapshotRing, Slot
+from .snapshot import SnapshotRing, Slot, rank_ring
 
 log = logging.getLogger("fr_megatron.reshard")
 
@@ -41,12 +40,8 @@ def rings_left_behind(directory: Optional[str], depth: int, ranks: list[int]) ->
     memory ``directory``, by rank."""
     if not directory:
         return {}
-    out = {}
-    for r in ranks:
-        if any(os.path.exists(os.path.join(directory, f"rank{r}.slot{i}.hdr"))
-               for i in range(depth)):
-            out[r] = SnapshotRing(depth, directory, f"rank{r}")
-    return out
+    rings = {r: rank_ring(depth, directory, r) for r in ranks}
+    return {r: ring for r, ring in rings.items() if ring.steps()}
 
 
 @dataclass
@@ -90,18 +85,22 @@ class Offers:
         return True
 
 
-def announce(rings: dict[int, SnapshotRing], position, stale: list[int], group,
+def announce(rings: dict[int, SnapshotRing], live: ShardLayout, own: Optional[int], group,
              world_size: int) -> Offers:
     """Every rank's offers (``rings``: origin job rank -> a ring holding its snapshots; only
-    snapshots committed with a shard layout are offered), and the steps of its own ring that
-    are ``stale``."""
-    offered, where = {}, {}
+    snapshots committed with a shard layout are offered), and which steps of its own ring
+    (origin ``own``, None for a rank with none yet) are held in another partition than
+    ``live``, its current layout."""
+    offered, where, stale = {}, {}, []
     for origin, ring in rings.items():
         layouts = {s: layout_of(ring.slot(s)) for s in ring.steps()}
         layouts = {s: lay for s, lay in layouts.items() if lay is not None}
+        if origin == own:
+            stale = [s for s in ring.steps() if layouts.get(s) != live]
         if layouts:
             offered[origin] = {s: lay.part for s, lay in layouts.items()}
             where[origin] = next(iter(layouts.values())).position
+    position = live.position
     every: list = [None] * world_size
     dist.all_gather_object(every, (position, offered, where, stale), group=group)
     origin_position = {o: p for e in every for o, p in e[2].items()}

@@ -167,6 +167,12 @@ class Slot:
                 pass
 
 
+def rank_ring(depth: int, directory: Optional[str], rank: int) -> "SnapshotRing":
+    """Job rank ``rank``'s own snapshots: found again under this name by its replacement on the
+    same node, and by the ranks left after it left the world (``reshard_exchange``)."""
+    return SnapshotRing(depth, directory, f"rank{rank}")
+
+
 class SnapshotRing:
     """The last ``depth`` committed steps of one rank (or a holder's copies of one ward)."""
 

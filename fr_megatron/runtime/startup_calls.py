@@ -235,13 +235,10 @@ def begin(store, signer: Signer, rank: int, replacement: bool,
         _active = Recorder()
         return "recording"
     size = len(members) if members is not None else None
-    entries = load_record(store, signer, rank, size)
-    source = rank
-    for other in members or ():
+    for source in [rank, *(m for m in members or () if m != rank)]:
+        entries = load_record(store, signer, source, size)
         if entries is not None:
             break
-        if other != rank:
-            entries, source = load_record(store, signer, other, size), other
     if entries is None:
         log.warning("rank=%d: no start-up record (the rank was lost before its start-up "
                     "finished); the replacement's start-up communicates", rank)

@@ -24,7 +24,7 @@ from . import failure_domains, rng
 from .integration import Integration, RankState
 from .layout import Layout
 from .redundancy import CopyExchange
-from .snapshot import SnapshotRing
+from .snapshot import SnapshotRing, rank_ring
 
 log = logging.getLogger("fr_megatron.transaction")
 
@@ -68,7 +68,7 @@ class StepTransaction:
         # the node agent's shared-memory directory: a replacement finds its predecessor's
         # snapshots there under the same name
         self.snapshot_dir = snapshot_dir if cfg.snapshot_dir else None
-        self.ring = SnapshotRing(cfg.snapshot_depth, self.snapshot_dir, f"rank{rank}")
+        self.ring = rank_ring(cfg.snapshot_depth, self.snapshot_dir, rank)
         self.copies: Optional[CopyExchange] = None
         # snapshots of ranks that left the world (a shrink), by job rank: the copies this rank
         # held for them, the rings they left in the node's shared memory; kept until a step of
