@@ -163,7 +163,8 @@ def assert_same_samples_close_training(base: dict, shrunk: dict, first_shrunk_st
 
 
 def node_launcher(tmp: Path, port: int, node_rank: int, script: Path, script_args: list[str],
-                  extra: list[str] = (), nproc: int = 4, spares: int = 1) -> subprocess.Popen:
+                  extra: list[str] = (), nproc: int = 4, spares: int = 1,
+                  env: dict | None = None) -> subprocess.Popen:
     """A launcher of one node on this machine, with the job's controller at ``port`` on node 0,
     which logs to an offline wandb run in tmp."""
     cmd = [sys.executable, "-m", "fr_megatron.cli", "run", "--nnodes", "1", "--node-rank",
@@ -173,11 +174,13 @@ def node_launcher(tmp: Path, port: int, node_rank: int, script: Path, script_arg
     wandb = {"enabled": node_rank == 0, "mode": "offline", "dir": str(tmp), "project": "fr-tests"}
     return subprocess.Popen(cmd, cwd=REPO, stdout=open(tmp / f"node{node_rank}.log", "w"),
                             stderr=subprocess.STDOUT, start_new_session=True,
-                            env={**os.environ, "FR_CONFIG": json.dumps({"wandb": wandb})})
+                            env={**os.environ, **(env or {}),
+                                 "FR_CONFIG": json.dumps({"wandb": wandb})})
 
 
 def shrink_then_grow(tmp: Path, script: Path, script_args: list[str], inject: str,
-                     nproc: int = 4, spares: int = 1) -> tuple[list[int], str]:
+                     nproc: int = 4, spares: int = 1, env: dict | None = None
+                     ) -> tuple[list[int], str]:
     """Node 0 runs the job with ``--shrink always`` and ``inject``; once it has recovered from
     the shrink, a spare node joins, and the job grows back. Returns the launchers' exit codes
     and the tails of their logs; the report and journal are ``tmp/report.json``,
@@ -190,12 +193,12 @@ def shrink_then_grow(tmp: Path, script: Path, script_args: list[str], inject: st
     journal = tmp / "journal.jsonl"
     nodes = [node_launcher(tmp, port, 0, script, script_args, nproc=nproc, spares=spares, extra=[
         "--shrink", "always", "--inject", inject, "--report", str(tmp / "report.json"),
-        "--journal", str(journal)])]
+        "--journal", str(journal)], env=env)]
     try:
         assert Journal.wait_for(str(journal), "recovered", 120,
                                 lambda: nodes[0].poll() is None), "the shrink never recovered"
         nodes.append(node_launcher(tmp, port, 1, script, script_args, nproc=nproc,
-                                   spares=spares, extra=["--spare-node"]))
+                                   spares=spares, extra=["--spare-node"], env=env))
         rcs = [nodes[0].wait(240), nodes[1].wait(60)]
     finally:
         for p in nodes:

@@ -247,7 +247,7 @@ def test_section_not_a_dict_and_bad_json(no_dist, tmp_path):
 
 def test_replicas_against_dp_size():
     from fr_megatron.config import ConfigError, FlashRecoveryConfig
-    from fr_megatron.deepspeed.config import check_replicas, infer_dp_size
+    from fr_megatron.deepspeed.config import check_replicas, infer_dp_size, validate
 
     check_replicas(FlashRecoveryConfig(replicas=3), 4)
     with pytest.raises(ConfigError, match="replicas: 2 copies need at least 3 data-parallel ranks"):
@@ -255,6 +255,12 @@ def test_replicas_against_dp_size():
     with pytest.raises(ConfigError, match="no peer to hold a copy"):
         check_replicas(FlashRecoveryConfig(replicas=1), 1)
     check_replicas(FlashRecoveryConfig(enabled=False, replicas=8), 1)
+    # the copies are placed for the configured layout: an engine built again after a shrink to
+    # one replica is not refused for it (the runtime places the copies on other ranks)
+    one = {**_base(), "flash_recovery": {"replicas": 1}}
+    with pytest.raises(ConfigError, match="no peer to hold a copy"):
+        validate(one, dp_size=1)
+    assert validate(one, dp_size=1, replicas=False).replicas == 1
     assert infer_dp_size(_base()) == 4
     assert infer_dp_size({"train_batch_size": 8}, world_size=8,) == 8
     assert infer_dp_size({"tensor_parallel": {"autotp_size": 2}}, world_size=8) == 4

@@ -13,7 +13,7 @@ from typing import Any, Callable, Optional
 from fr_megatron.config import ConfigError, FlashRecoveryConfig
 from fr_megatron.deepspeed.config import (check_replicas, ds_config_dict, read_section, validate,
                                           zero_stage)
-from fr_megatron.deepspeed.integration import DeepSpeedIntegration, UnsupportedEngine
+from fr_megatron.deepspeed.integration import DeepSpeedIntegration, UnsupportedEngine, resizing
 from fr_megatron.deepspeed.mpu import MegatronCoreMPU, parallel_state_rebuilder
 
 __all__ = ["initialize", "DeepSpeedIntegration", "UnsupportedEngine", "validate", "read_section",
@@ -32,7 +32,7 @@ def _user_config(args, config, kw) -> Any:
 
 def initialize(args=None, model=None, optimizer=None, model_parameters=None, config=None, *,
                mpu=None, rebuild_mpu: Optional[Callable[[], None]] = None,
-               dp_size: Optional[int] = None, **kw):
+               dp_size: Optional[int] = None, resize: Optional[Callable[[], Any]] = None, **kw):
     """``deepspeed.initialize`` with the ``"flash_recovery"`` section validated first.
 
     Same arguments and return value as ``deepspeed.initialize`` (the config is passed through as
@@ -42,20 +42,28 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, con
     (see ``DeepSpeedIntegration``; for Megatron-core's parallel_state, ``MegatronCoreMPU`` and
     ``parallel_state_rebuilder`` in ``fr_megatron.deepspeed.mpu``). ``dp_size``:
     the data-parallel size, when it cannot be inferred from the mpu, the batch sizes or WORLD_SIZE.
+    ``resize``: builds the engine again on the current world, as the script's set-up does (this
+    function's result or its engine); with it the job can go on with fewer data-parallel replicas
+    and grow back (the ``shrink`` setting), its ZeRO partitions re-partitioned in memory.
     Raises ConfigError before any process group is touched.
     """
     import deepspeed
 
     user_config = _user_config(args, config, kw)
-    cfg = validate(user_config, dp_size=dp_size, mpu=mpu)
+    # the copies are placed for the configured layout: an engine built again at another
+    # data-parallel size (a shrink to one replica) keeps them where the runtime can place them
+    at_start = not resizing()
+    cfg = validate(user_config, dp_size=dp_size, mpu=mpu, replicas=at_start)
     result = deepspeed.initialize(args=args, model=model, optimizer=optimizer,
                                   model_parameters=model_parameters, config=config, mpu=mpu, **kw)
     engine = result[0]
     if not cfg.enabled:
         engine.flash_recovery = None
         return result
-    check_replicas(cfg, engine.seq_dp_world_size)  # inference above may have lacked the sizes
-    engine.flash_recovery = DeepSpeedIntegration(engine, cfg, mpu=mpu, rebuild_mpu=rebuild_mpu)
+    if at_start:  # inference above may have lacked the sizes
+        check_replicas(cfg, engine.seq_dp_world_size)
+    engine.flash_recovery = DeepSpeedIntegration(engine, cfg, mpu=mpu, rebuild_mpu=rebuild_mpu,
+                                                  resize=resize)
     log.info("flash recovery on: ZeRO stage %d, replica group %s", zero_stage(ds_config_dict(engine)),
              engine.flash_recovery.replica_ranks())
     return result

@@ -124,13 +124,16 @@ def infer_dp_size(config: Any, world_size: Optional[int] = None, mpu: Any = None
     return max(world_size // (int(tp) * int(seq)), 1)
 
 
-def validate(config: Any, dp_size: Optional[int] = None, mpu: Any = None) -> FlashRecoveryConfig:
+def validate(config: Any, dp_size: Optional[int] = None, mpu: Any = None,
+             replicas: bool = True) -> FlashRecoveryConfig:
     """Every start-up check of the section: values, ZeRO stage and replicas against ``dp_size``
-    (inferred when not given). Touches no process group."""
+    (inferred when not given; ``replicas=False`` leaves that out). Touches no process group."""
     cfg = read_section(config)
     if not cfg.enabled:
         return cfg
     check_zero_stage(zero_stage(config))
+    if not replicas:
+        return cfg
     if dp_size is None:
         dp_size = infer_dp_size(config, mpu=mpu)
     if dp_size is not None:

@@ -23,12 +23,20 @@ Order on a new generation: runtime destroys the world and joins ``gen{g}/``; sur
 a fresh ``deepspeed.initialize``, ``mirror_fresh_init``); the replacement builds its engine from the
 top and receives its state via ``restore``. ``restore`` also clears what an interrupted step left in
 ZeRO's gradient bookkeeping (``reset_step_state``), so the redone step starts clean.
+
+Shrink and grow. With a ``resize`` callback (it builds the engine again, as the script's set-up
+does, on the current world), a job goes on at another data-parallel size: ``rebuild`` finds the
+size changed and takes the new engine instead of rebinding the old one. ZeRO's partition of the
+master weights and moments depends on that size, so each commit carries a ``shard_layout`` (every
+master-partition range, in model space, from each parameter's ``_hp_mapping``), and ``restore``
+re-partitions the old shards into the new engine (``runtime.reshard``).
 """
 
 from __future__ import annotations
 
 import copy
 import logging
+import pickle
 import sys
 import types
 from dataclasses import dataclass, field
@@ -38,7 +46,7 @@ import torch
 import torch.distributed as dist
 
 from fr_megatron.config import FlashRecoveryConfig
-from fr_megatron.runtime import group_refs
+from fr_megatron.runtime import group_refs, reshard
 from fr_megatron.runtime.integration import Integration, RankState, tensor_bytes
 from fr_megatron.runtime.shard_gather import gather_shards
 
@@ -56,6 +64,15 @@ MPU_GETTERS = ("get_data_parallel_group", "get_model_parallel_group", "get_tenso
 # deepspeed.utils.groups globals that hold one group each.
 DS_GROUP_GLOBALS = ("_WORLD_GROUP", "_DATA_PARALLEL_GROUP", "_MODEL_PARALLEL_GROUP",
                     "_TENSOR_MODEL_PARALLEL_GROUP", "_ZERO_PARAM_INTRA_PARALLEL_GROUP")
+
+
+_resizing = False  # while ``resize`` builds an engine at another data-parallel size
+
+
+def resizing() -> bool:
+    """Whether the engine being built replaces one at another data-parallel size (a shrink or a
+    grow), not the job's first."""
+    return _resizing
 
 
 class UnsupportedEngine(NotImplementedError):
@@ -91,16 +108,27 @@ class DeepSpeedIntegration(Integration):
     """
 
     name = "deepspeed"
+    shrink_needs = ("a resize function (fr_megatron.deepspeed.initialize(resize=...)) that builds "
+                    "the engine again on the current world, and data that any data-parallel size "
+                    "can spread (fr_megatron.runtime.batch_split)")
 
     def __init__(self, engine, cfg: Optional[FlashRecoveryConfig] = None, mpu: Any = None,
-                 rebuild_mpu: Optional[Callable[[], None]] = None):
+                 rebuild_mpu: Optional[Callable[[], None]] = None,
+                 resize: Optional[Callable[[], Any]] = None):
         self.engine = engine
         self.cfg = cfg if cfg is not None else FlashRecoveryConfig()
         self.mpu = mpu if mpu is not None else getattr(engine, "mpu", None)
         self.rebuild_mpu = rebuild_mpu
+        # builds the engine again at a new data-parallel size (a shrink or a grow); without it
+        # the job cannot change that size
+        self.resize = resize
+        self.shrinkable = resize is not None
         self.zero_stage = int(engine.zero_optimization_stage())
         self._init_mirrored = False  # rebuild() has issued a fresh process's init collectives
+        self._mark: Optional[Callable[[str], None]] = None  # the runtime's phase marker
+        self._layout: Optional[tuple[tuple, reshard.ShardLayout, bytes]] = None
         self._check_supported()
+        self._data_parallel_size = self._current_data_parallel_size()
         self._catalog = self._record()
 
     # ---- what is supported ---------------------------------------------------------------
@@ -136,9 +164,19 @@ class DeepSpeedIntegration(Integration):
 
     # ---- state ---------------------------------------------------------------------------
     def replica_ranks(self) -> list[int]:
+        return list(dist.get_process_group_ranks(self._dp_group()))
+
+    def _dp_group(self) -> ProcessGroup:
         e = self.engine
-        group = getattr(e, "seq_data_parallel_group", None) or e.data_parallel_group
-        return list(dist.get_process_group_ranks(group))
+        return getattr(e, "seq_data_parallel_group", None) or e.data_parallel_group
+
+    def _current_data_parallel_size(self) -> int:
+        """The data-parallel size of the current world: the mpu's (rebuilt first), else the
+        world's."""
+        if self.mpu is not None and callable(getattr(self.mpu, "get_data_parallel_world_size",
+                                                     None)):
+            return int(self.mpu.get_data_parallel_world_size())
+        return dist.get_world_size()
 
     def _inner_optimizer(self) -> torch.optim.Optimizer:
         return self.engine.optimizer.optimizer if self._zero else self.engine.optimizer
@@ -161,17 +199,9 @@ class DeepSpeedIntegration(Integration):
         for name, p in e.module.named_parameters():
             if id(p) not in made_by_zero:  # frozen parameters, and all of them under stage 0
                 state.replicated[f"param/{name}"] = p.data
-        opt_tensors = state.unique if self._zero else state.replicated
-        opt_scalars: dict[str, Any] = {}
+        opt_tensors, opt_scalars = self._optim_state()
+        getattr(state, "unique" if self._zero else "replicated").update(opt_tensors)
         inner = self._inner_optimizer()
-        for prefix, p in self._optim_slots():
-            if self._zero:
-                state.unique[f"{prefix}/fp32"] = p.data
-            for k, v in inner.state.get(p, {}).items():
-                if torch.is_tensor(v):
-                    opt_tensors[f"{prefix}/state/{k}"] = v
-                else:
-                    opt_scalars[f"{prefix}/state/{k}"] = v
         meta: dict[str, Any] = {"counters": {k: getattr(e, k) for k in COUNTERS},
                                 "param_groups": [{k: v for k, v in g.items() if k != "params"}
                                                  for g in inner.param_groups],
@@ -183,7 +213,101 @@ class DeepSpeedIntegration(Integration):
             meta["loss_scaler"] = {k: v for k, v in vars(scaler).items()
                                    if isinstance(v, (int, float, bool, str, type(None)))}
         state.meta = copy.deepcopy(meta)
+        if self.resize is not None and self._zero:  # read by any rank after a shrink or grow
+            state.meta["shard_layout"] = self._shard_layout(state.unique)[2]
         return state
+
+    # ---- re-partitioning (a shrink or a grow) ---------------------------------------------
+    def shard_layout(self) -> Optional[reshard.ShardLayout]:
+        """Which range of which parameter each master partition and each of its moments holds,
+        from ZeRO's own fragment mapping (``_hp_mapping``); None under stage 0 (nothing is
+        partitioned) and for a job that cannot resize."""
+        if self.resize is None or not self._zero:
+            return None
+        return self._shard_layout(self._optim_state()[0])[1]
+
+    def _optim_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """The optimizer's tensors by capture key (under ZeRO the master partitions with their
+        moments), and its non-tensor state."""
+        inner = self._inner_optimizer()
+        tensors: dict[str, torch.Tensor] = {}
+        scalars: dict[str, Any] = {}
+        for prefix, p in self._optim_slots():
+            if self._zero:
+                tensors[f"{prefix}/fp32"] = p.data
+            for k, v in inner.state.get(p, {}).items():
+                if torch.is_tensor(v):
+                    tensors[f"{prefix}/state/{k}"] = v
+                else:
+                    scalars[f"{prefix}/state/{k}"] = v
+        return tensors, scalars
+
+    def _shard_layout(self, unique: dict[str, torch.Tensor]
+                      ) -> tuple[tuple, reshard.ShardLayout, bytes]:
+        """(keys, layout, layout pickled), computed again only when the captured keys change
+        (the moments appear at the first step; a resize makes a new partition)."""
+        keys = tuple(unique)
+        if self._layout is not None and self._layout[0] == keys:
+            return self._layout
+        opt = self.engine.optimizer
+        names = {id(p): n for n, p in self.engine.module.named_parameters()}
+        group = self._dp_group()
+        layout = reshard.ShardLayout(
+            numel={n: p.numel() for n, p in self.engine.module.named_parameters()},
+            position=self._position(), part=(dist.get_rank(group), dist.get_world_size(group)))
+        for i, params in enumerate(opt.bit16_groups):
+            prefix = f"zero/{i}"
+            kinds = [(key, key.rpartition("/")[2]) for key in keys
+                     if key.startswith(f"{prefix}/state/")]
+            for p in params:
+                mapping = getattr(p, "_hp_mapping", None)
+                if mapping is None:  # no element of it in this rank's partition
+                    continue
+                name, lp, hp = names[id(p)], mapping.lp_fragment_address, \
+                    mapping.hp_fragment_address
+                whole = reshard.Span(name, "fp32", lp.start, lp.start + lp.numel, hp.start)
+                layout.add(f"{prefix}/fp32", whole)
+                for key, kind in kinds:
+                    layout.add(key, reshard.Span(name, kind, reshard.SCALAR, reshard.SCALAR)
+                               if unique[key].dim() == 0 else
+                               reshard.Span(name, kind, whole.start, whole.end, whole.at))
+        layout.check_covers(unique)
+        self._layout = (keys, layout, pickle.dumps(layout, protocol=pickle.HIGHEST_PROTOCOL))
+        return self._layout
+
+    def _position(self) -> tuple:
+        """The model position (tensor and pipeline ranks) this rank's partition belongs to."""
+        if self.mpu is None:
+            return ()
+        return tuple(int(getattr(self.mpu, f)()) for f in (
+            "get_tensor_model_parallel_rank", "get_pipeline_model_parallel_rank")
+            if callable(getattr(self.mpu, f, None)))
+
+    def reshard(self, snapshots) -> int:
+        """This rank's master partitions, their moments and the module parameters, from the
+        partitions of another data-parallel size: ``snapshots`` are (layout, unique tensors) of
+        the old shards. Local: each rank casts the whole parameters it assembled, instead of the
+        partitions' all-gather."""
+        position = self._position()
+        space = reshard.assemble([(old, t) for old, t in snapshots if old.position == position])
+        inner = self._inner_optimizer()
+        kinds = {kind: t for (_, kind), t in [*space.full.items(), *space.scalars.items()]
+                 if kind != "fp32"}
+        for _, p in self._optim_slots():  # moments this fresh engine has not made yet
+            st = inner.state[p]
+            for kind, t in kinds.items():
+                if kind not in st:
+                    st[kind] = t.clone() if t.dim() == 0 else torch.zeros_like(p, dtype=t.dtype)
+        unique = self._optim_state()[0]
+        copied = reshard.scatter(space, self._shard_layout(unique)[1], unique)
+        trained = set(map(id, self._trained_by_zero()))
+        with torch.no_grad():
+            for name, p in self.engine.module.named_parameters():
+                if id(p) in trained:
+                    p.data.view(-1).copy_(space.get(reshard.Span(name, "fp32", 0, p.numel())))
+        log.info("deepspeed reshard: %d old shards into this rank's partition, %d elements",
+                 len(snapshots), copied)
+        return copied
 
     def _check_compatible(self, live: RankState, state: RankState) -> None:
         """Refuse a state that does not fit this engine before changing anything."""
@@ -204,9 +328,14 @@ class DeepSpeedIntegration(Integration):
         if errors:
             raise ValueError("DeepSpeed state does not fit this engine: " + "; ".join(errors))
 
-    def restore(self, state: RankState) -> None:
+    def restore(self, state: RankState, old_shards=None) -> None:
+        """``old_shards``: (layout, unique tensors) of the old partition's shards, after the
+        data-parallel size changed: the partitions are taken from them (``reshard``) instead of
+        from ``state``."""
         e = self.engine
         live = self.capture()
+        if old_shards is not None:
+            live.unique, state = {}, RankState(state.replicated, {}, state.meta)
         self._check_compatible(live, state)
         self.reset_step_state()
         inner = self._inner_optimizer()
@@ -221,7 +350,9 @@ class DeepSpeedIntegration(Integration):
                         prefix, _, key = k.rpartition("/state/")
                         inner.state[slots[prefix]][key] = src.detach().clone()
         meta = copy.deepcopy(state.meta)
-        if self._zero:
+        if old_shards is not None:
+            self.reshard(old_shards)
+        elif self._zero:
             self._make_trained_params()
         for k, v in meta.get("optim_scalars", {}).items():
             prefix, _, key = k.rpartition("/state/")
@@ -439,11 +570,15 @@ class DeepSpeedIntegration(Integration):
                 mapping[key] = by_ranks[ranks]
         return mapping
 
-    def rebuild(self) -> None:
+    def rebuild(self) -> bool:
+        """Rebuild the groups on the new world and rebind the engine's references to them;
+        whether the engine was built again instead (the data-parallel size changed)."""
         old = self._catalog
         if self.mpu is not None and self.rebuild_mpu is not None:
             self.rebuild_mpu()
-        self._recreate_ds_groups(old)
+        resized = self._resize_if_needed()
+        if not resized:
+            self._recreate_ds_groups(old)
         new_named = self._new_groups(old)
         mapping = self._old_to_new(old, new_named)
         unmapped: list[str] = []
@@ -466,8 +601,36 @@ class DeepSpeedIntegration(Integration):
                                f"rebuild")
         log.info("deepspeed: rebuilt groups, rebound %d references", len(changed))
         log.debug("deepspeed: rebound %s", changed)
-        self._mirror_init()
+        if not resized:  # a new engine made the collectives of its set-up already
+            self._mirror_init()
         self._init_mirrored = True
+        return resized
+
+    def _resize_if_needed(self) -> bool:
+        """The world's data-parallel size changed: the engine is built again for it
+        (``resize``, the collectives of a fresh process's set-up), its state restored later from
+        the old shards."""
+        dp = self._current_data_parallel_size()
+        if dp == self._data_parallel_size:
+            return False
+        if self.resize is None:
+            raise RuntimeError(f"the data-parallel size changed from {self._data_parallel_size} "
+                               f"to {dp}, and the job gave no way to build its engine again")
+        global _resizing
+        _resizing = True
+        try:
+            built = self.resize()
+        finally:
+            _resizing = False
+        engine = built[0] if isinstance(built, tuple) else built
+        engine.flash_recovery = self
+        self.engine, self.zero_stage = engine, int(engine.zero_optimization_stage())
+        self._check_supported()
+        self._data_parallel_size, self._layout = dp, None
+        if self._mark is not None:
+            self.install_phase_marks(self._mark)
+        log.info("deepspeed resize: data-parallel size %d, engine built again", dp)
+        return True
 
     def mirror_fresh_init(self) -> None:
         """The collectives that ``deepspeed.initialize`` issues in a freshly started replacement once
@@ -520,6 +683,7 @@ class DeepSpeedIntegration(Integration):
     def install_phase_marks(self, mark: Callable[[str], None]) -> None:
         """Mark ``grad_reduce`` where the engine reduces gradients (``allreduce_gradients``, at
         the end of ``engine.backward``); the training script marks the other phases."""
+        self._mark = mark  # installed again on an engine built at another size
         e = self.engine
         orig = e.allreduce_gradients
         if getattr(orig, "_fr_marked", False):

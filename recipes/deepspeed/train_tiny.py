@@ -17,6 +17,13 @@ Tensor parallelism from Megatron-core's ``parallel_state`` given to DeepSpeed as
     DS_ACCELERATOR=cpu fr-megatron run --nproc-per-node 4 recipes/deepspeed/train_tiny.py \\
         --mpu megatron --tp 2 --zero-stage 1
 
+Going on with fewer data-parallel replicas instead of replacing a lost rank, with ZeRO's
+partitions re-partitioned in memory (``build`` is the engine's ``resize``), and growing back when
+a spare node joins (``fr-megatron run --spare-node`` on another node):
+
+    DS_ACCELERATOR=cpu fr-megatron run --nproc-per-node 4 --spares 0 --shrink always \\
+        --inject kill:rank=2:step=3:phase=backward recipes/deepspeed/train_tiny.py --zero-stage 2
+
 Under a plain launcher (``torchrun``, no ``FR_CONTROLLER``) it trains without recovery.
 
 Set-up follows the order a replacement process repeats from the top: the Session joins the
@@ -26,11 +33,16 @@ DeepSpeed must not create its own) and returns it with its integration, which th
 On a new generation the survivors' ``rebuild`` repeats exactly that: ``rebuild_mpu`` (destroy and
 re-initialise parallel_state), DeepSpeed's groups, and the model broadcast of a fresh engine.
 
-Data is a pure function of (step, micro-batch, data-parallel rank), so a redone step sees the same
-micro-batches. ``--out PATH`` writes (torch.save) on rank 0: ``losses`` {step: loss averaged over
-the data-parallel ranks}, ``params`` (rank 0's module parameters), ``optim`` (rank 0's ZeRO fp32
-shard and its Adam moments, ``{"state": {slot: {key: tensor}}}``) and ``engine`` counters; every
-other rank r writes the same for itself to ``PATH.rank{r}``.
+Data is a pure function of (step, micro-batch, row). Each step takes the job's global batch
+(``--global-batch``, by default the configured micro-batch size times gradient accumulation times
+the configured data-parallel size): each of its gradient-accumulation micro-steps takes one global
+micro-batch, whose rows are spread over the ranks of the current world (``batch_split``), so a
+redone step sees the same rows, and after a shrink (``--shrink always``, or no spare left) fewer
+ranks take the same rows. ``--out PATH`` writes (torch.save) on rank 0: ``losses`` {step: loss
+averaged over the global batch}, ``params`` (rank 0's module parameters), ``optim`` (rank 0's ZeRO
+fp32 shard and its Adam moments, ``{"state": {slot: {key: tensor}}}``), ``engine`` counters,
+``taken`` {step: the global row indices this rank trained on}; every other rank r writes the same
+for itself to ``PATH.rank{r}``.
 
 ``--optimizer-phase inside-step`` marks the ``optimizer`` phase (where ``--inject ...:phase=optimizer``
 fires) from a post-hook of the inner torch optimizer, i.e. inside ``DeepSpeedZeroOptimizer.step``:
@@ -43,20 +55,23 @@ import gc
 import json
 import logging
 import os
+import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 import fr_megatron.deepspeed as frds
+from fr_megatron.runtime.batch_split import loss_scale, micro_batches
 
 HERE = Path(__file__).resolve().parent
 DIM, HIDDEN = 16, 64
 
 
-def batch(step: int, micro: int, dp_rank: int, n: int):
-    g = torch.Generator().manual_seed((step * 64 + micro) * 4096 + dp_rank)
-    x = torch.randn(n, DIM, generator=g)
+def batch(step: int, micro: int, rows: range, total: int):
+    """Rows ``rows`` of the step's micro-batch ``micro``, which has ``total`` rows in all."""
+    g = torch.Generator().manual_seed(step * 64 + micro)
+    x = torch.randn(total, DIM, generator=g)[rows.start:rows.stop]
     return x, torch.sin(x[:, :4] * 2.0).sum(dim=1, keepdim=True)
 
 
@@ -103,6 +118,7 @@ class NoRecovery:
 
     def __init__(self):
         self.rank, self.world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+        self.job_size = self.world_size
 
     def init_process_group(self, backend: str) -> None:
         dist.init_process_group(backend)
@@ -119,7 +135,7 @@ class NoRecovery:
         return out
 
 
-def _results(engine, fr, losses, rank: int) -> dict:
+def _results(engine, fr, losses, rank: int, taken: dict) -> dict:
     """This rank's final state: module parameters, ZeRO shard + optimizer state, counters."""
     def t(v):
         return v.detach().clone() if torch.is_tensor(v) else torch.tensor(v)
@@ -137,7 +153,8 @@ def _results(engine, fr, losses, rank: int) -> dict:
             "params": {k: v.detach().clone() for k, v in engine.module.named_parameters()},
             "optim": {"state": optim, "param_groups": state.meta["param_groups"]},
             "engine": {**state.meta["counters"], "lr": engine.get_lr()},
-            "rank": rank, "pid": os.getpid()}
+            "rank": rank, "pid": os.getpid(), "taken": taken,
+            "tensor_rank": fr.mpu.get_tensor_model_parallel_rank() if fr.mpu else 0}
 
 
 def main():
@@ -146,6 +163,10 @@ def main():
     p.add_argument("--zero-stage", type=int, choices=[0, 1, 2, 3], default=None,
                    help="override zero_optimization.stage (3 is refused by flash recovery)")
     p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--global-batch", type=int, default=None,
+                   help="rows per step (default: the config's micro-batch size x gradient "
+                        "accumulation x the configured data-parallel size)")
+    p.add_argument("--step-sleep", type=float, default=0.0, help="extra seconds per step")
     p.add_argument("--lr", type=float, default=1e-2)
     p.add_argument("--mpu", choices=["none", "megatron"], default="none",
                    help="give DeepSpeed megatron.core.parallel_state as its mpu")
@@ -185,53 +206,73 @@ def main():
         ps.initialize_model_parallel(**init_args)
         mpu, rebuild_mpu = MegatronCoreMPU(), parallel_state_rebuilder(**init_args)
         tp, tp_rank = a.tp, ps.get_tensor_model_parallel_rank()
-        dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
-    else:
-        dp_rank, dp_size = dist.get_rank(), dist.get_world_size()
 
     cfg = json.loads(Path(a.config).read_text())
     if a.zero_stage is not None:
         cfg.setdefault("zero_optimization", {})["stage"] = a.zero_stage
-    cfg["train_batch_size"] = (cfg["train_micro_batch_size_per_gpu"]
-                               * cfg.get("gradient_accumulation_steps", 1) * dp_size)
+    rows_per_rank = cfg["train_micro_batch_size_per_gpu"]
+    accumulation = cfg.get("gradient_accumulation_steps", 1)
+    global_batch = a.global_batch or rows_per_rank * accumulation * (session.job_size // tp)
+    if global_batch % accumulation:
+        raise SystemExit(f"--global-batch {global_batch}: not a multiple of the config's "
+                         f"gradient_accumulation_steps {accumulation}")
+    micro_rows = global_batch // accumulation  # rows of one global micro-batch
 
-    torch.manual_seed(0)
-    model = TPMLP(tp, tp_rank) if tp > 1 else mlp()
-    # A torch optimizer (instead of a config "optimizer") avoids compiling DeepSpeed's CPU Adam.
-    optimizer = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=0.01)
-    engine, _, _, _ = frds.initialize(model=model, optimizer=optimizer, config=cfg, mpu=mpu,
-                                      rebuild_mpu=rebuild_mpu, dist_init_required=False)
+    def build():
+        """The engine on the current world; also what a shrink or a grow calls (``resize``)."""
+        dp_size = mpu.get_data_parallel_world_size() if mpu else dist.get_world_size()
+        cfg["train_batch_size"] = rows_per_rank * accumulation * dp_size  # DeepSpeed's check
+        torch.manual_seed(0)
+        model = TPMLP(tp, tp_rank) if tp > 1 else mlp()
+        # A torch optimizer (instead of a config "optimizer") avoids compiling DeepSpeed's CPU Adam.
+        optimizer = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=0.01)
+        engine, _, _, _ = frds.initialize(model=model, optimizer=optimizer, config=cfg, mpu=mpu,
+                                          rebuild_mpu=rebuild_mpu, dist_init_required=False,
+                                          resize=build)
+        if a.optimizer_phase == "inside-step" and engine.flash_recovery is not None:
+            # Fires after this rank's inner optimizer step, inside DeepSpeed's step (fp32 shard
+            # and moments already updated, the parameter all-gather still to come).
+            engine.flash_recovery.optimizers()[0].register_step_post_hook(
+                lambda *_: session.phase("optimizer"))
+        return engine
+
+    engine = build()
     fr = engine.flash_recovery
     if fr is None:
         raise SystemExit(f"{a.config}: the \"flash_recovery\" section is missing or disabled")
     session.attach(fr)
-    log.info("rank %d: ZeRO-%d, tp %d, dp rank %d of %d, replica group %s", dist.get_rank(),
-             engine.zero_optimization_stage(), tp, dp_rank, dp_size, fr.replica_ranks())
-
-    inner = engine.optimizer.optimizer if fr.zero_stage in (1, 2) else engine.optimizer
-    if a.optimizer_phase == "inside-step":
-        # Fires after this rank's inner optimizer step, inside DeepSpeed's step (fp32 shard and
-        # moments already updated, the parameter all-gather still to come).
-        inner.register_step_post_hook(lambda *_: session.phase("optimizer"))
-
-    dtype = next(engine.module.parameters()).dtype  # bf16/fp16 when the config enables them
+    log.info("rank %d: ZeRO-%d, tp %d, %d rows per step, replica group %s", dist.get_rank(),
+             engine.zero_optimization_stage(), tp, global_batch, fr.replica_ranks())
+    taken: dict[int, list[int]] = {}
 
     def train_step(step: int) -> float:
+        engine = fr.engine  # built again when the job shrinks or grows
+        group = fr.replica_ranks()
+        dp_rank, dp_size = group.index(dist.get_rank()), len(group)
+        dtype = next(engine.module.parameters()).dtype  # bf16/fp16 when the config enables them
         total = torch.zeros(())
-        for micro in range(engine.gradient_accumulation_steps()):
-            x, y = batch(step, micro, dp_rank, engine.train_micro_batch_size_per_gpu())
+        taken[step] = []
+        for micro in range(accumulation):
+            rows = micro_batches(micro_rows, dp_rank, dp_size)
+            x, y = batch(step, micro, rows, micro_rows)
+            taken[step] += [micro * micro_rows + r for r in rows]
             session.phase("forward")
             out = engine(x.to(engine.device, dtype))
-            loss = torch.nn.functional.mse_loss(out.float(), y.to(engine.device))
+            # DeepSpeed averages gradients over the data-parallel ranks: each rank's sum of
+            # squared errors is scaled so that the step's gradient is the global batch's mean
+            err = torch.nn.functional.mse_loss(out.float(), y.to(engine.device), reduction="sum")
+            loss = err * loss_scale(micro_rows, dp_size)
             session.phase("backward")
             engine.backward(loss)
             total += loss.detach().float()
             if a.optimizer_phase == "before-step":
                 session.phase("optimizer")
             engine.step()
+        if a.step_sleep:
+            time.sleep(a.step_sleep)
         # the same value on every rank (a replacement's history comes from a data-parallel peer)
         dist.all_reduce(total)
-        return total.item() / (dist.get_world_size() * engine.gradient_accumulation_steps())
+        return total.item() / (dist.get_world_size() * accumulation)
 
     losses = session.run(train_step, a.steps)
     if session.rank == 0:
@@ -239,7 +280,7 @@ def main():
             log.info("step %d loss %.6f", step, losses[step])
     if a.out:
         path = a.out if session.rank == 0 else f"{a.out}.rank{session.rank}"
-        torch.save(_results(engine, fr, losses, session.rank), path)
+        torch.save(_results(fr.engine, fr, losses, session.rank, taken), path)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,93 @@
+"""A DeepSpeed ZeRO-2 job with Megatron-core's parallel_state as its mpu (TP=2 x DP=4, 8 ranks)
+that loses a rank and goes on with three data-parallel replicas (``--shrink always``), then grows
+back to four when a spare node joins. The survivors keep their processes; at each change of size
+they build the engine again (the recipe's ``resize``) and take ZeRO's master partitions and Adam
+moments re-partitioned from the old partition's shards, the removed replica's included (from the
+snapshots it left in the node's shared memory). Every step trains on the same rows of the global
+batch as the fault-free run, spread over the replicas there are."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from jobs import REPO, run_job, shrink_then_grow
+
+RECIPE = REPO / "recipes" / "deepspeed" / "train_tiny.py"
+WORLD, STEPS, ROWS = 8, 14, 16  # the config's 4 rows per rank x 4 data-parallel ranks
+ENV = {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+ARGS = ["--zero-stage", "2", "--mpu", "megatron", "--tp", "2", "--steps", str(STEPS)]
+
+# After the shrink, a step's gradient sums the same rows' errors grouped over three ranks instead
+# of four: fp32 additions in another order, which moves losses by about 5e-7 and parameters by
+# about 3e-8 over these steps. One global row of the sixteen left out of a step moves them by
+# about 1e-3: 1e-5 lies well apart from either.
+TOLERANCE = 1e-5
+
+
+def _load(path, world: int = WORLD) -> dict:
+    return {r: torch.load(p, weights_only=False) for r in range(world)
+            if (p := path.parent / (path.name + (f".rank{r}" if r else ""))).exists()}
+
+
+@pytest.mark.timeout(600)
+def test_zero2_shrinks_to_three_replicas_and_grows_back_to_four(tmp_path):
+    base = run_job(tmp_path, RECIPE, [*ARGS, "--out", str(tmp_path / "base.pt")], nproc=WORLD,
+                   spares=0, env=ENV, name="base", timeout=300)
+    assert base.rc == 0, base.failure(5000)
+    out = tmp_path / "grown.pt"
+    rcs, logs = shrink_then_grow(tmp_path, RECIPE, [*ARGS, "--step-sleep", "2", "--out",
+                                                    str(out)],
+                                 inject="kill:rank=5:step=3:phase=backward", nproc=WORLD,
+                                 spares=0, env=ENV)
+    assert rcs == [0, 0], (rcs, logs)
+    report = json.loads((tmp_path / "report.json").read_text())
+    fault, *stuck = report["faults"]
+    assert (fault["rank"], fault["kind"], fault["action"]) == (5, "crash", "shrink"), fault
+    assert (fault["world_size_after"], fault["data_parallel_size_after"]) == (6, 3), fault
+    assert fault["survivor_pids_unchanged"] is True and fault["steps_lost"] == 0, fault
+    assert stuck == [], stuck
+    (grow,) = report["grows"]
+    assert (grow["ranks"], grow["world_size_after"], grow["data_parallel_size_after"]) == \
+        ([4, 5], 8, 4), grow
+    assert grow["steps_lost"] == 0 and grow["survivor_pids_unchanged"] is True, grow
+    assert report["members"] == list(range(WORLD)) and report["finished_ranks"] == WORLD, logs
+    shrunk, back = fault["recovery_point"], grow["recovery_point"]
+    assert shrunk == 2 and shrunk < back < STEPS, (shrunk, back)
+
+    ranks, baseline = _load(out), _load(tmp_path / "base.pt")
+    assert sorted(ranks) == list(range(WORLD))
+    started = {}
+    for line in (tmp_path / "journal.jsonl").read_text().splitlines():
+        e = json.loads(line)
+        if e["event"] == "worker_started":
+            started.setdefault(e["rank"], e["pid"])
+    for r, got in ranks.items():
+        if r not in (4, 5):  # survivors wrote their results from their first process
+            assert got["pid"] == started[r], r
+    # rows of the global batch per step, read on tensor rank 0: the fault-free run's before the
+    # shrink, then every row exactly once over three replicas, then over four again
+    takers = {r: got for r, got in ranks.items() if got["tensor_rank"] == 0}
+    for step in range(1, STEPS + 1):
+        if step <= shrunk:
+            assert all(got["taken"][step] == baseline[r]["taken"][step]
+                       for r, got in takers.items() if r != 4), step
+            continue
+        replicas = [got for r, got in takers.items() if step > back or r != 4]
+        assert len(replicas) == (4 if step > back else 3), step
+        taken = sorted(row for got in replicas for row in got["taken"][step])
+        assert taken == list(range(ROWS)), (step, taken)
+    # bit-identical before the shrink, within TOLERANCE after it, for every rank
+    for r, got in ranks.items():
+        assert got["losses"].keys() == baseline[r]["losses"].keys()
+        for step, loss in got["losses"].items():
+            want = baseline[r]["losses"][step]
+            assert (loss == want) if step <= shrunk else abs(loss - want) <= TOLERANCE, \
+                (r, step, loss, want)
+        for k, p in got["params"].items():
+            assert (p - baseline[r]["params"][k]).abs().max().item() <= TOLERANCE, (r, k)
+        for slot, state in got["optim"]["state"].items():
+            for key, t in state.items():
+                assert t.shape == baseline[r]["optim"]["state"][slot][key].shape, (r, slot, key)
