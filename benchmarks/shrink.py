@@ -5,7 +5,8 @@ rank is killed at ``--fault-step``, the job goes on with 7 data-parallel replica
 node started once the shrink is over takes the removed rank back. With ``--recipe megatron``, the
 megatron-core recipe at TP=2 x DP=4 with the distributed optimizer: the killed rank's replica (two
 ranks) leaves, the job goes on at DP=3 with the optimizer's shards re-partitioned, and grows back
-to DP=4. From the report: the shrink's recovery time and
+to DP=4. ``--recipe deepspeed`` is the same for DeepSpeed ZeRO-2 with Megatron's parallel_state
+as its mpu (TP=2 x DP=4), ZeRO's partitions re-partitioned at each change. From the report: the shrink's recovery time and
 phases, the grow's time from its decision to the first step after it and its phases. From the
 recipe's per-step timestamps: samples per second before the fault, while shrunk and after the
 grow (the global batch is the same throughout), with the ratio that the data-parallel sizes alone
@@ -13,7 +14,7 @@ would give. On a machine with fewer cores than ranks the ranks share the CPUs, s
 the same work in about the same time and throughput barely moves; on accelerators a shrunk step
 takes longer by the ratio of the data-parallel sizes.
 
-    python -m benchmarks.shrink [--recipe torch|megatron] [--steps 300] [--width 2048]
+    python -m benchmarks.shrink [--recipe torch|megatron|deepspeed] [--steps 300] [--width 2048]
                                 [--micro-batch-size 256] [--quick]
 """
 
@@ -32,8 +33,11 @@ from pathlib import Path
 from .common import REPO, table, write
 
 RECIPES = {"torch": REPO / "recipes" / "torch_ddp" / "train.py",
-           "megatron": REPO / "recipes" / "megatron" / "pretrain_gpt.py"}
-TP = {"torch": 1, "megatron": 2}  # the ranks of one data-parallel replica
+           "megatron": REPO / "recipes" / "megatron" / "pretrain_gpt.py",
+           "deepspeed": REPO / "recipes" / "deepspeed" / "train_tiny.py"}
+TP = {"torch": 1, "megatron": 2, "deepspeed": 2}  # the ranks of one data-parallel replica
+WIDTH = {"torch": 2048, "megatron": 256, "deepspeed": 2048}
+DS_CONFIG = RECIPES["deepspeed"].parent / "ds_config.json"
 
 
 def _launch(tmp: Path, port: int, node_rank: int, nproc: int, recipe: str,
@@ -42,8 +46,9 @@ def _launch(tmp: Path, port: int, node_rank: int, nproc: int, recipe: str,
            str(node_rank), "--nproc-per-node", str(nproc), "--controller", f"127.0.0.1:{port}",
            "--token-file", str(tmp / "token"), "--no-wandb", "--spares", "1", *extra,
            str(RECIPES[recipe]), *script_args]
+    env = {**os.environ, **({"DS_ACCELERATOR": "cpu"} if recipe == "deepspeed" else {})}
     return subprocess.Popen(cmd, cwd=REPO, stdout=open(tmp / f"node{node_rank}.log", "w"),
-                            stderr=subprocess.STDOUT, start_new_session=True)
+                            stderr=subprocess.STDOUT, start_new_session=True, env=env)
 
 
 def _throughput(step_t: dict, first: int, last: int, samples: int) -> float | None:
@@ -57,22 +62,25 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--recipe", choices=sorted(RECIPES), default="torch")
     p.add_argument("--nproc", type=int, default=8)
-    p.add_argument("--steps", type=int, default=300,
-                   help="steps of the job: enough for the spare node to start while it runs")
+    p.add_argument("--steps", type=int, default=None,
+                   help="steps of the job: enough for the spare node to start while it runs "
+                        "(default: deepspeed 800, else 300)")
     p.add_argument("--width", type=int, default=None,
-                   help="the recipe's hidden width (default: torch 2048, megatron 256)")
+                   help="the recipe's hidden width (default: torch 2048, megatron 256, "
+                        "deepspeed 2048)")
     p.add_argument("--micro-batch-size", type=int, default=None,
                    help="samples per micro-batch; the global batch: one per data-parallel rank "
-                        "(default: torch 256, megatron 4)")
+                        "(default: torch 256, megatron 4; deepspeed: its config's)")
     p.add_argument("--fault-step", type=int, default=8)
     p.add_argument("--quick", action="store_true", help="fewer steps")
     p.add_argument("--keep", default=None, metavar="DIR",
                    help="keep the job's logs, report and journal in DIR")
     a = p.parse_args(argv)
-    if a.quick:
-        a.steps = 200
+    a.steps = 200 if a.quick else a.steps or (800 if a.recipe == "deepspeed" else 300)
     torch_recipe = a.recipe == "torch"
-    a.width = a.width or (2048 if torch_recipe else 256)
+    a.width = a.width or WIDTH[a.recipe]
+    if a.recipe == "deepspeed":
+        a.micro_batch_size = json.loads(DS_CONFIG.read_text())["train_micro_batch_size_per_gpu"]
     a.micro_batch_size = a.micro_batch_size or (256 if torch_recipe else 4)
     tp = TP[a.recipe]
     dp = a.nproc // tp
@@ -95,6 +103,10 @@ def main(argv=None) -> int:
             script_args = ["--steps", str(a.steps), "--width", str(a.width),
                            "--micro-batch-size", str(a.micro_batch_size),
                            "--out", str(tmp / "job.pt")]
+        elif a.recipe == "deepspeed":
+            script_args = ["--zero-stage", "2", "--mpu", "megatron", "--tp", str(tp),
+                           "--steps", str(a.steps), "--hidden", str(a.width),
+                           "--out", str(tmp / "job.pt")]
         else:
             script_args = _megatron_args(a, tp, dp, tmp / "timings.json")
         victim = a.nproc // 2 - 1
@@ -115,7 +127,7 @@ def main(argv=None) -> int:
         if rcs != [0, 0]:
             raise RuntimeError(f"job failed {rcs}: {(tmp / 'node0.log').read_text()[-3000:]}")
         rep = json.loads(report.read_text())
-        if torch_recipe:
+        if a.recipe != "megatron":  # the recipe's own per-step record
             result = torch.load(tmp / "job.pt", weights_only=False)
         else:
             durations = json.loads((tmp / "timings.json").read_text())
@@ -123,12 +135,12 @@ def main(argv=None) -> int:
     # too (``stuck``), which with --shrink always is another shrink, listed after it
     fault, *more = rep["faults"]
     grows = [g for g in rep["grows"] if g.get("grow_s") is not None]
-    samples = dp * a.micro_batch_size * (1 if torch_recipe else 3)
+    samples = dp * a.micro_batch_size * (3 if a.recipe == "megatron" else 1)
     # the data-parallel size from each change on: (last step before it, size after it)
     changes = sorted([(f["recovery_point"], f["data_parallel_size_after"])
                       for f in rep["faults"] if f["action"] == "shrink"] +
                      [(g["recovery_point"], g["data_parallel_size_after"]) for g in grows])
-    if not torch_recipe:  # rank 0's step times, and the world's size at each step
+    if a.recipe == "megatron":  # rank 0's step times, and the world's size at each step
         result = {"step_t": _cumulative(durations),
                   "world_sizes": {s: tp * _size_at(s, dp, changes)
                                   for s in range(1, a.steps + 1)}}
@@ -154,7 +166,7 @@ def main(argv=None) -> int:
                 "seconds": g["grow_s"], "prepare_s": g["prepare_s"], "phases": g["phases"],
                 "steps_lost": g["steps_lost"], "world_size_after": g["world_size_after"]}
                for g in grows]
-    what = "plain torch recipe" if torch_recipe else f"megatron recipe TP={tp} x DP={dp}"
+    what = "plain torch recipe" if torch_recipe else f"{a.recipe} recipe TP={tp} x DP={dp}"
     print(f"\nShrink and grow back, {a.nproc} ranks, {what} (width {a.width}), "
           f"{a.steps} steps; global batch {samples} samples\n")
     print(table([{k: v for k, v in e.items() if k != "phases"} for e in events],
@@ -171,7 +183,7 @@ def main(argv=None) -> int:
               "--steps")
     print()
     print(table(rows, list(rows[0])))
-    name = "shrink" if torch_recipe else "shrink_megatron"
+    name = "shrink" if torch_recipe else f"shrink_{a.recipe}"
     png = _plot(result, events, a.nproc, name)
     path = write(name, {"recipe": a.recipe, "nproc": a.nproc, "tensor_parallel": tp,
                         "steps": a.steps, "width": a.width,

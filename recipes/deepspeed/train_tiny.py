@@ -41,7 +41,8 @@ redone step sees the same rows, and after a shrink (``--shrink always``, or no s
 ranks take the same rows. ``--out PATH`` writes (torch.save) on rank 0: ``losses`` {step: loss
 averaged over the global batch}, ``params`` (rank 0's module parameters), ``optim`` (rank 0's ZeRO
 fp32 shard and its Adam moments, ``{"state": {slot: {key: tensor}}}``), ``engine`` counters,
-``taken`` {step: the global row indices this rank trained on}; every other rank r writes the same
+``taken`` {step: the global row indices this rank trained on}, ``step_t`` and ``world_sizes``
+{step: when it ended, the world's size then}; every other rank r writes the same
 for itself to ``PATH.rank{r}``.
 
 ``--optimizer-phase inside-step`` marks the ``optimizer`` phase (where ``--inject ...:phase=optimizer``
@@ -65,7 +66,7 @@ import fr_megatron.deepspeed as frds
 from fr_megatron.runtime.batch_split import loss_scale, micro_batches
 
 HERE = Path(__file__).resolve().parent
-DIM, HIDDEN = 16, 64
+DIM = 16
 
 
 def batch(step: int, micro: int, rows: range, total: int):
@@ -83,16 +84,16 @@ class TPMLP(torch.nn.Module):
     """Megatron's MLP layout: column-parallel fc1, row-parallel fc2, then a replicated head. The
     shards are cut from full-size weights made with the same seed on every rank (a "master weight")."""
 
-    def __init__(self, tp: int, tp_rank: int):
+    def __init__(self, tp: int, tp_rank: int, hidden: int):
         super().__init__()
-        full = torch.nn.Sequential(torch.nn.Linear(DIM, HIDDEN), torch.nn.Linear(HIDDEN, HIDDEN),
-                                   torch.nn.Linear(HIDDEN, 1))
-        part = HIDDEN // tp
+        full = torch.nn.Sequential(torch.nn.Linear(DIM, hidden), torch.nn.Linear(hidden, hidden),
+                                   torch.nn.Linear(hidden, 1))
+        part = hidden // tp
         rows = slice(tp_rank * part, (tp_rank + 1) * part)
         self.fc1 = torch.nn.Linear(DIM, part)
-        self.fc2 = torch.nn.Linear(part, HIDDEN, bias=False)
+        self.fc2 = torch.nn.Linear(part, hidden, bias=False)
         self.fc2_bias = torch.nn.Parameter(full[1].bias.detach().clone())
-        self.head = torch.nn.Linear(HIDDEN, 1)
+        self.head = torch.nn.Linear(hidden, 1)
         with torch.no_grad():
             self.fc1.weight.copy_(full[0].weight[rows])
             self.fc1.bias.copy_(full[0].bias[rows])
@@ -107,9 +108,9 @@ class TPMLP(torch.nn.Module):
         return self.head(h)
 
 
-def mlp() -> torch.nn.Module:
-    return torch.nn.Sequential(torch.nn.Linear(DIM, HIDDEN), torch.nn.GELU(),
-                               torch.nn.Linear(HIDDEN, HIDDEN), torch.nn.GELU(), torch.nn.Linear(HIDDEN, 1))
+def mlp(hidden: int) -> torch.nn.Module:
+    return torch.nn.Sequential(torch.nn.Linear(DIM, hidden), torch.nn.GELU(),
+                               torch.nn.Linear(hidden, hidden), torch.nn.GELU(), torch.nn.Linear(hidden, 1))
 
 
 # ---- without fr-megatron run ---------------------------------------------------------------------
@@ -135,7 +136,7 @@ class NoRecovery:
         return out
 
 
-def _results(engine, fr, losses, rank: int, taken: dict) -> dict:
+def _results(engine, fr, losses, rank: int, taken: dict, steps: dict) -> dict:
     """This rank's final state: module parameters, ZeRO shard + optimizer state, counters."""
     def t(v):
         return v.detach().clone() if torch.is_tensor(v) else torch.tensor(v)
@@ -154,6 +155,8 @@ def _results(engine, fr, losses, rank: int, taken: dict) -> dict:
             "optim": {"state": optim, "param_groups": state.meta["param_groups"]},
             "engine": {**state.meta["counters"], "lr": engine.get_lr()},
             "rank": rank, "pid": os.getpid(), "taken": taken,
+            "step_t": {k: t for k, (t, _) in steps.items()},
+            "world_sizes": {k: n for k, (_, n) in steps.items()},
             "tensor_rank": fr.mpu.get_tensor_model_parallel_rank() if fr.mpu else 0}
 
 
@@ -167,6 +170,7 @@ def main():
                    help="rows per step (default: the config's micro-batch size x gradient "
                         "accumulation x the configured data-parallel size)")
     p.add_argument("--step-sleep", type=float, default=0.0, help="extra seconds per step")
+    p.add_argument("--hidden", type=int, default=64, help="the model's hidden width")
     p.add_argument("--lr", type=float, default=1e-2)
     p.add_argument("--mpu", choices=["none", "megatron"], default="none",
                    help="give DeepSpeed megatron.core.parallel_state as its mpu")
@@ -223,7 +227,7 @@ def main():
         dp_size = mpu.get_data_parallel_world_size() if mpu else dist.get_world_size()
         cfg["train_batch_size"] = rows_per_rank * accumulation * dp_size  # DeepSpeed's check
         torch.manual_seed(0)
-        model = TPMLP(tp, tp_rank) if tp > 1 else mlp()
+        model = TPMLP(tp, tp_rank, a.hidden) if tp > 1 else mlp(a.hidden)
         # A torch optimizer (instead of a config "optimizer") avoids compiling DeepSpeed's CPU Adam.
         optimizer = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=0.01)
         engine, _, _, _ = frds.initialize(model=model, optimizer=optimizer, config=cfg, mpu=mpu,
@@ -244,6 +248,7 @@ def main():
     log.info("rank %d: ZeRO-%d, tp %d, %d rows per step, replica group %s", dist.get_rank(),
              engine.zero_optimization_stage(), tp, global_batch, fr.replica_ranks())
     taken: dict[int, list[int]] = {}
+    steps: dict[int, tuple[float, int]] = {}  # step -> (when it ended, the world's size)
 
     def train_step(step: int) -> float:
         engine = fr.engine  # built again when the job shrinks or grows
@@ -272,6 +277,7 @@ def main():
             time.sleep(a.step_sleep)
         # the same value on every rank (a replacement's history comes from a data-parallel peer)
         dist.all_reduce(total)
+        steps[step] = (time.time(), dist.get_world_size())
         return total.item() / (dist.get_world_size() * accumulation)
 
     losses = session.run(train_step, a.steps)
@@ -280,7 +286,7 @@ def main():
             log.info("step %d loss %.6f", step, losses[step])
     if a.out:
         path = a.out if session.rank == 0 else f"{a.out}.rank{session.rank}"
-        torch.save(_results(fr.engine, fr, losses, session.rank, taken), path)
+        torch.save(_results(fr.engine, fr, losses, session.rank, taken, steps), path)
 
 
 if __name__ == "__main__":
