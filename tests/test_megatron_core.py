@@ -410,3 +410,25 @@ def test_retired_group_fails_loudly(one_rank_world):
     with pytest.raises(Exception):
         group.broadcast([torch.ones(1)]).wait()
     dist.all_reduce(t)  # the default group is untouched
+
+
+def test_optimizer_instances_fit_the_data_parallel_size_left():
+    """A shrunk world keeps the configured instances where they divide the data-parallel size,
+    else the most that do: one shard copy fewer per instance lost, never a megatron assert."""
+    from fr_megatron.megatron.parallel_state_hook import fit_optimizer_instances
+
+    assert [fit_optimizer_instances(2, dp) for dp in (4, 3, 2, 1)] == [2, 1, 2, 1]
+    assert [fit_optimizer_instances(4, dp) for dp in (8, 6, 4, 3, 2)] == [4, 3, 4, 3, 2]
+    assert fit_optimizer_instances(1, 5) == 1
+
+
+def test_a_vanished_group_role_is_left_out_only_after_a_resize():
+    from fr_megatron.megatron.rebind import build_group_map
+
+    old, new = object(), object()
+    gone = object()  # an inter-instance group of two instances, when one is left
+    roles_old = {"_DATA_PARALLEL_GROUP": old, "_INTER_DISTRIBUTED_OPTIMIZER_INSTANCE_GROUP": gone}
+    assert build_group_map(roles_old, {"_DATA_PARALLEL_GROUP": new}, resized=True) == \
+        {id(old): new}
+    with pytest.raises(RuntimeError, match="has no replacement"):
+        build_group_map(roles_old, {"_DATA_PARALLEL_GROUP": new})

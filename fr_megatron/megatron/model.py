@@ -172,7 +172,9 @@ class TinyGPTJob:
             grad_reduce_in_fp32=True,
             overlap_grad_reduce=False,
             use_distributed_optimizer=True,
-            num_distributed_optimizer_instances=cfg.num_distributed_optimizer_instances,
+            # the configured number, or fewer on a world it does not divide (a shrink)
+            num_distributed_optimizer_instances=parallel_state_hook.optimizer_instances(
+                cfg.num_distributed_optimizer_instances),
         )
         # No broadcast_params(): the init is deterministic, and a replacement process must not
         # enter collectives its survivors never join.

@@ -7,6 +7,15 @@ next generation's store prefix. Megatron's groups must then be rebuilt with the 
 ``rebuild_model_parallel()`` replays the call on the new world and ``teardown()`` drops every
 group reference ``destroy_model_parallel`` leaves behind.
 
+Optimizer instances on a resized world
+--------------------------------------
+``num_distributed_optimizer_instances`` must divide the data-parallel size. A job that shrank to
+three replicas of four cannot keep two instances: on a world whose data-parallel size the
+recorded number does not divide, the call is made with the largest number below it that does
+(``fit_optimizer_instances``; one at worst, the shards then copied instead of computed twice),
+and the configured number comes back when the job grows back. ``optimizer_instances()`` says
+the number in effect, which the model's DDP config must use.
+
 Group creation with local synchronisation (``use_local_synchronization``)
 --------------------------------------------------------------------------
 megatron-core 0.16.1 calls ``torch.distributed.new_group`` for every group on every rank, members or
@@ -50,6 +59,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import inspect
 import logging
 from typing import Any
 
@@ -67,6 +77,7 @@ _STATE: dict[str, Any] = {
     "orig_initialize": None,
     "orig_create_group": None,
     "call": None,  # (args, kwargs) of the last initialize_model_parallel call
+    "instances": None,  # the optimizer instances of the groups built last
     "shared": (None, {}),  # (default group, {(members, timeout): gloo group}) of this world
 }
 
@@ -111,6 +122,7 @@ def install(local_sync: bool | None = None) -> None:
             _STATE["call"] = (args, dict(kwargs))
             # a replacement's peers build these groups too, in their rebuild: never replayed
             with startup_calls.passthrough():
+                args, kwargs = _fitted(orig, args, kwargs)
                 return orig(*args, **kwargs)
 
         initialize_model_parallel.__wrapped__ = orig
@@ -120,6 +132,40 @@ def install(local_sync: bool | None = None) -> None:
         ps.create_group = _create_group
         _STATE["installed"] = True
     _STATE["local_sync"] = bool(local_sync)
+
+
+def fit_optimizer_instances(configured: int, data_parallel_size: int) -> int:
+    """The optimizer instances a data-parallel size can hold: ``configured`` when it divides
+    the size, else the largest number below it that does."""
+    return next(n for n in range(max(min(configured, data_parallel_size), 1), 0, -1)
+                if data_parallel_size % n == 0)
+
+
+def _fitted(orig, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """The call's arguments with ``num_distributed_optimizer_instances`` fitted to the current
+    world's data-parallel size (see the module docstring)."""
+    bound = inspect.signature(orig).bind_partial(*args, **kwargs)
+    bound.apply_defaults()
+    given = bound.arguments
+    configured = int(given.get("num_distributed_optimizer_instances") or 1)
+    model_parallel = 1
+    for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size",
+                 "context_parallel_size"):
+        model_parallel *= int(given.get(name) or 1)
+    dp = max(dist.get_world_size() // model_parallel, 1) if dist.is_initialized() else 1
+    n = fit_optimizer_instances(configured, dp)
+    _STATE["instances"] = n
+    if n == configured or "num_distributed_optimizer_instances" not in given:
+        return args, kwargs
+    logger.info("initialize_model_parallel: %d optimizer instances at data-parallel size %d "
+                "(configured: %d)", n, dp, configured)
+    given["num_distributed_optimizer_instances"] = n
+    return bound.args, bound.kwargs
+
+
+def optimizer_instances(default: int = 1) -> int:
+    """The optimizer instances of the groups built last (``default`` before any)."""
+    return _STATE["instances"] or default
 
 
 def recorded_call() -> tuple[tuple, dict] | None:
@@ -137,7 +183,7 @@ def rebuild_model_parallel() -> None:
     if _STATE["call"] is None:
         raise RuntimeError("initialize_model_parallel was never called through the hook")
     args, kwargs = _STATE["call"]
-    _ps().initialize_model_parallel(*args, **kwargs)
+    _ps().initialize_model_parallel(*args, **kwargs)  # the wrapper: instances fitted
 
 
 def teardown() -> None:

@@ -43,13 +43,17 @@ def build_group_map(
     group seen under several roles (aliases such as the intra-partial DP group) must map to one
     new group; a role that vanished is an error (the rebuild changed the topology). After the
     data-parallel size changed (``resized``), one group may have served roles that are apart now
-    (at DP=1 the data-parallel group is the pipeline group): it is left out of the map, and the
+    (at DP=1 the data-parallel group is the pipeline group), or a role may be gone (fewer
+    optimizer instances): such a group is left out of the map, and the
     check for old references that follows the rebind fails if anything still holds it (the
     model and optimizer, built again, hold none).
     """
     mapping: dict[int, ProcessGroup] = {}
     split: set[int] = set()
     for role, old in old_roles.items():
+        if role not in new_roles and resized:  # e.g. the inter-instance groups of optimizer
+            split.add(id(old))                   # instances the new size cannot hold
+            continue
         if role not in new_roles:
             raise RuntimeError(f"group role {role!r} has no replacement after the rebuild")
         new = new_roles[role]

@@ -116,7 +116,8 @@ def tiny_config(args, world_size: int):
         raise SystemExit(f"--tensor-model-parallel-size x --pipeline-model-parallel-size "
                          f"({tp}x{pp}) must divide the world size {world_size}")
     dp = world_size // (tp * pp)
-    flash_recovery.check_optimizer_instances(args.num_distributed_optimizer_instances, dp)
+    if not flash_recovery.replacing():  # a shrunk world holds fewer (parallel_state_hook)
+        flash_recovery.check_optimizer_instances(args.num_distributed_optimizer_instances, dp)
     gbs = args.global_batch_size or args.micro_batch_size * dp
     # a job that shrank or grew runs at another data-parallel size, which the synthetic data
     # spreads the same global batch over (a replacement or grown rank starts there too)
