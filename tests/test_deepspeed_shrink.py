@@ -91,3 +91,38 @@ def test_zero2_shrinks_to_three_replicas_and_grows_back_to_four(tmp_path):
         for slot, state in got["optim"]["state"].items():
             for key, t in state.items():
                 assert t.shape == baseline[r]["optim"]["state"][slot][key].shape, (r, slot, key)
+
+
+@pytest.mark.timeout(300)
+def test_the_healthy_rank_of_a_removed_replica_becomes_a_spare_that_replaces_a_later_loss(
+        tmp_path):
+    """TP=2 x DP=2 without spares: rank 3 is lost and its replica leaves (DP=1); rank 2, its
+    healthy partner, leaves its slot to a warm spare of the job. Rank 1, of the last replica, is
+    lost later: that cannot shrink the job, so it is replaced, by that spare."""
+    args = ["--zero-stage", "2", "--mpu", "megatron", "--tp", "2", "--steps", "8"]
+    base = run_job(tmp_path, RECIPE, [*args, "--out", str(tmp_path / "base.pt")], nproc=4,
+                   spares=0, env=ENV, name="base", timeout=240)
+    assert base.rc == 0, base.failure(5000)
+    job = run_job(tmp_path, RECIPE, [*args, "--step-sleep", "0.5", "--out",
+                                     str(tmp_path / "job.pt")], nproc=4, spares=0, env=ENV,
+                  inject="kill:rank=3:step=3:phase=backward;kill:rank=1:step=6:phase=forward",
+                  extra=["--shrink", "always"], timeout=240)
+    assert job.rc == 0, job.failure(5000)
+    shrink, replace = job.report["faults"]
+    assert (shrink["rank"], shrink["action"], shrink["data_parallel_size_after"],
+            shrink["steps_lost"]) == (3, "shrink", 1, 0), shrink
+    assert (replace["rank"], replace["action"], replace["replacement"],
+            replace["steps_lost"]) == (1, "replace", "spare", 0), replace
+    (in_place,) = [e for e in job.journal if e["event"] == "spare_in_place_of_removed_rank"]
+    assert in_place["rank"] == 2 and len(in_place["pids"]) == 1, in_place
+    (started,) = [e for e in job.journal if e["event"] == "replacement_started"]
+    assert (started["rank"], started["how"], started["pid"]) == (1, "spare", in_place["pids"][0])
+    ranks, baseline = _load(tmp_path / "job.pt", 4), _load(tmp_path / "base.pt", 4)
+    assert sorted(ranks) == [0, 1] and ranks[1]["pid"] == in_place["pids"][0]
+    for r, got in ranks.items():
+        for step, loss in got["losses"].items():
+            want = baseline[r]["losses"][step]
+            assert (loss == want) if step <= shrink["recovery_point"] else \
+                abs(loss - want) <= TOLERANCE, (r, step, loss, want)
+        for k, p in got["params"].items():
+            assert (p - baseline[r]["params"][k]).abs().max().item() <= TOLERANCE, (r, k)

@@ -8,6 +8,7 @@ any process group; the returned engine carries its :class:`DeepSpeedIntegration`
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any, Callable, Optional
 
 from fr_megatron.config import ConfigError, FlashRecoveryConfig
@@ -50,9 +51,10 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, con
     import deepspeed
 
     user_config = _user_config(args, config, kw)
-    # the copies are placed for the configured layout: an engine built again at another
-    # data-parallel size (a shrink to one replica) keeps them where the runtime can place them
-    at_start = not resizing()
+    # the replicas are checked against the configured layout, by the job's first processes: an
+    # engine built again at another data-parallel size (a shrink to one replica), or by a
+    # replacement in such a world, keeps its copies where the runtime can place them
+    at_start = not resizing() and os.environ.get("FR_REPLACEMENT") != "1"
     cfg = validate(user_config, dp_size=dp_size, mpu=mpu, replicas=at_start)
     result = deepspeed.initialize(args=args, model=model, optimizer=optimizer,
                                   model_parameters=model_parameters, config=config, mpu=mpu, **kw)

@@ -394,11 +394,14 @@ class NodeAgent:
                     self._apply(rank, g)
                 elif rank in self.ranks:  # moved to another node: stop hosting it
                     self._release(rank)
+            lost = {f["rank"] for f in plan.get("faults", ())}
             for rank in plan.get("removed", ()):
                 if rank in self.ranks:  # its data-parallel replica left the world (a shrink)
                     log.info("node=%d generation=%d rank=%d leaves the world with its "
                              "data-parallel replica", self.node, g, rank)
                     self._release(rank)
+                    if rank not in lost:
+                        self._spare_in_place_of(rank, g)
 
     def _on_stop(self, stop: dict) -> None:
         """The job stops and its ranks save first: each gets SIGTERM (Megatron-LM's
@@ -426,6 +429,22 @@ class NodeAgent:
             return
         self._send("stop_requested", signal=signal_name, node=self.node,
                    by=f"the launcher of node {self.node}")
+
+    def _spare_in_place_of(self, rank: int, g: int) -> None:
+        """A healthy rank whose data-parallel replica left the world (a shrink) leaves its slot
+        to a warm spare of this job: the pool grows by one, and a later fault on this node
+        (one that cannot shrink the job further) is replaced from it. Started held, like a
+        spare started during any recovery, and woken once the recovery is over (``_refill``)."""
+        with self._lock:
+            self.n_spares += 1
+            held = self._spawn_spares(len(self.spares) + 1, hold=True, rank=rank, generation=g)
+            watch = min(self.ranks, default=rank)  # a rank of this node that goes on
+        log.info("node=%d generation=%d rank=%d healthy, its slot holds a spare now (pids %s)",
+                 self.node, g, rank, [s.pid for s in held])
+        self._event("spare_in_place_of_removed_rank", g, rank, pids=[s.pid for s in held],
+                    spares=self.n_spares)
+        if held:
+            threading.Thread(target=self._refill, args=(watch, g, held), daemon=True).start()
 
     def _release(self, rank: int):
         with self._lock:
