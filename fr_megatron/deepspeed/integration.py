@@ -47,7 +47,7 @@ import torch.distributed as dist
 
 from fr_megatron.config import FlashRecoveryConfig
 from fr_megatron.runtime import group_refs, reshard
-from fr_megatron.runtime.integration import Integration, RankState, tensor_bytes
+from fr_megatron.runtime.integration import Integration, RankState, resized_to, tensor_bytes
 from fr_megatron.runtime.shard_gather import gather_shards
 
 log = logging.getLogger(__name__)
@@ -610,12 +610,10 @@ class DeepSpeedIntegration(Integration):
         """The world's data-parallel size changed: the engine is built again for it
         (``resize``, the collectives of a fresh process's set-up), its state restored later from
         the old shards."""
-        dp = self._current_data_parallel_size()
-        if dp == self._data_parallel_size:
+        dp = resized_to(self._data_parallel_size, self._current_data_parallel_size(),
+                        self.resize, "its engine")
+        if dp is None:
             return False
-        if self.resize is None:
-            raise RuntimeError(f"the data-parallel size changed from {self._data_parallel_size} "
-                               f"to {dp}, and the job gave no way to build its engine again")
         global _resizing
         _resizing = True
         try:

@@ -39,7 +39,7 @@ from torch.distributed import distributed_c10d as c10d
 
 from fr_megatron.megatron import parallel_state_hook, rebind
 from fr_megatron.runtime import reshard
-from fr_megatron.runtime.integration import Integration, RankState, tensor_bytes
+from fr_megatron.runtime.integration import Integration, RankState, resized_to, tensor_bytes
 from fr_megatron.runtime.shard_gather import gather_shards
 
 logger = logging.getLogger(__name__)
@@ -467,12 +467,10 @@ class MegatronIntegration(Integration):
     def _resize_if_needed(self) -> bool:
         """The world's data-parallel size changed: model, optimizer and scheduler are built
         again for it (``resize``), their state restored later from the old shards."""
-        dp = self._current_data_parallel_size()
-        if dp == self._data_parallel_size:
+        dp = resized_to(self._data_parallel_size, self._current_data_parallel_size(),
+                        self.resize, "its model and optimizer")
+        if dp is None:
             return False
-        if self.resize is None:
-            raise RuntimeError(f"the data-parallel size changed from {self._data_parallel_size} "
-                               f"to {dp}, and the job gave no way to build itself again")
         model, self.optimizer, self.scheduler = self.resize()
         self.model = list(model) if isinstance(model, (list, tuple)) else [model]
         self._data_parallel_size, self._layout = dp, None

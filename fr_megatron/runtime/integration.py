@@ -123,6 +123,18 @@ class Integration(abc.ABC):
         return None
 
 
+def resized_to(built_for: Optional[int], now: Optional[int], resize, what: str) -> Optional[int]:
+    """The data-parallel size ``now`` when a job built for ``built_for`` must build ``what``
+    again for it (a shrink or a grow), None when the size did not change; an error when the
+    job gave no ``resize`` to do it with."""
+    if now == built_for:
+        return None
+    if resize is None:
+        raise RuntimeError(f"the data-parallel size changed from {built_for} to {now}, and the "
+                           f"job gave no way to build {what} again")
+    return now
+
+
 def check_shrink_policy(policy: str, integration) -> None:
     """``shrink: always`` is refused at start-up for a job that cannot shrink: its ranks would
     be replaced after all, against what the setting says."""
