@@ -183,11 +183,16 @@ def test_lost_node_without_a_spare_node_leaves_the_job_on_fewer_replicas(tmp_pat
     faults = sorted(rep["faults"], key=lambda f: f["rank"])
     assert [(f["rank"], f["kind"], f["action"]) for f in faults] == [
         (2, "node_lost", "shrink"), (3, "node_lost", "shrink")], out
+    # the crash lands in rank 2's step 3: the job goes back to step 2, or to step 1 when
+    # rank 3, a few milliseconds behind, had not yet copied its step 2 to node 0 (it then never
+    # finished step 2 on every rank: no step is lost either way)
+    point = faults[0]["recovery_point"]
+    assert point in (1, 2), out
     for f in faults:
         assert f["replacement"] is None and f["survivor_pids_unchanged"] is True, out
         assert (f["world_size_after"], f["data_parallel_size_after"]) == (2, 2), out
-        assert (f["recovery_point"], f["steps_lost"]) == (2, 0), out
+        assert (f["recovery_point"], f["steps_lost"]) == (point, 0), out
     assert rep["fatal"] is None and rep["members"] == [0, 1], out
     assert rep["finished_ranks"] == 2, out
-    assert result["world_sizes"] == {s: 4 if s <= 2 else 2 for s in range(1, 9)}
-    assert_same_samples_close_training(torch_baseline, result, first_shrunk_step=3)
+    assert result["world_sizes"] == {s: 4 if s <= point else 2 for s in range(1, 9)}
+    assert_same_samples_close_training(torch_baseline, result, first_shrunk_step=point + 1)
