@@ -38,7 +38,7 @@ def test_zero2_shrinks_to_three_replicas_and_grows_back_to_four(tmp_path):
                    spares=0, env=ENV, name="base", timeout=300)
     assert base.rc == 0, base.failure(5000)
     out = tmp_path / "grown.pt"
-    rcs, logs = shrink_then_grow(tmp_path, RECIPE, [*ARGS, "--step-sleep", "2", "--out",
+    rcs, logs = shrink_then_grow(tmp_path, RECIPE, [*ARGS, "--step-sleep-shrunk", "2", "--out",
                                                     str(out)],
                                  inject="kill:rank=5:step=3:phase=backward", nproc=WORLD,
                                  spares=0, env=ENV)

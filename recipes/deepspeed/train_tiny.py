@@ -170,6 +170,9 @@ def main():
                    help="rows per step (default: the config's micro-batch size x gradient "
                         "accumulation x the configured data-parallel size)")
     p.add_argument("--step-sleep", type=float, default=0.0, help="extra seconds per step")
+    p.add_argument("--step-sleep-shrunk", type=float, default=0.0,
+                   help="extra seconds per step while the world is smaller than the configured "
+                        "one (tests: time for a spare node to join, and none after the grow)")
     p.add_argument("--hidden", type=int, default=64, help="the model's hidden width")
     p.add_argument("--lr", type=float, default=1e-2)
     p.add_argument("--mpu", choices=["none", "megatron"], default="none",
@@ -273,8 +276,9 @@ def main():
             if a.optimizer_phase == "before-step":
                 session.phase("optimizer")
             engine.step()
-        if a.step_sleep:
-            time.sleep(a.step_sleep)
+        shrunk = dist.get_world_size() < session.job_size
+        if a.step_sleep or (shrunk and a.step_sleep_shrunk):
+            time.sleep(a.step_sleep + (a.step_sleep_shrunk if shrunk else 0.0))
         # the same value on every rank (a replacement's history comes from a data-parallel peer)
         dist.all_reduce(total)
         steps[step] = (time.time(), dist.get_world_size())
