@@ -13,6 +13,7 @@ import json
 import pytest
 import torch
 
+from fr_megatron.events import Journal
 from jobs import REPO, run_job, shrink_then_grow
 
 RECIPE = REPO / "recipes" / "deepspeed" / "train_tiny.py"
@@ -66,8 +67,7 @@ def test_zero2_shrinks_to_three_replicas_and_grows_back_to_four(tmp_path):
     ranks, baseline = _load(out), _load(tmp_path / "base.pt")
     assert sorted(ranks) == list(range(WORLD))
     started = {}
-    for line in (tmp_path / "journal.jsonl").read_text().splitlines():
-        e = json.loads(line)
+    for e in Journal.read(str(tmp_path / "journal.jsonl")):
         if e["event"] == "worker_started":
             started.setdefault(e["rank"], e["pid"])
     for r, got in ranks.items():
