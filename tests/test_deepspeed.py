@@ -255,8 +255,8 @@ def test_replicas_against_dp_size():
     with pytest.raises(ConfigError, match="no peer to hold a copy"):
         check_replicas(FlashRecoveryConfig(replicas=1), 1)
     check_replicas(FlashRecoveryConfig(enabled=False, replicas=8), 1)
-    # the copies are placed for the configured layout: an engine built again after a shrink to
-    # one replica is not refused for it (the runtime places the copies on other ranks)
+    # ``replicas=False`` leaves the check out: ``initialize`` makes it once the engine exists
+    # when the sizes at hand are a shrunk world's (below)
     one = {**_base(), "flash_recovery": {"replicas": 1}}
     with pytest.raises(ConfigError, match="no peer to hold a copy"):
         validate(one, dp_size=1)
@@ -264,6 +264,24 @@ def test_replicas_against_dp_size():
     assert infer_dp_size(_base()) == 4
     assert infer_dp_size({"train_batch_size": 8}, world_size=8,) == 8
     assert infer_dp_size({"tensor_parallel": {"autotp_size": 2}}, world_size=8) == 4
+
+
+def test_replicas_are_checked_against_the_configured_data_parallel_size(monkeypatch):
+    """A job of four replicas shrunk to one: its engine built again, or a replacement's, has
+    one data-parallel rank, and the check reads the configured four."""
+    import torch.distributed as dist
+
+    from fr_megatron.deepspeed import configured_data_parallel_size
+
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    assert configured_data_parallel_size(4) == 4  # no group yet: the world is the job's
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        assert configured_data_parallel_size(1) == 4
+    finally:
+        dist.destroy_process_group()
+    monkeypatch.delenv("WORLD_SIZE")
+    assert configured_data_parallel_size(3) == 3
 
 
 def test_section_absent_or_disabled_and_engine_config():

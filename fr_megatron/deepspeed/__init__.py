@@ -14,11 +14,12 @@ from typing import Any, Callable, Optional
 from fr_megatron.config import ConfigError, FlashRecoveryConfig
 from fr_megatron.deepspeed.config import (check_replicas, ds_config_dict, read_section, validate,
                                           zero_stage)
-from fr_megatron.deepspeed.integration import DeepSpeedIntegration, UnsupportedEngine, resizing
+from fr_megatron.deepspeed.integration import DeepSpeedIntegration, UnsupportedEngine
 from fr_megatron.deepspeed.mpu import MegatronCoreMPU, parallel_state_rebuilder
 
 __all__ = ["initialize", "DeepSpeedIntegration", "UnsupportedEngine", "validate", "read_section",
-           "ConfigError", "FlashRecoveryConfig", "MegatronCoreMPU", "parallel_state_rebuilder"]
+           "ConfigError", "FlashRecoveryConfig", "MegatronCoreMPU", "parallel_state_rebuilder",
+           "configured_data_parallel_size"]
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +30,24 @@ def _user_config(args, config, kw) -> Any:
     if kw.get("config_params") is not None:
         return kw["config_params"]
     return getattr(args, "deepspeed_config", None)
+
+
+def _job_and_world_size() -> tuple[int, int]:
+    """The job's configured world size (``fr-megatron run`` and DeepSpeed's launcher set
+    WORLD_SIZE to it) and the current one, smaller in a job that went on with fewer replicas."""
+    import torch.distributed as dist
+
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else None
+    job = os.environ.get("WORLD_SIZE", "")
+    job = int(job) if job.isdigit() else world
+    return job or 1, world or job or 1
+
+
+def configured_data_parallel_size(current: int) -> int:
+    """The data-parallel size the job was configured with, from the ``current`` one: a job that
+    goes on with fewer replicas keeps its model-parallel layout, so both scale with the world."""
+    job, world = _job_and_world_size()
+    return current * job // world
 
 
 def initialize(args=None, model=None, optimizer=None, model_parameters=None, config=None, *,
@@ -51,19 +70,17 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, con
     import deepspeed
 
     user_config = _user_config(args, config, kw)
-    # the replicas are checked against the configured layout, by the job's first processes: an
-    # engine built again at another data-parallel size (a shrink to one replica), or by a
-    # replacement in such a world, keeps its copies where the runtime can place them
-    at_start = not resizing() and os.environ.get("FR_REPLACEMENT") != "1"
-    cfg = validate(user_config, dp_size=dp_size, mpu=mpu, replicas=at_start)
+    # the replicas are checked against the job's configured layout; in a shrunk world the sizes
+    # at hand are the current ones, so the check waits for the engine (below)
+    job, world = _job_and_world_size()
+    cfg = validate(user_config, dp_size=dp_size, mpu=mpu, replicas=job == world)
     result = deepspeed.initialize(args=args, model=model, optimizer=optimizer,
                                   model_parameters=model_parameters, config=config, mpu=mpu, **kw)
     engine = result[0]
     if not cfg.enabled:
         engine.flash_recovery = None
         return result
-    if at_start:  # inference above may have lacked the sizes
-        check_replicas(cfg, engine.seq_dp_world_size)
+    check_replicas(cfg, configured_data_parallel_size(engine.seq_dp_world_size))
     engine.flash_recovery = DeepSpeedIntegration(engine, cfg, mpu=mpu, rebuild_mpu=rebuild_mpu,
                                                   resize=resize)
     log.info("flash recovery on: ZeRO stage %d, replica group %s", zero_stage(ds_config_dict(engine)),

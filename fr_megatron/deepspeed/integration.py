@@ -66,15 +66,6 @@ DS_GROUP_GLOBALS = ("_WORLD_GROUP", "_DATA_PARALLEL_GROUP", "_MODEL_PARALLEL_GRO
                     "_TENSOR_MODEL_PARALLEL_GROUP", "_ZERO_PARAM_INTRA_PARALLEL_GROUP")
 
 
-_resizing = False  # while ``resize`` builds an engine at another data-parallel size
-
-
-def resizing() -> bool:
-    """Whether the engine being built replaces one at another data-parallel size (a shrink or a
-    grow), not the job's first."""
-    return _resizing
-
-
 class UnsupportedEngine(NotImplementedError):
     """The engine uses a DeepSpeed feature whose state or groups this integration cannot rebuild."""
 
@@ -614,12 +605,7 @@ class DeepSpeedIntegration(Integration):
                         self.resize, "its engine")
         if dp is None:
             return False
-        global _resizing
-        _resizing = True
-        try:
-            built = self.resize()
-        finally:
-            _resizing = False
+        built = self.resize()
         engine = built[0] if isinstance(built, tuple) else built
         engine.flash_recovery = self
         self.engine, self.zero_stage = engine, int(engine.zero_optimization_stage())
