@@ -108,22 +108,20 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def tiny_config(args, world_size: int):
+def tiny_config(args, job_size: int):
+    """The model and batch of the job as configured, on ``job_size`` ranks: a job that went on
+    with fewer replicas, and a process that joins it, spread the same global batch over the
+    replicas there are (``TinyGPTJob.micro_batch_indices``)."""
     from fr_megatron.megatron.model import TinyGPTConfig
 
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
-    if world_size % (tp * pp):
+    if job_size % (tp * pp):
         raise SystemExit(f"--tensor-model-parallel-size x --pipeline-model-parallel-size "
-                         f"({tp}x{pp}) must divide the world size {world_size}")
-    dp = world_size // (tp * pp)
-    if not flash_recovery.replacing():  # a shrunk world holds fewer (parallel_state_hook)
-        flash_recovery.check_optimizer_instances(args.num_distributed_optimizer_instances, dp)
+                         f"({tp}x{pp}) must divide the world size {job_size}")
+    dp = job_size // (tp * pp)
+    flash_recovery.check_optimizer_instances(args.num_distributed_optimizer_instances, dp)
     gbs = args.global_batch_size or args.micro_batch_size * dp
-    # a job that shrank or grew runs at another data-parallel size, which the synthetic data
-    # spreads the same global batch over (a replacement or grown rank starts there too)
-    if gbs % (args.micro_batch_size * dp) and not (
-            args.dataloader_type == "synthetic" and gbs % args.micro_batch_size == 0
-            and flash_recovery.replacing()):
+    if gbs % (args.micro_batch_size * dp):
         raise SystemExit(f"--global-batch-size {gbs} must be a multiple of micro-batch-size x "
                          f"data-parallel size ({args.micro_batch_size}x{dp})")
     return TinyGPTConfig(
@@ -229,7 +227,7 @@ def main(argv=None) -> int:
 
     from fr_megatron.megatron.model import TinyGPTJob, initialize_parallel
 
-    cfg = tiny_config(args, world)
+    cfg = tiny_config(args, session.job_size if session else world)
     initialize_parallel(cfg)
     # a replacement draws no random weights (Megatron-LM: the hook sets args' init methods)
     job = TinyGPTJob(cfg, initialize=not flash_recovery.replacing())
