@@ -3,10 +3,10 @@ three data-parallel replicas (``--shrink always``): the lost rank's tensor-paral
 with it, the survivors keep their processes, build model and optimizer again at DP=3 and take the
 re-partitioned shards of all four old replicas, the two that left included (from the snapshots
 they left in the node's shared memory). The same global batch is spread over three replicas.
-And a TP=2 x DP=2 job that shrinks to one replica and grows back to two when a spare node joins.
-Both run two distributed-optimizer instances (each shard held and updated by two ranks): three
-replicas, or one, hold one instance (``parallel_state_hook.fit_optimizer_instances``), and the
-job grows back to two."""
+When a spare node joins, the job grows back to four, again in place.
+The job runs two distributed-optimizer instances (each shard held and updated by two ranks):
+three replicas hold one instance (``parallel_state_hook.fit_optimizer_instances``), four hold
+two again."""
 
 from __future__ import annotations
 
@@ -16,12 +16,15 @@ from pathlib import Path
 import pytest
 import torch
 
+from fr_megatron.events import Journal
 from jobs import MEGATRON_RECIPE as RECIPE, run_job, shrink_then_grow
 
 WORLD, MICRO_BATCHES = 8, 12
+ITERS = 12
 ARGS = ["--tensor-model-parallel-size", "2", "--num-layers", "2", "--hidden-size", "32",
         "--num-attention-heads", "4", "--seq-length", "16", "--micro-batch-size", "1",
-        "--global-batch-size", str(MICRO_BATCHES), "--train-iters", "8", "--hidden-dropout", "0",
+        "--global-batch-size", str(MICRO_BATCHES), "--train-iters", str(ITERS),
+        "--hidden-dropout", "0",
         "--dataloader-type", "synthetic", "--use-distributed-optimizer",
         "--num-distributed-optimizer-instances", "2", "--flash-recovery"]
 
@@ -65,12 +68,16 @@ def baseline(tmp_path_factory):
     return ranks
 
 
-@pytest.mark.timeout(900)
-def test_a_lost_rank_takes_its_replica_out_and_training_goes_on_at_three_replicas(
+@pytest.mark.timeout(600)
+def test_a_lost_rank_takes_its_replica_out_and_the_job_grows_back_when_a_spare_node_joins(
         tmp_path, baseline):
-    job, ranks = _job(tmp_path, "shrunk", extra=["--shrink", "always"],
-                      inject="kill:rank=5:step=4:phase=after_step")
-    fault, *stuck = job.report["faults"]
+    rcs, logs = shrink_then_grow(tmp_path, RECIPE, [*ARGS, "--step-sleep-shrunk", "3", "--out",
+                                                    str(tmp_path / "grown")],
+                                 inject="kill:rank=5:step=4:phase=after_step", nproc=WORLD,
+                                 spares=0)
+    assert rcs == [0, 0], (rcs, logs)
+    report = json.loads((tmp_path / "report.json").read_text())
+    fault, *stuck = report["faults"]
     assert (fault["rank"], fault["kind"], fault["action"]) == (5, "crash", "shrink"), fault
     assert (fault["world_size_after"], fault["data_parallel_size_after"]) == (6, 3), fault
     assert fault["survivor_pids_unchanged"] is True and fault["replacement"] is None, fault
@@ -82,61 +89,39 @@ def test_a_lost_rank_takes_its_replica_out_and_training_goes_on_at_three_replica
     # leaves as stuck: with --shrink always, its replica leaves as well, recovered the same way
     for f in stuck:
         assert (f["kind"], f["action"], f["steps_lost"]) == ("stuck", "shrink", 0), f
-    gone = {r for f in job.report["faults"] for r in (f["rank"], f["rank"] ^ 1)}
-    members = [r for r in range(WORLD) if r not in gone]  # TP pairs 0-1, 2-3, 4-5, 6-7
-    assert job.report["members"] == members and sorted(ranks) == members, job.report["members"]
-    assert job.report["data_parallel_size"] == len(members) // 2
-    # no rank was started again: each survivor wrote its results from its first process
-    started = {e["rank"]: e["pid"] for e in job.journal if e["event"] == "worker_started"}
-    assert {r: got["pid"] for r, got in ranks.items()} == {r: started[r] for r in ranks}
-    # the micro-batches of each step, read on tensor rank 0: before the shrink each survivor
-    # took what it took in the fault-free run (the ranks that left wrote nothing: their share
-    # shows in the bit-identical losses of steps 1-4 below); after the last shrink the ranks
-    # left took every micro-batch of the global batch exactly once; never one twice
-    last = max(f["recovery_point"] for f in job.report["faults"])
-    mine = [r for r in ranks.values() if r["tensor_rank"] == 0]
-    for step in range(1, 9):
-        taken = sorted(m for r in mine for m in r["taken"][step])
+    removed = sorted({r for f in report["faults"] for r in (f["rank"], f["rank"] ^ 1)})
+    shrunk_dp = (WORLD - len(removed)) // 2  # TP pairs 0-1, 2-3, 4-5, 6-7
+    # the spare node's ranks take the removed ones' places: four replicas, two instances again
+    (grow,) = report["grows"]
+    assert (grow["ranks"], grow["world_size_after"], grow["data_parallel_size_after"]) == \
+        (removed, WORLD, 4), grow
+    assert grow["steps_lost"] == 0 and grow["survivor_pids_unchanged"] is True, grow
+    assert report["members"] == list(range(WORLD)) and report["finished_ranks"] == WORLD, logs
+    last, back = max(f["recovery_point"] for f in report["faults"]), grow["recovery_point"]
+    assert last < back < ITERS, (last, back)
+    ranks = _load(tmp_path, "grown")
+    assert sorted(ranks) == list(range(WORLD))
+    # no survivor was started again: each wrote its results from its first process
+    started = {}
+    for e in Journal.read(str(tmp_path / "journal.jsonl")):
+        if e["event"] == "worker_started":
+            started.setdefault(e["rank"], e["pid"])
+    assert all(ranks[r]["pid"] == started[r] for r in ranks if r not in removed)
+    # the micro-batches of each step, read on tensor rank 0 (a rank that came back with the
+    # grow wrote the steps after it): before the shrink each survivor took what it took in the
+    # fault-free run (the removed ranks' share shows in the bit-identical losses of steps 1-4
+    # below); after the last shrink the replicas left took every micro-batch of the global batch
+    # exactly once, and all four did after the grow; never one twice
+    mine = {r: got for r, got in ranks.items() if got["tensor_rank"] == 0}
+    for step in range(1, ITERS + 1):
+        takers = [got for got in mine.values() if step in got["taken"]]
+        taken = sorted(m for got in takers for m in got["taken"][step])
         assert len(set(taken)) == len(taken), (step, taken)
         if step <= point:
-            assert all(r["taken"][step] == baseline[rank]["taken"][step]
-                       for rank, r in ranks.items()), step
-        if step > last:
+            assert all(got["taken"][step] == baseline[r]["taken"][step]
+                       for r, got in mine.items() if r not in removed), step
+        elif step > last:
+            assert len(takers) == (4 if step > back else shrunk_dp), (step, len(takers))
             assert taken == list(range(MICRO_BATCHES)), (step, taken)
     _assert_close(ranks, baseline, first_changed=point + 1)
 
-
-@pytest.mark.timeout(600)
-def test_a_shrunk_job_grows_back_to_two_replicas_when_a_spare_node_joins(tmp_path):
-    args = [*ARGS[:ARGS.index("--train-iters")], "--train-iters", "10",
-            *ARGS[ARGS.index("--train-iters") + 2:]]
-    base = run_job(tmp_path, RECIPE, [*args, "--out", str(tmp_path / "base")], nproc=4,
-                   spares=0, name="base", timeout=420)
-    assert base.rc == 0, base.failure(5000)
-    rcs, logs = shrink_then_grow(tmp_path, RECIPE, [*args, "--step-sleep", "2", "--out",
-                                                    str(tmp_path / "grown")],
-                                 inject="kill:rank=3:step=3:phase=backward", spares=0)
-    assert rcs == [0, 0], (rcs, logs)
-    report = json.loads((tmp_path / "report.json").read_text())
-    fault, *stuck = report["faults"]
-    assert (fault["rank"], fault["action"], fault["world_size_after"],
-            fault["data_parallel_size_after"]) == (3, "shrink", 2, 1), fault
-    # a survivor that the abort left inside a cut gloo message leaves as stuck; the last
-    # replica cannot leave, so it is replaced, in the shrunk world, from its own snapshot
-    for f in stuck:
-        assert (f["kind"], f["action"], f["world_size_after"], f["steps_lost"]) == \
-            ("stuck", "replace", 2, 0), f
-    (grow,) = report["grows"]
-    assert (grow["ranks"], grow["world_size_after"], grow["data_parallel_size_after"]) == \
-        ([2, 3], 4, 2), grow
-    assert grow["steps_lost"] == 0 and grow["survivor_pids_unchanged"] is True, grow
-    assert report["members"] == [0, 1, 2, 3] and report["finished_ranks"] == 4, logs
-    shrunk, back = fault["recovery_point"], grow["recovery_point"]
-    assert shrunk == 2 and shrunk < back < 10, (shrunk, back)
-    ranks = _load(tmp_path, "grown", 4)
-    # one replica took the whole global batch while the job was shrunk, two after the grow
-    for step in range(shrunk + 1, 11):
-        takers = [ranks[0]] if step <= back else [ranks[0], ranks[2]]
-        taken = sorted(m for r in takers for m in r["taken"][step])
-        assert taken == list(range(MICRO_BATCHES)), (step, taken)
-    _assert_close(ranks, _load(tmp_path, "base", 4), first_changed=shrunk + 1)

@@ -105,7 +105,7 @@ def test_a_lost_rank_is_removed_and_the_job_ends_on_three_ranks_with_the_same_sa
 
 @pytest.mark.timeout(300)
 def test_a_shrunk_job_grows_back_when_a_spare_node_joins(tmp_path, torch_baseline):
-    rcs, logs = shrink_then_grow(tmp_path, TORCH_RECIPE, [*TORCH_STEPS, "--step-sleep", "3",
+    rcs, logs = shrink_then_grow(tmp_path, TORCH_RECIPE, [*TORCH_STEPS, "--step-sleep-shrunk", "3",
                                                           "--out", str(tmp_path / "job.pt")],
                                  inject="kill:rank=2:step=3:phase=backward")
     assert rcs == [0, 0], (rcs, logs)

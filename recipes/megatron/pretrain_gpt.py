@@ -103,7 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timings", default=None,
                    help="rank 0 writes each iteration's wall time (JSON) to this file")
     p.add_argument("--step-sleep", type=float, default=0.0,
-                   help="extra seconds per iteration (tests: time for a spare node to join)")
+                   help="extra seconds per iteration")
+    p.add_argument("--step-sleep-shrunk", type=float, default=0.0,
+                   help="extra seconds per iteration while the world is smaller than the "
+                        "configured one (tests: time for a spare node to join, none after)")
     add_flash_recovery_args(p)
     return p
 
@@ -266,8 +269,9 @@ def main(argv=None) -> int:
             args.consumed_train_samples += job.global_batch_size
             job.consumed_samples = args.consumed_train_samples
         losses[iteration] = loss
-        if args.step_sleep:
-            time.sleep(args.step_sleep)
+        shrunk = session is not None and session.world_size < session.job_size
+        if args.step_sleep or (shrunk and args.step_sleep_shrunk):
+            time.sleep(args.step_sleep + (args.step_sleep_shrunk if shrunk else 0.0))
         timings[iteration] = time.perf_counter() - t_step
         if writer is not None and iteration % args.log_interval == 0:
             writer.log({"lm loss": loss}, iteration)

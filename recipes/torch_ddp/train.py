@@ -33,6 +33,9 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--step-sleep", type=float, default=0.0, help="extra seconds per step")
+    p.add_argument("--step-sleep-shrunk", type=float, default=0.0,
+                   help="extra seconds per step while the world is smaller than the configured "
+                        "one (tests: time for a spare node to join, none after)")
     p.add_argument("--width", type=int, default=64, help="hidden width of the model")
     p.add_argument("--micro-batch-size", type=int, default=16, help="samples per micro-batch")
     p.add_argument("--out", default=None)
@@ -76,8 +79,9 @@ def main():
             off += g.numel()
         session.phase("optimizer")
         opt.step()
-        if a.step_sleep:
-            time.sleep(a.step_sleep)
+        shrunk = session.world_size < session.job_size
+        if a.step_sleep or (shrunk and a.step_sleep_shrunk):
+            time.sleep(a.step_sleep + (a.step_sleep_shrunk if shrunk else 0.0))
         return {"loss": flat[off].item(), "taken": flat[-total:].tolist(),
                 "world_size": session.world_size, "t": time.time()}
 
