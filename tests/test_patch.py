@@ -477,7 +477,8 @@ def test_checkpoint_phase_marks_the_save_and_wraps_once(monkeypatch):
 class _FakeIntegration:
     """``MegatronIntegration`` reduced to the progress counters it snapshots."""
 
-    def __init__(self, model, optimizer, scheduler=None, progress=None, progress_attrs=()):
+    def __init__(self, model, optimizer, scheduler=None, progress=None, progress_attrs=(),
+                 resize=None):
         self.progress, self.progress_attrs = progress, tuple(progress_attrs)
 
     def capture(self) -> dict:
