@@ -125,3 +125,75 @@ def test_a_lost_rank_takes_its_replica_out_and_the_job_grows_back_when_a_spare_n
             assert taken == list(range(MICRO_BATCHES)), (step, taken)
     _assert_close(ranks, baseline, first_changed=point + 1)
 
+
+# Megatron-LM's own data path (``--dataloader-type single``): a loader built at the consumed
+# samples, each data-parallel rank taking its slice of every micro-batch x DP samples; a shrink
+# builds it again at the recovery point for the replicas left (``on_train_start(rebuild_data)``)
+SINGLE = [*ARGS[:ARGS.index("--dataloader-type")], "--dataloader-type", "single",
+          *ARGS[ARGS.index("--dataloader-type") + 2:]]
+
+
+def _samples(ranks: dict) -> dict[int, list[int]]:
+    """The samples each step read, over the data-parallel ranks (on tensor rank 0)."""
+    steps: dict[int, list[int]] = {}
+    for got in ranks.values():
+        if got["tensor_rank"] == 0:
+            for step, ids in got["taken"].items():
+                steps.setdefault(step, []).extend(ids)
+    return {step: sorted(ids) for step, ids in steps.items()}
+
+
+@pytest.mark.timeout(600)
+def test_megatron_lm_data_is_read_again_for_the_replicas_left(tmp_path):
+    """TP=2 x DP=4, rank 3 killed in backward at step 3: the global batch of 12 samples is
+    read by three replicas from the recovery point on, the same samples in every step."""
+    args = [*SINGLE[:SINGLE.index("--train-iters")], "--train-iters", "6",
+            *SINGLE[SINGLE.index("--train-iters") + 2:]]
+    base = run_job(tmp_path, RECIPE, [*args, "--out", str(tmp_path / "base")], nproc=WORLD,
+                   spares=0, name="base", timeout=300)
+    assert base.rc == 0, base.failure(5000)
+    job = run_job(tmp_path, RECIPE, [*args, "--out", str(tmp_path / "shrunk")], nproc=WORLD,
+                  spares=0, name="shrunk", timeout=300, extra=["--shrink", "always"],
+                  inject="kill:rank=3:step=3:phase=backward")
+    assert job.rc == 0, job.failure(5000)
+    fault, *stuck = job.report["faults"]
+    assert (fault["rank"], fault["action"], fault["data_parallel_size_after"],
+            fault["steps_lost"]) == (3, "shrink", 3, 0), fault
+    assert all((f["action"], f["steps_lost"]) == ("shrink", 0) for f in stuck), stuck
+    point = fault["recovery_point"]
+    assert point == 2, fault
+    baseline, ranks = _load(tmp_path, "base"), _load(tmp_path, "shrunk")
+    want, got = _samples(baseline), _samples(ranks)
+    assert want == {s: list(range(12 * (s - 1), 12 * s)) for s in range(1, 7)}, want
+    last = max(f["recovery_point"] for f in job.report["faults"])
+    for step in range(last + 1, 7):
+        assert got[step] == want[step], (step, got[step])
+    for r, state in ranks.items():
+        assert state["consumed_samples"] == baseline[r]["consumed_samples"] == 72, r
+    _assert_close(ranks, baseline, first_changed=point + 1)
+
+
+@pytest.mark.timeout(300)
+def test_a_global_batch_the_replicas_left_cannot_split_evenly_runs_one_sample_short(tmp_path):
+    """A global batch of 16 over three replicas of micro-batch 1: as Megatron-LM's
+    --decrease-batch-size-if-needed, each step takes 15 samples; none is dropped or read twice,
+    each step reading on from the last."""
+    args = [*SINGLE[:SINGLE.index("--global-batch-size")], "--global-batch-size", "16",
+            *SINGLE[SINGLE.index("--global-batch-size") + 2:SINGLE.index("--train-iters")],
+            "--train-iters", "6", *SINGLE[SINGLE.index("--train-iters") + 2:]]
+    job = run_job(tmp_path, RECIPE, [*args, "--out", str(tmp_path / "shrunk")], nproc=WORLD,
+                  spares=0, name="shrunk", timeout=300, extra=["--shrink", "always"],
+                  inject="kill:rank=6:step=4:phase=optimizer")
+    assert job.rc == 0, job.failure(5000)
+    faults = job.report["faults"]
+    assert (faults[0]["rank"], faults[0]["action"], faults[0]["data_parallel_size_after"]) == \
+        (6, "shrink", 3), faults
+    point = faults[0]["recovery_point"]
+    assert len(faults) == 1 and point == 3 and faults[0]["steps_lost"] == 0, faults
+    ranks = _load(tmp_path, "shrunk")
+    got = _samples(ranks)
+    for step in range(point + 1, 7):
+        start = 16 * point + 15 * (step - point - 1)
+        assert got[step] == list(range(start, start + 15)), (step, got[step])
+    assert all(state["consumed_samples"] == 16 * point + 15 * (6 - point)
+               for state in ranks.values())

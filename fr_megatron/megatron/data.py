@@ -88,14 +88,17 @@ def train_data_iterator(*, consumed_samples: int, total_samples: int, micro_batc
                                  parallel_state.get_data_parallel_rank(),
                                  parallel_state.get_data_parallel_world_size())
 
-    def collate(samples: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-        tokens = torch.stack(samples)
-        return micro_batch(tokens, learnable_labels(tokens, vocab_size))
+    def collate(indices: list[int]) -> dict[str, torch.Tensor]:
+        tokens = torch.stack([dataset[i] for i in indices])
+        # the samples' numbers travel with them: a test can tell which samples a step read
+        return {**micro_batch(tokens, learnable_labels(tokens, vocab_size)),
+                "sample_ids": torch.tensor(indices)}
 
     # a generator of its own: iter(loader) draws a seed from it, and drawing from the global
     # one would shift dropout's random stream wherever the loader is built (after a checkpoint
     # load, the RNG states it restored)
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
+    loader = torch.utils.data.DataLoader(range(total_samples), batch_sampler=sampler,
+                                         collate_fn=collate,
                                          num_workers=0,
                                          generator=torch.Generator().manual_seed(seed))
     return RerunDataIterator(iter(loader))

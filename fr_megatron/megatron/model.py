@@ -138,7 +138,9 @@ class TinyGPTJob:
             raise ValueError(f"global_batch_size {cfg.global_batch_size} is not a multiple of "
                              f"micro_batch_size {cfg.micro_batch_size}")
         self._build(cfg, initialize)
-        self.taken: dict[int, list[int]] = {}  # step -> the global batch's micro-batches taken
+        # step -> the global batch's micro-batches taken, or with a data iterator, samples read
+        self.taken: dict[int, list[int]] = {}
+        self._reading: list[int] = []
         self.iteration = 0
         self.consumed_samples = 0
 
@@ -241,7 +243,10 @@ class TinyGPTJob:
     def _forward_step(self, data_iterator, model):
         # batches are made on the CPU (the same tokens on any machine) and used where the model
         # is, as Megatron-LM's get_batch moves each one to the GPU
-        batch = {k: v.to(_device(), non_blocking=True) for k, v in next(data_iterator).items()}
+        batch = next(data_iterator)
+        if "sample_ids" in batch:
+            self._reading.extend(batch.pop("sample_ids").tolist())
+        batch = {k: v.to(_device(), non_blocking=True) for k, v in batch.items()}
         output = model(
             batch["tokens"],
             batch["position_ids"],
@@ -273,7 +278,6 @@ class TinyGPTJob:
         from megatron.core.rerun_state_machine import get_rerun_state_machine
 
         cfg = self.cfg
-        num_microbatches = cfg.num_microbatches
         if data_iterator is None:
             mine = self.micro_batch_indices()
             num_microbatches = len(mine)
@@ -281,6 +285,10 @@ class TinyGPTJob:
             data_iterator = iter([self.batch(step, m) for m in mine])
             rerun = iter((True, False)).__next__
         else:
+            from megatron.core.num_microbatches_calculator import get_num_microbatches
+
+            num_microbatches = get_num_microbatches()  # Megatron-LM's, for the current DP size
+            self._reading = self.taken[step] = []  # its samples (``data.train_data_iterator``)
             rsm = get_rerun_state_machine()
             rerun = lambda: rsm.should_run_forward_backward(data_iterator)  # noqa: E731
         while rerun():

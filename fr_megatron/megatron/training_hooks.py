@@ -178,7 +178,8 @@ def _mark(phase: str) -> None:
 def on_train_start(model, optimizer, opt_param_scheduler, args, iteration: int = 0,
                    progress: Any = None, forward_step_wrapper: Optional[Callable] = None,
                    train_data_iterator: Any = _NOT_GIVEN,
-                   resize: Optional[Callable] = None) -> int:
+                   resize: Optional[Callable] = None,
+                   rebuild_data: Optional[Callable[[int], Any]] = None) -> int:
     """Attach the job to the runtime; returns the iteration to start from (a replacement
     process starts at the recovery point it restored).
 
@@ -189,7 +190,11 @@ def on_train_start(model, optimizer, opt_param_scheduler, args, iteration: int =
 
     ``train_data_iterator`` (even None, on ranks that read no data) says the caller is Megatron-LM's
     ``train()``: ``args`` carries the sample counters and the hooks keep Megatron-LM's own
-    step-level state consistent with each rollback (see ``_MegatronLM``).
+    step-level state consistent with each rollback (see ``_MegatronLM``). With ``resize``, such a
+    job also gives ``rebuild_data``: it builds the training data iterator(s) on the current
+    parallel state from a number of consumed samples, as Megatron-LM's
+    ``build_train_valid_test_data_iterators`` does from ``args.consumed_train_samples``; after a
+    shrink or grow each rank reads its slice of the same global batches from there.
     """
     global _lm, _first_iteration
     if not enabled(args):
@@ -209,8 +214,12 @@ def on_train_start(model, optimizer, opt_param_scheduler, args, iteration: int =
     config = get_model_config(model[0])
     lm = None
     if train_data_iterator is not _NOT_GIVEN and progress is None:
+        if resize is not None and rebuild_data is None:
+            raise ValueError("on_train_start: a job reading Megatron-LM's training data iterator "
+                             "that gives resize (to go on at another data-parallel size) must "
+                             "give rebuild_data too, to build the iterator for that size")
         lm = _MegatronLM(args, iteration, train_data_iterator, getattr(config, "timers", None),
-                         keep=_session.cfg.snapshot_depth + 1)
+                         keep=_session.cfg.snapshot_depth + 1, rebuild_data=rebuild_data)
     if lm is not None:
         progress, progress_attrs = lm.counters, lm.counters.names
     else:
@@ -411,20 +420,22 @@ class _Counters:
     with them so that a replacement maps runtime steps to the same iterations as its peers.
 
     ``data_start`` and ``data_positions`` say where this rank's training data stood: its loaders
-    were built at ``data_start`` consumed samples, and had handed out ``data_positions[j]``
-    micro-batches each when the step was committed (``_DataLog.delivered``). A rank restored
-    from them reads on from the same micro-batch, whatever position its own loaders started at.
-    A disk checkpoint keeps no positions (None): they follow from the consumed samples then.
+    were built at ``data_start`` consumed samples for ``data_parallel_size`` replicas, and had
+    handed out ``data_positions[j]`` micro-batches each when the step was committed
+    (``_DataLog.delivered``). A rank restored from them reads on from the same micro-batch,
+    whatever position its own loaders started at. A disk checkpoint keeps no positions (None):
+    they follow from the consumed samples then.
     """
 
     names = ("start_iteration", "consumed_train_samples", "skipped_train_samples",
-             "data_start", "data_positions")
+             "data_start", "data_positions", "data_parallel_size")
 
     def __init__(self, args, start_iteration: int, loaders: int):
         self.start_iteration = start_iteration
         self.read(args)
         self.data_start = self.consumed_train_samples
         self.data_positions: Optional[list[int]] = [0] * loaders
+        self.data_parallel_size = _data_parallel_size()
 
     def from_checkpoint(self, view) -> None:
         """The counters a disk checkpoint restored (``MegatronIntegration.load_checkpoint``)."""
@@ -457,9 +468,13 @@ class _Counters:
     @staticmethod
     def samples_per_micro_batch(args) -> int:
         """How far one micro-batch moves Megatron-LM's pretraining samplers."""
-        from megatron.core import parallel_state
+        return _data_parallel_size() * args.micro_batch_size
 
-        return parallel_state.get_data_parallel_world_size() * args.micro_batch_size
+
+def _data_parallel_size() -> int:
+    from megatron.core import parallel_state
+
+    return parallel_state.get_data_parallel_world_size()
 
 
 class _DataLog:
@@ -538,10 +553,17 @@ class _MegatronLM:
       wrapper's own replay buffer is dropped.
     * timers a failed step left started (``Timer.start`` asserts otherwise); ``interval-time``
       runs across steps and is left alone. ``stop()`` is not called: it synchronises the device.
+    * after a shrink or grow, the micro-batch calculator and the iterators: the calculator is
+      set up again for the new data-parallel size, and the iterators' sources are built again
+      (``rebuild_data``) at the recovery point's consumed samples, in place inside the
+      ``RerunDataIterator`` that ``train()`` holds. The same is done whenever the position
+      cannot be told otherwise.
     """
 
-    def __init__(self, args, iteration: int, train_data_iterator, timers, keep: int):
+    def __init__(self, args, iteration: int, train_data_iterator, timers, keep: int,
+                 rebuild_data: Optional[Callable[[int], Any]] = None):
         self.args, self.timers, self.keep = args, timers, keep
+        self.rebuild_data = rebuild_data
         self.iterators: list = []
         self.logs: list[_DataLog] = []
         its = train_data_iterator
@@ -559,6 +581,8 @@ class _MegatronLM:
                             type(it).__name__)
         self.counters = _Counters(args, iteration, loaders=len(self.logs))
         self.own_start = self.counters.data_start  # where this process's loaders were built
+        self.own_data_parallel_size = self.counters.data_parallel_size  # and for how many
+        self.micro_batches_for = self.own_data_parallel_size  # the calculator's data-parallel size
 
     def begin(self, iteration: int) -> None:
         self.counters.read(self.args)
@@ -572,7 +596,13 @@ class _MegatronLM:
     def recovered(self, redo: int, failed: Optional[int] = None, replacement: bool = False) -> None:
         self.counters.write(self.args)
         self._reset_rerun_state_machine(redo)
+        dp = _data_parallel_size()
+        if dp != self.micro_batches_for:
+            self._fit_micro_batches(dp)
         targets = self._data_targets()
+        if targets is None and self.rebuild_data is not None:
+            self._rebuild_data(dp)
+            targets = [0] * len(self.logs)
         for j, (it, dl) in enumerate(zip(self.iterators, self.logs)):
             was = dl.delivered
             if targets is None or not dl.seek(targets[j]):
@@ -589,17 +619,64 @@ class _MegatronLM:
             it.replay_pos = 0
         self.counters.data_start = self.own_start
         self.counters.data_positions = [dl.delivered for dl in self.logs]
+        self.counters.data_parallel_size = self.own_data_parallel_size
         self._stop_timers()
+
+    def _fit_micro_batches(self, dp: int) -> None:
+        """Megatron-LM's micro-batch calculator for ``dp`` replicas. A global batch that
+        ``micro_batch_size x dp`` does not divide runs as the largest multiple of it, as
+        ``--decrease-batch-size-if-needed`` does: no sample is dropped, the next step reads on
+        from the last one taken (``args.consumed_train_samples``), and the learning-rate schedule
+        still counts the configured global batch."""
+        from megatron.core.num_microbatches_calculator import (
+            get_current_running_global_batch_size,
+            reconfigure_num_microbatches_calculator,
+        )
+
+        a = self.args
+        gbs, mbs = a.global_batch_size, a.micro_batch_size
+        reconfigure_num_microbatches_calculator(
+            _session.world_rank, getattr(a, "rampup_batch_size", None), gbs, mbs, dp,
+            decrease_batch_size_if_needed=bool(getattr(a, "decrease_batch_size_if_needed", False)
+                                               or gbs % (mbs * dp)))
+        running = get_current_running_global_batch_size()
+        log.log(logging.WARNING if running != gbs else logging.INFO,
+                "rank=%d generation=%d phase=restore micro-batches for data-parallel size %d: "
+                "%d samples per step of the global batch %d%s", _session.rank,
+                _session.generation, dp, running, gbs,
+                "" if running == gbs else f" (not a multiple of micro-batch x data-parallel "
+                f"size {mbs}x{dp}; no sample is dropped, the next step reads on)")
+        self.micro_batches_for = dp
+
+    def _rebuild_data(self, dp: int) -> None:
+        """The iterators' sources built again at the recovery point's consumed samples for the
+        current parallel state, in place in the iterators ``train()`` holds."""
+        consumed = self.counters.consumed_train_samples
+        built = self.rebuild_data(consumed)
+        built = [b for b in (built if isinstance(built, list) else [built]) if b is not None]
+        if len(built) != len(self.iterators):
+            raise RuntimeError(f"rebuild_data built {len(built)} training data iterators, the "
+                               f"job reads {len(self.iterators)}")
+        for it, new in zip(self.iterators, built):
+            it.iterable = _DataLog(new.iterable if _is_rerun_data_iterator(new) else new)
+        self.logs = [it.iterable for it in self.iterators]
+        self.own_start, self.own_data_parallel_size = consumed, dp
+        log.info("rank=%d generation=%d phase=restore training data built again at %d consumed "
+                 "samples for data-parallel size %d", _session.rank, _session.generation,
+                 consumed, dp)
 
     def _data_targets(self) -> Optional[list[int]]:
         """Each loader's micro-batch at the start of the redone iteration, counted from its own
         first one; None when they cannot be told."""
         c, per = self.counters, _Counters.samples_per_micro_batch(self.args)
+        if self.own_data_parallel_size != _data_parallel_size():
+            return None  # this process's loaders were built for another data-parallel size
         if c.data_positions is None:  # restored from a disk checkpoint
             ahead, rest = divmod(c.consumed_train_samples - self.own_start, per)
             return None if rest or ahead < 0 else [ahead] * len(self.logs)
-        if len(c.data_positions) != len(self.logs):
-            return None
+        if len(c.data_positions) != len(self.logs) or \
+                getattr(c, "data_parallel_size", None) != _data_parallel_size():
+            return None  # counted in another loader's micro-batches
         behind, rest = divmod(self.own_start - c.data_start, per)
         if rest:
             return None

@@ -190,24 +190,33 @@ def wandb_writer(args, rank: int, world: int):
 def megatron_lm_data(args, job, cfg, rank: int):
     """Megatron-LM's start of ``train()``'s data: the micro-batch calculator, the rerun state
     machine, ``args.consumed_train_samples`` (from the checkpoint loaded, if any) and a training
-    iterator built at that position."""
+    iterator built at that position; and the function that builds the iterator again at another
+    position and data-parallel size (``on_train_start(rebuild_data=...)``)."""
     from megatron.core import parallel_state
     from megatron.core.num_microbatches_calculator import init_num_microbatches_calculator
     from megatron.core.rerun_state_machine import RerunMode, initialize_rerun_state_machine
 
     from fr_megatron.megatron.data import train_data_iterator
 
-    gbs = job.global_batch_size
-    init_num_microbatches_calculator(rank, None, gbs, cfg.micro_batch_size,
-                                     parallel_state.get_data_parallel_world_size(), False)
+    args.global_batch_size = gbs = job.global_batch_size
+    dp = parallel_state.get_data_parallel_world_size()
+    # a process that joins a shrunk job may find a data-parallel size the global batch does not
+    # divide (the flash recovery hooks set the calculator up the same way after a shrink)
+    init_num_microbatches_calculator(rank, None, gbs, cfg.micro_batch_size, dp,
+                                     decrease_batch_size_if_needed=bool(
+                                         gbs % (cfg.micro_batch_size * dp)))
     # "disabled": the other modes reduce a flag on the GPU after every forward-backward
     initialize_rerun_state_machine(mode=RerunMode.DISABLED)
     args.consumed_train_samples = job.consumed_samples
     args.skipped_train_samples = 0
-    return train_data_iterator(consumed_samples=args.consumed_train_samples,
-                               total_samples=args.train_iters * gbs,
-                               micro_batch_size=cfg.micro_batch_size,
-                               seq_length=cfg.seq_length, vocab_size=cfg.vocab_size, seed=cfg.seed)
+
+    def build(consumed_samples: int):
+        return train_data_iterator(consumed_samples=consumed_samples,
+                                   total_samples=args.train_iters * gbs,
+                                   micro_batch_size=cfg.micro_batch_size,
+                                   seq_length=cfg.seq_length, vocab_size=cfg.vocab_size,
+                                   seed=cfg.seed)
+    return build(args.consumed_train_samples), build
 
 
 def main(argv=None) -> int:
@@ -228,6 +237,9 @@ def main(argv=None) -> int:
     rank, world = dist.get_rank(), dist.get_world_size()
     writer = wandb_writer(args, rank, world)
 
+    from megatron.core import parallel_state
+    from megatron.core.num_microbatches_calculator import get_num_microbatches
+
     from fr_megatron.megatron.model import TinyGPTJob, initialize_parallel
 
     cfg = tiny_config(args, session.job_size if session else world)
@@ -240,11 +252,13 @@ def main(argv=None) -> int:
         start = checkpoint.load(job, args.load)
 
     data_iterator = None
-    # synthetic data is spread over any data-parallel size: the job can shrink and grow
+    # synthetic data is spread over any data-parallel size, and Megatron-LM's loader is built
+    # again for it: the job can shrink and grow
     hook_kwargs = {"progress": job, "resize": job.resize}
     if args.dataloader_type == "single":
-        data_iterator = megatron_lm_data(args, job, cfg, rank)
-        hook_kwargs = {"train_data_iterator": data_iterator}
+        data_iterator, rebuild_data = megatron_lm_data(args, job, cfg, rank)
+        hook_kwargs = {"train_data_iterator": data_iterator, "resize": job.resize,
+                       "rebuild_data": rebuild_data}
     # the same hook calls as Megatron-LM's train() with patches/megatron-lm applied; a
     # replacement starts at the recovery point it restored from its peers
     iteration = flash_recovery.on_train_start(job.model, job.optimizer, job.scheduler, args,
@@ -266,7 +280,8 @@ def main(argv=None) -> int:
             continue
         iteration += 1
         if data_iterator is not None:  # counted after the step, as Megatron-LM's train() does
-            args.consumed_train_samples += job.global_batch_size
+            args.consumed_train_samples += (parallel_state.get_data_parallel_world_size()
+                                            * args.micro_batch_size * get_num_microbatches())
             job.consumed_samples = args.consumed_train_samples
         losses[iteration] = loss
         shrunk = session is not None and session.world_size < session.job_size
