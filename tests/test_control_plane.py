@@ -306,7 +306,6 @@ def test_recovery_finished_but_for_ranks_the_next_fault_took_keeps_its_own_repor
     being merged into generation 2's (found by test_node_loss: the node crash came right after
     the first step, and the earlier faults were reported with the later recovery point)."""
     from fr_megatron.config import FlashRecoveryConfig
-    import time
 
     from fr_megatron.launcher.controller import Controller
 
@@ -349,7 +348,6 @@ def test_a_replacement_not_yet_heard_beating_is_a_survivor_of_the_next_fault_by_
     survivors, known by the pid its agent reported when it handed it the rank (found by
     test_faults_torch once in three runs: survivor_pids_unchanged was False)."""
     from fr_megatron.config import FlashRecoveryConfig
-    import time
 
     from fr_megatron.launcher.controller import Controller
 

@@ -32,7 +32,6 @@ from typing import Optional
 
 import psutil
 
-from ..protocol.stderr_tail import STDERR_FD_ENV
 from .spare import DEFAULT_PRELOAD, PRELOAD_ENV, preload
 
 FD_ENV = "FR_TEMPLATE_FD"       # in the template: its end of the agent's socket

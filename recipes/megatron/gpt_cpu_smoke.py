@@ -190,7 +190,6 @@ def _rebuild_in_place(integ, store, rank: int, world: int, generation: int,
     t0 = time.perf_counter()
     if teardown_first:
         integ.teardown()
-    t1 = time.perf_counter()
     dist.destroy_process_group()
     if not teardown_first:
         integ.teardown()
