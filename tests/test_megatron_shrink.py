@@ -6,7 +6,8 @@ they left in the node's shared memory). The same global batch is spread over thr
 When a spare node joins, the job grows back to four, again in place.
 The job runs two distributed-optimizer instances (each shard held and updated by two ranks):
 three replicas hold one instance (``parallel_state_hook.fit_optimizer_instances``), four hold
-two again."""
+two again. The same job reading Megatron-LM's training data iterator builds its loader again for
+the replicas left, and reads the same samples per step."""
 
 from __future__ import annotations
 
@@ -35,16 +36,16 @@ ARGS = ["--tensor-model-parallel-size", "2", "--num-layers", "2", "--hidden-size
 TOLERANCE = 1e-5
 
 
-def _load(tmp: Path, name: str, world: int = WORLD) -> dict:
+def _load(tmp: Path, name: str) -> dict:
     return {r: torch.load(p, weights_only=False)
-            for r in range(world) if (p := tmp / f"{name}.rank{r}.pt").exists()}
+            for r in range(WORLD) if (p := tmp / f"{name}.rank{r}.pt").exists()}
 
 
-def _job(tmp: Path, name: str, nproc: int = WORLD, **kw):
-    job = run_job(tmp, RECIPE, [*ARGS, "--out", str(tmp / name)], nproc=nproc, spares=0,
+def _job(tmp: Path, name: str, **kw):
+    job = run_job(tmp, RECIPE, [*ARGS, "--out", str(tmp / name)], nproc=WORLD, spares=0,
                   name=name, timeout=420, **kw)
     assert job.rc == 0, job.failure(5000)
-    return job, _load(tmp, name, nproc)
+    return job, _load(tmp, name)
 
 
 def _assert_close(ranks: dict, baseline: dict, first_changed: int) -> None:
