@@ -562,12 +562,16 @@ class NodeAgent:
             self.workers[proc.pid] = Worker(rank, proc, g, how, stderr=getattr(proc, "fr_stderr",
                                                                                None))
             self.ranks.add(rank)
+            # the other spares may still be loading (a spare node that just joined loads a
+            # node's worth at once): their imports would take the cores this recovery needs,
+            # so they wait, held, until it is over
+            held = self._hold_spares(rank, g)
         log.info("node=%d generation=%d rank=%d replaced by %s pid=%d", self.node, g, rank, how,
                  proc.pid)
         self._send("replaced", rank=rank, generation=g, how=how, pid=proc.pid)
         # an empty pool gets one spare now, so that the next fault finds a process to hand its
         # rank, but held stopped (SIGSTOP): its imports would compete with this recovery
-        held = self._spawn_spares(1, hold=True, rank=rank, generation=g)
+        held += self._spawn_spares(1, hold=True, rank=rank, generation=g)
         if how == "spare" or held:
             threading.Thread(target=self._refill, args=(rank, g, held), daemon=True).start()
 
@@ -633,6 +637,25 @@ class NodeAgent:
                 self.spares.append(spare)
                 started.append(spare)
         return started
+
+    def _hold_spares(self, rank: int, generation: int) -> list[subprocess.Popen]:
+        """Stop (SIGSTOP) every spare of the pool not held yet, for the recovery of ``rank`` in
+        ``generation``; ``_replace`` wakes one it hands a rank, ``_refill`` the rest."""
+        held = []
+        for spare in self.spares:
+            if spare.pid in self._held or spare.poll() is not None:
+                continue
+            try:
+                os.kill(spare.pid, signal.SIGSTOP)
+            except ProcessLookupError:
+                continue
+            self._held.add(spare.pid)
+            held.append(spare)
+            self._event("spare_held", generation, rank, pid=spare.pid)
+        if held:
+            log.info("node=%d generation=%d spares %s held (stopped) until the recovery of rank "
+                     "%d is over", self.node, generation, [s.pid for s in held], rank)
+        return held
 
     def _wake_held(self, spares: list[subprocess.Popen], why: str) -> None:
         for spare in spares:
