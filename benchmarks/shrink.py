@@ -136,10 +136,13 @@ def main(argv=None) -> int:
     fault, *more = rep["faults"]
     grows = [g for g in rep["grows"] if g.get("grow_s") is not None]
     samples = dp * a.micro_batch_size * (3 if a.recipe == "megatron" else 1)
-    # the data-parallel size from each change on: (last step before it, size after it)
-    changes = sorted([(f["recovery_point"], f["data_parallel_size_after"])
-                      for f in rep["faults"] if f["action"] == "shrink"] +
-                     [(g["recovery_point"], g["data_parallel_size_after"]) for g in grows])
+    # the data-parallel size from each change on: (last step before it, size after it), in the
+    # order of the generations they opened (a survivor stuck by a grow's abort shrinks the job
+    # again from the same step)
+    changes = [(point, size) for point, _, size in sorted(
+        [(f["recovery_point"], f["generation"] + 1, f["data_parallel_size_after"])
+         for f in rep["faults"] if f["action"] == "shrink"] +
+        [(g["recovery_point"], g["generation"], g["data_parallel_size_after"]) for g in grows])]
     if a.recipe == "megatron":  # rank 0's step times, and the world's size at each step
         result = {"step_t": _cumulative(durations),
                   "world_sizes": {s: tp * _size_at(s, dp, changes)
