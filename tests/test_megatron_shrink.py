@@ -6,8 +6,9 @@ they left in the node's shared memory). The same global batch is spread over thr
 When a spare node joins, the job grows back to four, again in place.
 The job runs two distributed-optimizer instances (each shard held and updated by two ranks):
 three replicas hold one instance (``parallel_state_hook.fit_optimizer_instances``), four hold
-two again. The same job reading Megatron-LM's training data iterator builds its loader again for
-the replicas left, and reads the same samples per step."""
+two again. A TP=1 x PP=2 x DP=3 job reading Megatron-LM's training data iterator loses a whole
+pipeline replica, builds its loader again for the replicas left, and reads the same samples per
+step."""
 
 from __future__ import annotations
 
@@ -135,10 +136,11 @@ SINGLE = [*ARGS[:ARGS.index("--dataloader-type")], "--dataloader-type", "single"
 
 
 def _samples(ranks: dict) -> dict[int, list[int]]:
-    """The samples each step read, over the data-parallel ranks (on tensor rank 0)."""
+    """The samples each step read, over the data-parallel ranks (on tensor rank 0 of the first
+    pipeline stage)."""
     steps: dict[int, list[int]] = {}
     for got in ranks.values():
-        if got["tensor_rank"] == 0:
+        if got["tensor_rank"] == 0 and got["pipeline_rank"] == 0:
             for step, ids in got["taken"].items():
                 steps.setdefault(step, []).extend(ids)
     return {step: sorted(ids) for step, ids in steps.items()}
@@ -146,21 +148,28 @@ def _samples(ranks: dict) -> dict[int, list[int]]:
 
 @pytest.mark.timeout(600)
 def test_megatron_lm_data_is_read_again_for_the_replicas_left(tmp_path):
-    """TP=2 x DP=4, rank 3 killed in backward at step 3: the global batch of 12 samples is
-    read by three replicas from the recovery point on, the same samples in every step."""
-    args = [*SINGLE[:SINGLE.index("--train-iters")], "--train-iters", "6",
-            *SINGLE[SINGLE.index("--train-iters") + 2:]]
-    base = run_job(tmp_path, RECIPE, [*args, "--out", str(tmp_path / "base")], nproc=WORLD,
+    """TP=1 x PP=2 x DP=3 (one optimizer instance), rank 3 (the second stage of replica 0)
+    killed in backward at step 3: ranks 0 and 3 leave, and the global batch of 12 samples is read by two replicas from the
+    recovery point on, the same samples in every step."""
+    args = ["--tensor-model-parallel-size", "1", "--pipeline-model-parallel-size", "2",
+            *SINGLE[SINGLE.index("--num-layers"):SINGLE.index("--train-iters")],
+            "--train-iters", "6", *SINGLE[SINGLE.index("--train-iters") + 2:]]
+    at = args.index("--num-distributed-optimizer-instances")  # one instance: 3 replicas
+    del args[at:at + 2]
+    base = run_job(tmp_path, RECIPE, [*args, "--out", str(tmp_path / "base")], nproc=6,
                    spares=0, name="base", timeout=300)
     assert base.rc == 0, base.failure(5000)
-    job = run_job(tmp_path, RECIPE, [*args, "--out", str(tmp_path / "shrunk")], nproc=WORLD,
+    job = run_job(tmp_path, RECIPE, [*args, "--out", str(tmp_path / "shrunk")], nproc=6,
                   spares=0, name="shrunk", timeout=300, extra=["--shrink", "always"],
                   inject="kill:rank=3:step=3:phase=backward")
     assert job.rc == 0, job.failure(5000)
     fault, *stuck = job.report["faults"]
     assert (fault["rank"], fault["action"], fault["data_parallel_size_after"],
-            fault["steps_lost"]) == (3, "shrink", 3, 0), fault
+            fault["steps_lost"]) == (3, "shrink", 2, 0), fault
     assert all((f["action"], f["steps_lost"]) == ("shrink", 0) for f in stuck), stuck
+    # megatron's rank order: tensor, data, then pipeline; replica 0 is ranks 0 and 3
+    if not stuck:
+        assert job.report["members"] == [1, 2, 4, 5], job.report["members"]
     point = fault["recovery_point"]
     assert point == 2, fault
     baseline, ranks = _load(tmp_path, "base"), _load(tmp_path, "shrunk")

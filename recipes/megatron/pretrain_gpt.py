@@ -149,7 +149,8 @@ def save(prefix: str, rank: int, losses: dict, job) -> None:
                         for n, p in c.named_parameters()},
              "optim": {k: v.clone() for k, v in _optimizer_tensors(job).items()},
              "consumed_samples": job.consumed_samples, "pid": os.getpid(),
-             "taken": job.taken, "tensor_rank": parallel_state.get_tensor_model_parallel_rank()}
+             "taken": job.taken, "tensor_rank": parallel_state.get_tensor_model_parallel_rank(),
+             "pipeline_rank": parallel_state.get_pipeline_model_parallel_rank()}
     torch.save(state, f"{prefix}.rank{rank}.pt")
 
 
