@@ -10,6 +10,7 @@ import torch
 
 from jobs import (TORCH_RECIPE, TORCH_STEPS, assert_same_samples_close_training, run_job,
                   shrink_then_grow)
+from fr_megatron.events import Journal
 from fr_megatron.wandb_reader import read_run
 from fr_megatron.launcher.shrink import ShrinkImpossible, shrink, shrinks
 from fr_megatron.runtime.batch_split import BatchSplitError, micro_batches
@@ -122,6 +123,13 @@ def test_a_shrunk_job_grows_back_when_a_spare_node_joins(tmp_path, torch_baselin
     assert shrunk == 2 and shrunk < back < len(result["world_sizes"]), (shrunk, back)
     assert result["world_sizes"] == {s: 3 if shrunk < s <= back else 4 for s in range(1, 9)}
     assert_same_samples_close_training(torch_baseline, result, first_shrunk_step=shrunk + 1)
+    # the spare node started a node's worth of spares (4); the one handed rank 2 set up while
+    # the other three were held (stopped), their imports kept off the cores it needed
+    journal = Journal.read(str(tmp_path / "journal.jsonl"))
+    (started,) = [e for e in journal if e["event"] == "replacement_started"]
+    held = {e["pid"] for e in journal if e["event"] == "spare_held" and e["node"] == 1}
+    assert (started["rank"], started["how"]) == (2, "spare") and len(held) == 3, journal
+    assert started["pid"] not in held
     # the shrink and the grow are rows of the controller's wandb run, with the sizes after them
     rows = [h for h in read_run(str(tmp_path / "wandb"))["history"] if "recovery/action" in h]
     assert [(h["recovery/action"], h["recovery/rank"], h["recovery/world_size"],
