@@ -141,16 +141,15 @@ def tiny_config(args, job_size: int):
         num_distributed_optimizer_instances=args.num_distributed_optimizer_instances)
 
 
-def save(prefix: str, rank: int, losses: dict, job) -> None:
-    from megatron.core import parallel_state
-
+def save(prefix: str, rank: int, losses: dict, job, position: dict) -> None:
+    """``position``: the rank's tensor and pipeline ranks, read while the groups exist (a job
+    under flash recovery has destroyed them by now; a shrink or grow keeps them)."""
     state = {"losses": losses,
              "params": {f"{i}/{n}": p.detach().clone() for i, c in enumerate(job.model)
                         for n, p in c.named_parameters()},
              "optim": {k: v.clone() for k, v in _optimizer_tensors(job).items()},
              "consumed_samples": job.consumed_samples, "pid": os.getpid(),
-             "taken": job.taken, "tensor_rank": parallel_state.get_tensor_model_parallel_rank(),
-             "pipeline_rank": parallel_state.get_pipeline_model_parallel_rank()}
+             "taken": job.taken, **position}
     torch.save(state, f"{prefix}.rank{rank}.pt")
 
 
@@ -245,6 +244,8 @@ def main(argv=None) -> int:
 
     cfg = tiny_config(args, session.job_size if session else world)
     initialize_parallel(cfg)
+    position = {"tensor_rank": parallel_state.get_tensor_model_parallel_rank(),
+                "pipeline_rank": parallel_state.get_pipeline_model_parallel_rank()}
     # a replacement draws no random weights (Megatron-LM: the hook sets args' init methods)
     job = TinyGPTJob(cfg, initialize=not flash_recovery.replacing())
     job._forward_step = flash_recovery.wrap_forward_step(job._forward_step)
@@ -322,7 +323,7 @@ def main(argv=None) -> int:
     if writer is not None:
         writer.finish()
     if args.out:
-        save(args.out, rank, losses, job)
+        save(args.out, rank, losses, job, position)
     if args.timings and rank == 0:
         with open(args.timings, "w") as f:
             json.dump(timings, f)
