@@ -258,3 +258,27 @@ def test_a_startup_failure_stops_the_job_at_once_with_its_error(tmp_path, case):
     assert stopped["startup"] is True and stopped["rank"] == reported["rank"]
     line = summary(job.output)
     assert line.startswith("fr-megatron run: the job failed: rank ") and error in line, line
+
+
+# a script whose rank 1 fails after training, as a final save that raises would
+FAILS_AFTER_TRAINING = """
+import os, runpy, sys
+runpy.run_path({recipe!r}, run_name="__main__")
+if os.environ["RANK"] == "1":
+    sys.exit(3)
+"""
+
+
+@pytest.mark.timeout(120)
+def test_a_rank_whose_script_fails_after_training_fails_the_job(tmp_path):
+    script = tmp_path / "fails_after_training.py"
+    script.write_text(FAILS_AFTER_TRAINING.format(recipe=str(TORCH_RECIPE)))
+    job = run_job(tmp_path, script, ["--steps", "3"], nproc=2, spares=0, timeout=100)
+    assert job.rc == 1, job.failure()
+    assert job.report["finished_ranks"] == 2 and job.report["faults"] == [], job.report
+    (failed,) = job.report["failed_after_training"]
+    assert (failed["rank"], failed["kind"], failed["exit_code"]) == (1, "exit", 3), failed
+    (event,) = [e for e in job.journal if e["event"] == "rank_failed_after_training"]
+    assert (event["rank"], event["exit_code"]) == (1, 3), event
+    assert ("fr-megatron run: training finished, then the script failed on rank 1 (exit code "
+            "3)") in job.output, job.output[-3000:]

@@ -307,6 +307,13 @@ class NodeAgent:
                     self.finished.add(w.rank)
                     log.info("node=%d rank=%d finished (%s)", self.node, w.rank,
                              "exit 0" if kind == "exit0_early" else f"then {kind} {detail}")
+                    if kind != "exit0_early":
+                        # what the script does after training (a final save, an evaluation)
+                        # failed: the job did not simply finish
+                        log.error("node=%d rank=%d pid=%d finished training, then ended with "
+                                  "%s %s", self.node, w.rank, pid, kind, detail)
+                        self._send("ended_after_finishing", rank=w.rank, pid=pid, fault=kind,
+                                   node=self.node, **detail)
                     if self.ranks and self.finished >= self.ranks:
                         self._send("node_done", node=self.node)
                         self._done.set()  # nothing left to supervise on this node

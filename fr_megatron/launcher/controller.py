@@ -107,7 +107,8 @@ _MESSAGE_KINDS = {"fault": "_on_fault", "stop_requested": "_on_stop_requested",
                   "joined": "_on_joined", "recovered": "_on_recovered",
                   "finished": "_on_finished", "agent_started": "_on_agent_started",
                   "node_done": "_on_node_done", "fatal": "_on_fatal", "event": "_on_record",
-                  "standby": "_on_standby", "state_lost": "_on_state_lost"}
+                  "standby": "_on_standby", "state_lost": "_on_state_lost",
+                  "ended_after_finishing": "_on_ended_after_finishing"}
 
 
 @dataclass
@@ -174,6 +175,7 @@ class Controller:
         self.replaced_pids: set[int] = set()  # processes already decided on: later reports of
         # the same death (the agent's exit after the worker's own traceback) change nothing
         self.exit_code = 0
+        self.failed_after_training: list[dict] = []  # ranks whose script failed after training
         self.injections = parse_inject(inject)
         # a stop by signal: {"signal", "by", "save", "force", "deadline", ...} (``request_stop``)
         self.stopping: Optional[dict] = None
@@ -563,6 +565,16 @@ class Controller:
         if ev.get("stats"):
             self.rank_stats[rank] = ev["stats"]
 
+    def _on_ended_after_finishing(self, ev: dict) -> None:
+        """A rank finished training, then its script ended with an error or a signal (its final
+        save or evaluation failed): the job ends with exit code 1, its report says which."""
+        entry = {"rank": int(ev["rank"]), "pid": ev.get("pid"), "kind": ev.get("fault"),
+                 **{k: ev[k] for k in ("exit_code", "signal") if k in ev}}
+        self.failed_after_training.append(entry)
+        if not self.exit_code:
+            self.exit_code = 1
+        self.journal.write("rank_failed_after_training", generation=self.generation, **entry)
+
     def _on_agent_started(self, ev: dict) -> None:
         node = int(ev["node"])
         if ev.get("pid") == os.getpid():
@@ -925,6 +937,7 @@ class Controller:
                 "rejected_messages": self.rejected, "fatal": self.fatal,
                 "startup_error": self.startup_error,
                 "stopped": self._stopped(), "exit_code": self.exit_code,
+                "failed_after_training": self.failed_after_training,
                 "finished_ranks": len(self.finished_ranks), "redundancy": self.redundancy,
                 "rank_stats": {str(r): v for r, v in sorted(self.rank_stats.items())}}
 

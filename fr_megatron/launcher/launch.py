@@ -223,6 +223,10 @@ class Stopper:
             self.agent.request_stop(name, force=force)
 
 
+def _how_it_ended(f: dict) -> str:
+    return f"signal {f['signal']}" if f.get("signal") else f"exit code {f.get('exit_code')}"
+
+
 def summary(ctl, report_path, journal_path) -> str | None:
     """The launcher's last line, for a job that did not simply finish."""
     rep = ctl.report()
@@ -237,6 +241,12 @@ def summary(ctl, report_path, journal_path) -> str | None:
                  "; no checkpoint saved" if st["save"] else "")
         return (f"fr-megatron run: the job was stopped by {st['by']}; last committed step "
                 f"{st['last_committed_step']} (every rank committed it){saved}{where}")
+    if rep["failed_after_training"]:
+        ranks = ", ".join(f"rank {f['rank']} ({_how_it_ended(f)})"
+                          for f in rep["failed_after_training"])
+        return (f"fr-megatron run: training finished, then the script failed on {ranks}: "
+                f"what it does after training (a final save, an evaluation) did not complete; "
+                f"see the rank's output{where}")
     return None
 
 
