@@ -599,7 +599,7 @@ class _MegatronLM:
         dp = _data_parallel_size()
         if dp != self.micro_batches_for:
             self._fit_micro_batches(dp)
-        targets = self._data_targets()
+        targets = self._data_targets(dp)
         if targets is None and self.rebuild_data is not None:
             self._rebuild_data(dp)
             targets = [0] * len(self.logs)
@@ -665,17 +665,16 @@ class _MegatronLM:
                  "samples for data-parallel size %d", _session.rank, _session.generation,
                  consumed, dp)
 
-    def _data_targets(self) -> Optional[list[int]]:
+    def _data_targets(self, dp: int) -> Optional[list[int]]:
         """Each loader's micro-batch at the start of the redone iteration, counted from its own
-        first one; None when they cannot be told."""
+        first one, at data-parallel size ``dp``; None when they cannot be told."""
         c, per = self.counters, _Counters.samples_per_micro_batch(self.args)
-        if self.own_data_parallel_size != _data_parallel_size():
+        if self.own_data_parallel_size != dp:
             return None  # this process's loaders were built for another data-parallel size
         if c.data_positions is None:  # restored from a disk checkpoint
             ahead, rest = divmod(c.consumed_train_samples - self.own_start, per)
             return None if rest or ahead < 0 else [ahead] * len(self.logs)
-        if len(c.data_positions) != len(self.logs) or \
-                getattr(c, "data_parallel_size", None) != _data_parallel_size():
+        if len(c.data_positions) != len(self.logs) or c.data_parallel_size != dp:
             return None  # counted in another loader's micro-batches
         behind, rest = divmod(self.own_start - c.data_start, per)
         if rest:
