@@ -162,6 +162,24 @@ def assert_same_samples_close_training(base: dict, shrunk: dict, first_shrunk_st
         assert (p - base["params"][k]).abs().max().item() <= TOLERANCE, k
 
 
+def assert_stuck_survivors_recovered(stuck: list[dict], journal: list[dict]) -> set[int]:
+    """Check the faults of survivors that the abort left inside a gloo operation (a message cut
+    in the middle): each reports itself stuck and is recovered with no step lost. Under
+    ``--shrink always`` its replica leaves with it, unless removing every replica of that
+    generation's lost ranks would leave none whole: the controller then journals
+    ``shrink_skipped`` and replaces them instead. Returns the job ranks replaced so."""
+    skipped = {e["generation"] for e in journal if e["event"] == "shrink_skipped"}
+    replaced = set()
+    for f in stuck:
+        assert (f["kind"], f["steps_lost"]) == ("stuck", 0), f
+        if f["action"] == "replace":
+            assert f["generation"] in skipped, (f, skipped)
+            replaced.add(f["rank"])
+        else:
+            assert f["action"] == "shrink", f
+    return replaced
+
+
 def node_launcher(tmp: Path, port: int, node_rank: int, script: Path, script_args: list[str],
                   extra: list[str] = (), nproc: int = 4, spares: int = 1,
                   env: dict | None = None) -> subprocess.Popen:

@@ -157,7 +157,8 @@ def test_always_shrinking_a_job_that_cannot_shrink_is_refused_at_start_up():
     check_shrink_policy("always", TorchIntegration)
 
 
-def _controller(tmp_path, shrink_policy: str, shrinkable: bool = True):
+def _controller(tmp_path, shrink_policy: str, shrinkable: bool = True,
+                replicas=([0], [1], [2], [3])):
     from fr_megatron.config import FlashRecoveryConfig
     from fr_megatron.launcher.controller import Controller
 
@@ -165,7 +166,7 @@ def _controller(tmp_path, shrink_policy: str, shrinkable: bool = True):
                               shrink=shrink_policy)
     ctl = Controller(4, 2, 2, "127.0.0.1", 0, b"token", cfg)  # node 1 hosts ranks 2 and 3
     ctl._on_event({"kind": "event", "rank": 0, "event": "redundancy", "generation": 0,
-                   "fields": {"shrink": shrinkable, "replicas": [[0], [1], [2], [3]]}})
+                   "fields": {"shrink": shrinkable, "replicas": [list(r) for r in replicas]}})
     return ctl
 
 
@@ -212,6 +213,34 @@ def test_the_controller_shrinks_then_grows_back_once_the_grown_ranks_stand_by(tm
         assert _plan(ctl, keys.plan(2))["members"] == [0, 1, 2, 3]
         assert ctl.members == [0, 1, 2, 3] and ctl.node_of[2] == ctl.node_of[3] == 2
         assert ctl.report()["grows"][0]["prepare_s"] is not None
+    finally:
+        ctl.stop()
+
+
+@pytest.mark.timeout(60)
+def test_under_shrink_always_lost_ranks_that_would_leave_no_replica_are_replaced(tmp_path):
+    """Two ranks stuck at once, one in each replica: removing both replicas would leave none,
+    so the controller says why it does not shrink and replaces both on their own nodes."""
+    from fr_megatron.events import Journal
+    from fr_megatron.protocol import keys
+
+    ctl = _controller(tmp_path, "always", replicas=([0, 2], [1, 3]))
+    try:
+        now = time.time()
+        for rank in (0, 1):
+            ctl._on_event({"kind": "fault", "rank": rank, "fault": "stuck", "pid": 100 + rank,
+                           "generation": 0, "step": 5, "phase": "forward", "fault_t": now,
+                           "ts": now})
+        ctl._decide()
+        plan = _plan(ctl, keys.plan(1))
+        assert (plan["replaced"], plan["removed"], plan["members"]) == ([0, 1], [], [0, 1, 2, 3])
+        assert [(f["rank"], f["action"]) for f in plan["faults"]] == [(0, "replace"),
+                                                                      (1, "replace")]
+        assert ctl.fatal is None and ctl.dp_replicas == [[0, 2], [1, 3]]
+        (skipped,) = [e for e in Journal.read(str(tmp_path / "j.jsonl"))
+                      if e["event"] == "shrink_skipped"]
+        assert skipped["generation"] == 1 and skipped["ranks"] == [0, 1]
+        assert "leave no data-parallel replica whole" in skipped["reason"]
     finally:
         ctl.stop()
 
