@@ -52,20 +52,30 @@ FAILS_EVERY_RESTART = ";".join(["exception:rank=1:step=3:phase=forward"] * (MAX_
 
 
 @pytest.mark.timeout(300)
-def test_ranks_lost_with_every_copy_of_their_state_leave_the_job_with_their_replicas(tmp_path):
+def test_ranks_lost_with_every_copy_of_their_state_leave_with_their_replicas_and_come_back(
+        tmp_path):
     # the same loss with the default --shrink no-spare: the replacements of ranks 1 and 2 find
     # nothing to restore, and the job goes on without their replicas from the last step the
-    # others committed
-    job = run_job(tmp_path, TORCH_RECIPE, ["--steps", "6"], inject=LOSE_1_AND_2,
-                  extra=["--snapshot-dir", ""])
+    # others committed; their slots are sound (the processes died, not the devices), so the
+    # replicas come back there at the next step boundary and take their state from the others
+    # (steps sleep while the job is shrunk, so that it does not end before that)
+    job = run_job(tmp_path, TORCH_RECIPE, ["--steps", "8", "--step-sleep-shrunk", "1.5"],
+                  inject=LOSE_1_AND_2, extra=["--snapshot-dir", ""])
     assert job.rc == 0, job.failure(3000)
     faults = sorted((f["kind"], f["rank"], f["action"]) for f in job.report["faults"])
     assert faults == [("crash", 1, "replace"), ("crash", 2, "replace"),
                       ("state_lost", 1, "shrink"), ("state_lost", 2, "shrink")], faults
-    assert job.report["members"] == [0, 3] and job.report["fatal"] is None
     shrunk = [f for f in job.report["faults"] if f["action"] == "shrink"]
     assert all(f["steps_lost"] == 0 and f["recovery_point"] == 2 for f in shrunk), shrunk
-    assert job.result["world_sizes"] == {s: 4 if s <= 2 else 2 for s in range(1, 7)}
+    assert all(f["world_size_after"] == 2 for f in shrunk), shrunk
+    (grow,) = job.report["grows"]
+    assert (grow["ranks"], grow["world_size_after"], grow["steps_lost"]) == ([1, 2], 4, 0), grow
+    (decided,) = [e for e in job.journal if e["event"] == "grow_decided"]
+    assert decided["nodes"] == [0], decided  # their own node: the job has no other
+    back = grow["recovery_point"]
+    assert 2 < back < 8, grow
+    assert job.report["members"] == [0, 1, 2, 3] and job.report["fatal"] is None
+    assert job.result["world_sizes"] == {s: 2 if 2 < s <= back else 4 for s in range(1, 9)}
     assert all(t == [1.0] * 4 for t in job.result["taken"].values()), job.result["taken"]
 
 

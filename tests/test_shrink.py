@@ -11,6 +11,7 @@ import torch
 from jobs import (TORCH_RECIPE, TORCH_STEPS, assert_same_samples_close_training, run_job,
                   shrink_then_grow)
 from fr_megatron.events import Journal
+from fr_megatron.launcher.controller import MAX_FAILED_RESTARTS
 from fr_megatron.wandb_reader import read_run
 from fr_megatron.launcher.shrink import ShrinkImpossible, shrink, shrinks
 from fr_megatron.runtime.batch_split import BatchSplitError, micro_batches
@@ -213,6 +214,45 @@ def test_the_controller_shrinks_then_grows_back_once_the_grown_ranks_stand_by(tm
         assert _plan(ctl, keys.plan(2))["members"] == [0, 1, 2, 3]
         assert ctl.members == [0, 1, 2, 3] and ctl.node_of[2] == ctl.node_of[3] == 2
         assert ctl.report()["grows"][0]["prepare_s"] is not None
+    finally:
+        ctl.stop()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("policy, faults, home", [
+    ("no-spare", ["state_lost"], True),    # the process and its copies died, not the device
+    ("always", ["crash"], False),          # growing back at once would undo the shrink
+    ("no-spare", ["crash"] * (MAX_FAILED_RESTARTS + 1), False)])  # a broken device
+def test_a_removed_replica_comes_back_in_its_own_slots_unless_they_are_unusable(
+        tmp_path, policy, faults, home):
+    """Rank 1's replica leaves; once the recovery is over, it comes back on its own node (with
+    no spare node) only where its slot is usable."""
+    from fr_megatron.protocol import keys
+
+    ctl = _controller(tmp_path, policy)
+    try:
+        now = time.time()
+        for node in (0, 1):
+            ctl._on_event({"kind": "agent_started", "node": node, "spare": False,
+                           "pid": 10 + node, "ts": now})
+        for i, kind in enumerate(faults):
+            ctl._on_event({"kind": "fault", "rank": 1, "fault": kind, "pid": 100 + i,
+                           "generation": ctl.generation, "step": 5, "phase": "backward",
+                           "fault_t": now, "ts": now})
+            ctl._decide()
+        assert ctl.members == [0, 2, 3] and ctl.removed_replicas == [[1]], ctl.members
+        ctl._grow()
+        assert ctl.growing is None  # not during the recovery
+        for rank in ctl.members:
+            ctl._on_event({"kind": "recovered", "rank": rank, "generation": ctl.generation,
+                           "pid": rank, "first_step_t": now + 1, "phases": {},
+                           "recovery_point": 4, "steps_lost": 0, "ts": now})
+        ctl._grow()
+        woken = _plan(ctl, keys.agent_wake(ctl.generation + (0 if home else 1)))
+        if home:
+            assert (woken["grown"], woken["placement"]) == ([1], {"1": 0}), woken
+        else:
+            assert woken is None and ctl.growing is None and ctl.removed_replicas == [[1]]
     finally:
         ctl.stop()
 

@@ -123,6 +123,7 @@ class NodeAgent:
         self.cfg = cfg
         self.script, self.script_args = os.path.abspath(script), list(script_args)
         self.n_spares = max(spares, nproc) if spare_node else spares
+        self._lent_slots: set[int] = set()  # removed ranks whose slot holds an extra spare
         self.inject = inject
         # the spares' start: the default list and the --preload additions; the job's own
         # modules follow once rank 0 has published them (``_learn_modules``)
@@ -398,6 +399,9 @@ class NodeAgent:
             moved = {int(r): n for r, n in plan.get("placement", {}).items()}
             for rank in plan["replaced"]:
                 if moved.get(rank, rank // self.nproc) == self.node:
+                    if rank in self._lent_slots:  # its replica comes back (a grow): the spare
+                        self._lent_slots.discard(rank)  # that held its slot is the pool's no more
+                        self.n_spares -= 1
                     self._apply(rank, g)
                 elif rank in self.ranks:  # moved to another node: stop hosting it
                     self._release(rank)
@@ -444,6 +448,7 @@ class NodeAgent:
         spare started during any recovery, and woken once the recovery is over (``_refill``)."""
         with self._lock:
             self.n_spares += 1
+            self._lent_slots.add(rank)
             held = self._spawn_spares(len(self.spares) + 1, hold=True, rank=rank, generation=g)
             watch = min(self.ranks, default=rank)  # a rank of this node that goes on
         log.info("node=%d generation=%d rank=%d healthy, its slot holds a spare now (pids %s)",

@@ -4,8 +4,8 @@ One per job. It owns the TCPStore that every rank and agent rendezvous on (so th
 outlives any rank), reads heartbeats, takes fault reports from agents and workers, and for each
 fault: fixes which ranks are replaced, or removed with their data-parallel replicas
 (``shrink``), bumps the generation and publishes the signed plan that wakes every survivor and
-agent; once a spare node is free it takes removed replicas back (a grow). It writes the event
-journal and, at the end, the JSON report.
+agent; once their own slots or a spare node are free it takes removed replicas back (a grow).
+It writes the event journal and, at the end, the JSON report.
 
 If the controller itself dies, agents see the store go away and stop their workers; the
 journal keeps the last good step (see README, "Failure model").
@@ -171,6 +171,9 @@ class Controller:
         self.redundancy: Optional[dict] = None   # where snapshots live and who copies what
         self.fatal: Optional[str] = None
         self.restarts_without_progress: dict[int, int] = {}
+        # ranks that failed too often in a row: their slot (device) takes no rank back on a grow
+        self.broken_slots: set[int] = set()
+        self.local_node: Optional[int] = None  # the node whose agent runs in this process
         self.plan_t = 0.0
         self.replaced_pids: set[int] = set()  # processes already decided on: later reports of
         # the same death (the agent's exit after the worker's own traceback) change nothing
@@ -580,6 +583,7 @@ class Controller:
         if ev.get("pid") == os.getpid():
             # the agent in the controller's own process: if its node goes, so does the
             # controller; a stall of this process must not read as a lost node
+            self.local_node = node
             return
         self.agents[node] = AgentView(node, bool(ev.get("spare")), ev.get("pid"),
                                       seen_t=time.time())
@@ -723,6 +727,7 @@ class Controller:
                 self.restarts_without_progress[f.rank] = \
                     self.restarts_without_progress.get(f.rank, 1) + 1
             if self.restarts_without_progress.get(f.rank, 0) > MAX_FAILED_RESTARTS:
+                self.broken_slots.add(f.rank)
                 unreplaceable[f.rank] = (
                     f"rank {f.rank} failed {MAX_FAILED_RESTARTS + 1} times in a row before "
                     f"recovering (last: {f.kind} at step {f.step}); not restarting it again: "
@@ -799,11 +804,29 @@ class Controller:
         self.generation = g
         self._publish_generation(plan)
 
+    def _home_slots_free(self, replica: list[int]) -> bool:
+        """Whether ``replica`` can come back where it ran: every rank's node is live and its
+        slot (device) was not given up on. A rank comes back under its own number, so on its
+        own node in its own slot, which the healthy ranks' spares hold meanwhile. Under
+        ``--shrink always`` never: it would undo each shrink at once."""
+        if self.cfg.shrink == "always":
+            return False
+        for r in replica:
+            node = self.node_of[r]
+            agent = self.agents.get(node)
+            live = node == self.local_node or (agent is not None and not agent.lost)
+            if r in self.broken_slots or not live or node in self.done_nodes:
+                return False
+            if sum(self.node_of[m] == node for m in self.members) >= self.nproc:
+                return False  # its slot went to another rank meanwhile
+        return True
+
     def _grow(self) -> None:
-        """Take removed replicas back into the world once capacity has returned: a spare node
-        that hosts no rank. Between recoveries only; whole replicas, as many as its ranks'
-        slots hold, on that node's spares. The ranks come back under their own numbers and take
-        their state from their data-parallel replicas.
+        """Take removed replicas back into the world once capacity has returned: their own
+        slots, when those are usable (``_home_slots_free``: a replica removed because its
+        state was lost with every copy), else a spare node that hosts no rank. Between
+        recoveries only; whole replicas, on the spares of those nodes. The ranks come back
+        under their own numbers and take their state from their data-parallel replicas.
 
         In two steps, so that training goes on while the new processes start: the agents are
         woken first (the spare node starts the grown ranks, which report ``standby``), and the
@@ -815,13 +838,18 @@ class Controller:
                       and n not in {self.node_of[r] for r in self.members})
         slots = [n for n in free for _ in range(self.nproc)]
         back: list[list[int]] = []
+        placement: dict[int, int] = {}
         for rep in self.removed_replicas:
-            if len(rep) <= len(slots) - sum(map(len, back)):
-                back.append(rep)
+            if self._home_slots_free(rep):
+                placement.update({r: self.node_of[r] for r in rep})
+            elif len(rep) <= len(slots):
+                placement.update({r: slots.pop(0) for r in sorted(rep)})
+            else:
+                continue
+            back.append(rep)
         if not back:
             return
-        grown = sorted(r for rep in back for r in rep)
-        placement = dict(zip(grown, slots))
+        grown = sorted(placement)
         now = time.time()
         g = self.generation + 1
         members, replicas = sorted(self.members + grown), sorted(self.dp_replicas + back, key=min)
