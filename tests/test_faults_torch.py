@@ -86,6 +86,11 @@ def test_faults_recovered_bit_exact(tmp_path, torch_baseline, name):
         (reported,) = [e for e in job.journal
                        if e["event"] == "fault_reported" and e["kind"] == "exception"]
         assert "InjectedFault: injected exception at step 4" in reported["traceback"]
+    if "stuck" in kinds:  # it says where: the world group's all-reduce, and its stack
+        (reported,) = [e for e in job.journal
+                       if e["event"] == "fault_reported" and e["kind"] == "stuck"]
+        assert reported["operation"].endswith("@0-3"), reported  # ranks 0 to 3
+        assert "all_reduce" in reported["stack"] and "inject.py" in reported["stack"], reported
     if name == "crashes-and-exits":
         # two faults in step 2 empty the pool of 2: the agent starts a spare at once but held
         # stopped, and wakes it when it is handed a rank (the fault in step 3) or when a

@@ -479,7 +479,8 @@ class Controller:
                                  ev.get("generation", self.generation),
                                  fault_t=ev.get("fault_t", ev["ts"]), reported_t=time.time(),
                                  detail={k: ev[k] for k in ("traceback", "exit_code", "signal",
-                                                            "node", "stderr", "committed")
+                                                            "node", "stderr", "committed",
+                                                            "operation", "stack")
                                          if k in ev}))
 
     def _on_stop_requested(self, ev: dict) -> None:

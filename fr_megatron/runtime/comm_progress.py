@@ -108,6 +108,12 @@ class Progress:
         rec, count = op
         return (id(rec), count) if rec[0] == count and _inside(rec[1]) else None
 
+    def main_key(self) -> Optional[str]:
+        """The key (``protocol.progress``) of the training thread's newest operation, if any."""
+        op = self._main_op
+        return None if op is None else \
+            next((k for k, rec in list(self.records.items()) if rec is op[0]), None)
+
     def report(self) -> dict[str, list]:
         """{key: [count, 1 if inside now else 0]}; safe to call from another thread."""
         return {k: [n, int(_inside(w))] for k, (n, w) in list(self.records.items())}

@@ -57,6 +57,8 @@ __all__ = ["Session", "RecoveryRequested", "RecoveryImpossible", "EXIT_FAULTY"]
 # progress in its beats (``comm_progress``): the controller compares it once ranks stall, and a
 # running job's beats stay small
 COMM_AFTER_FRACTION = 0.25
+# the innermost frames of the training thread that a rank stuck after an abort reports
+STUCK_STACK_FRAMES = 12
 
 
 class Session:
@@ -200,10 +202,14 @@ class Session:
                                                                        State.SYNCING)
 
         def stuck(seconds: float) -> None:
-            log.error("rank=%d generation=%d step=%d phase=%s still inside an operation %.1f s "
-                      "after the abort: it cannot take part in the recovery; exiting as faulty",
-                      self.rank, self.generation, self.step, self.phase_name, seconds)
-            self._leave_faulty("stuck")
+            operation = comm_progress.TRACKER.main_key()
+            frame = sys._current_frames().get(threading.main_thread().ident)
+            stack = "".join(traceback.format_stack(frame)[-STUCK_STACK_FRAMES:]) if frame else ""
+            log.error("rank=%d generation=%d step=%d phase=%s still inside %s %.1f s after the "
+                      "abort: it cannot take part in the recovery; exiting as faulty; the "
+                      "training thread:\n%s", self.rank, self.generation, self.step,
+                      self.phase_name, operation, seconds, stack)
+            self._leave_faulty("stuck", operation=operation, stack=stack)
 
         AbortWatch(training, comm_progress.TRACKER.main_inside, stuck).start()
 
