@@ -33,10 +33,11 @@ JOBS = {
                              ["hang", "hang_gil"], 2, HANG),
     # rank 1 takes part in the all-reduce of gradients and losses and then never leaves it,
     # even once rank 3's crash has aborted its communicators: it reports itself stuck instead
-    # of waiting to be blamed as hung
+    # of waiting to be blamed as hung. Its snapshots are in process memory: it hands them
+    # over to its replacement as it leaves, while the killed rank's die with it
     "stuck-after-abort": ("wedge:rank=1:step=3:phase=grad_reduce:group=world:nth=1;"
                           "kill:rank=3:step=3:phase=optimizer",
-                          ["stuck", "crash"], 2, []),
+                          ["stuck", "crash"], 2, ["--snapshot-dir", ""]),
 }
 
 
@@ -91,6 +92,11 @@ def test_faults_recovered_bit_exact(tmp_path, torch_baseline, name):
                        if e["event"] == "fault_reported" and e["kind"] == "stuck"]
         assert reported["operation"].endswith("@0-3"), reported  # ranks 0 to 3
         assert "all_reduce" in reported["stack"] and "inject.py" in reported["stack"], reported
+        # the stuck rank's replacement restores from what it handed over, the killed rank's
+        # from a live peer
+        restored = {f["kind"]: f["restored_from"] for f in faults.values()}
+        assert set(restored["stuck"].values()) == {1}, restored
+        assert 1 not in restored["crash"].values() and 3 not in restored["crash"].values()
     if name == "crashes-and-exits":
         # two faults in step 2 empty the pool of 2: the agent starts a spare at once but held
         # stopped, and wakes it when it is handed a rank (the fault in step 3) or when a

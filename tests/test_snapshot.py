@@ -117,6 +117,46 @@ def test_replacement_checks_the_slots_it_inherits_and_drops_a_corrupted_one(tmp_
     assert all(torch.equal(again[k], good[k]) for k in good)
 
 
+def test_process_memory_snapshots_handed_over_to_the_replacement_and_checked(tmp_path):
+    """A rank whose snapshots are in process memory writes them to the agent's hand-over
+    directory as it leaves as faulty; its replacement loads them into its own memory, removes
+    the files, and offers only what still matches its checksums."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(64, 64)
+    integration = TorchIntegration(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                                   ddp=False)
+    handover = tmp_path / "handover"
+    handover.mkdir()
+    cfg = FlashRecoveryConfig(snapshot_dir="")
+    tx = StepTransaction(3, cfg, None, str(handover))
+    assert not tx.ring.in_shared_memory
+    for step in (1, 2):
+        model.weight.data += step
+        tx.commit(step, capture(integration, step))
+    tx.wait_durable()
+    assert tx.hand_over() == 2 * tx.ring.slot(2).layout.total
+    written = tx.ring.slot(1)
+    good = {step: _copy(tx.ring.get(step)) for step in (1, 2)}
+    # a byte of step 1's file goes bad before the replacement reads it
+    files = sorted(p.name for p in handover.iterdir())
+    assert files == [f"rank3.slot{i}.{ext}" for i in (0, 1) for ext in ("bin", "hdr")]
+    slot_of_1 = tx.ring.slots.index(written)
+    with open(handover / f"rank3.slot{slot_of_1}.bin", "r+b") as f:
+        f.seek(5)
+        byte = f.read(1)
+        f.seek(5)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    replacement = StepTransaction(3, cfg, None, str(handover))
+    assert replacement.ring.steps() == [1, 2] and not replacement.ring.in_shared_memory
+    assert list(handover.iterdir()) == []  # taken: nothing is left behind on the node
+    dropped = replacement.ring.validate()
+    assert [s for s, _ in dropped] == [1] and "checksum mismatch" in dropped[0][1]
+    again = _copy(replacement.ring.get(2))
+    assert all(torch.equal(again[k], good[2][k]) for k in good[2])
+    # another rank on the node finds nothing of rank 3's
+    assert StepTransaction(2, cfg, None, str(handover)).ring.steps() == []
+
+
 @pytest.mark.timeout(30)
 def test_background_calls_share_one_thread_and_a_stuck_one_holds_nothing_up():
     """The snapshot's seal and the copies' exchange run on a thread started once (a thread

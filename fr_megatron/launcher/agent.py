@@ -157,6 +157,8 @@ class NodeAgent:
         self._rejected_beats = 0
         self.snapshot_dir = shared_memory.make(cfg.snapshot_dir, os.path.basename(run_dir),
                                                node_rank)
+        self.handover_dir = os.path.join(run_dir, "handover")
+        os.makedirs(self.handover_dir, mode=0o700, exist_ok=True)
         # this node's workers are forked from one process that has imported torch and the
         # runtime (``template``); FR_WORKER_TEMPLATE=0 starts each as its own process
         self.template: Optional[template.Template] = None
@@ -200,6 +202,7 @@ class NodeAgent:
         env["TORCH_CPP_LOG_LEVEL"] = "ERROR"
         if self.snapshot_dir:
             env[shared_memory.ENV] = self.snapshot_dir
+        env[shared_memory.HANDOVER_ENV] = self.handover_dir
         return env
 
     def _fork(self, argv: list[str], env: dict, fds: dict[str, int], spare: bool) -> Optional[int]:

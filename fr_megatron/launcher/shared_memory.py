@@ -20,6 +20,9 @@ import psutil
 log = logging.getLogger("fr_megatron.agent")
 
 ENV = "FR_SNAPSHOT_DIR"
+# a node directory (in the launcher's run directory) where a rank that leaves as faulty writes
+# the snapshots it kept in process memory, and its replacement on the node takes them from
+HANDOVER_ENV = "FR_HANDOVER_DIR"
 PREFIX = "fr-megatron-"
 _OWNER = "agent.pid"
 

@@ -65,7 +65,8 @@ class Session:
     def __init__(self, *, rank: int, world_size: int, nproc_per_node: int, controller: str,
                  token: bytes, generation: int, replacement: bool,
                  agent_socket: str, config: Optional[FlashRecoveryConfig] = None,
-                 injections: str = "", snapshot_dir: Optional[str] = None):
+                 injections: str = "", snapshot_dir: Optional[str] = None,
+                 handover_dir: Optional[str] = None):
         # ``rank`` is the job rank, this process's name for the control plane (heartbeats,
         # snapshots, injections); its rank in the current world is ``world_rank``: the two
         # differ once the job goes on with fewer replicas (``members``)
@@ -87,7 +88,7 @@ class Session:
         self._step_t0 = time.monotonic()
         self.step_times: list[float] = []
         self.integration: Optional[Integration] = None
-        self.tx = StepTransaction(rank, self.cfg, snapshot_dir)
+        self.tx = StepTransaction(rank, self.cfg, snapshot_dir, handover_dir)
         self.tx.interrupted = self.superseded  # a fault plan ends a wait for copies in flight
         self.recovery = Recovery(self)
         self.injector = inject.Injector(rank, injections, self._claim, self._before_injected,
@@ -123,7 +124,8 @@ class Session:
                    config=config or FlashRecoveryConfig.from_env(env),
                    agent_socket=BeatSender.from_env(env).path,
                    injections=env.get("FR_INJECT", ""),
-                   snapshot_dir=env.get("FR_SNAPSHOT_DIR"))
+                   snapshot_dir=env.get("FR_SNAPSHOT_DIR"),
+                   handover_dir=env.get("FR_HANDOVER_DIR"))
 
     # what other modules read of a session
     @property
@@ -452,6 +454,11 @@ class Session:
     def _leave_faulty(self, kind: str, **detail) -> None:
         """Report this rank's own fault to the controller and exit; its agent replaces it."""
         self.tx.wait_snapshot()  # the replacement adopts it from shared memory
+        handed = self.tx.hand_over()  # or, where it is in process memory, from these files
+        if handed:
+            log.info("rank=%d generation=%d step=%d phase=%s handed over %d MB of snapshots "
+                     "for its replacement", self.rank, self.generation, self.step,
+                     self.phase_name, handed >> 20)
         self.send("fault", fault=kind, pid=os.getpid(), step=self.step, phase=self.phase_name,
                   generation=self.generation, fault_t=time.time(), committed=self.tx.committed,
                   **detail)

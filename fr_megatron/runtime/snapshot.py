@@ -349,6 +349,45 @@ class SnapshotRing:
                 results = list(pool.map(check, sealed))
         return [r for r in results if r is not None]
 
+    # ---- handing over to a replacement ----------------------------------------------------
+    def hand_over(self, directory: str) -> int:
+        """Write the sealed steps held in process memory to files in ``directory`` (a node
+        directory of the agent's), where this rank's replacement takes them over
+        (``take_over``): a rank that leaves as faulty passes on its snapshots even when they are
+        not in shared memory. Returns the bytes written."""
+        if self.in_shared_memory:
+            return 0
+        self.settle()
+        written = 0
+        for i, s in enumerate(self.slots):
+            if s.header is None:
+                continue
+            out = Slot(directory, f"{self.name}.slot{i}")
+            out.invalidate()  # a stale header must not describe the bytes written now
+            out.ensure(s.layout)
+            out.buf.copy_(s.buf[:s.layout.total])
+            out.seal(dict(s.header))
+            written += s.layout.total
+        return written
+
+    def take_over(self, directory: str) -> list[int]:
+        """Load into process memory the steps that this ring's previous process handed over in
+        ``directory``, and remove the files. Returns the steps taken; their checksums are
+        checked before they are offered, as for any inherited slot (``validate``)."""
+        if self.in_shared_memory:
+            return []
+        for i, s in enumerate(self.slots):
+            name = f"{self.name}.slot{i}"
+            if not os.path.exists(os.path.join(directory, name + ".hdr")):
+                continue
+            handed = Slot(directory, name)
+            if handed.header is not None:
+                s.ensure(handed.layout)
+                s.buf.copy_(handed.buf[:handed.layout.total])
+                s.seal(handed.header)
+            handed.remove()
+        return self.steps()
+
     def drop_after(self, step: int) -> None:
         self.wait()
         for s in self.slots:

@@ -63,12 +63,18 @@ def _median(values: list[float]) -> Optional[float]:
 
 
 class StepTransaction:
-    def __init__(self, rank: int, cfg: FlashRecoveryConfig, snapshot_dir: Optional[str]):
+    def __init__(self, rank: int, cfg: FlashRecoveryConfig, snapshot_dir: Optional[str],
+                 handover_dir: Optional[str] = None):
         self.rank, self.cfg = rank, cfg
         # the node agent's shared-memory directory: a replacement finds its predecessor's
         # snapshots there under the same name
         self.snapshot_dir = snapshot_dir if cfg.snapshot_dir else None
         self.ring = rank_ring(cfg.snapshot_depth, self.snapshot_dir, rank)
+        # where a rank whose snapshots are in process memory leaves them when it leaves as
+        # faulty (``hand_over``), and its replacement takes them from
+        self.handover_dir = handover_dir
+        if handover_dir:
+            self.ring.take_over(handover_dir)
         self.copies: Optional[CopyExchange] = None
         # snapshots of ranks that left the world (a shrink), by job rank: the copies this rank
         # held for them, the rings they left in the node's shared memory; kept until a step of
@@ -110,6 +116,9 @@ class StepTransaction:
                                    self.cfg.snapshot_depth, self.snapshot_dir,
                                    interrupted=lambda: self.interrupted(),
                                    agree=world_size > 1, names=members)
+        if old is None and self.handover_dir:
+            for ring in self.copies.held.values():
+                ring.take_over(self.handover_dir)
         if old is not None:
             self.copies.adopt(old)
             self.departed.update({old.job_rank(w): ring for w, ring in old.held.items()
@@ -168,6 +177,22 @@ class StepTransaction:
             self.ring.wait()
         except Exception as e:  # noqa: BLE001 - the step is simply not in the ring
             log.warning("rank=%d step=%d snapshot not sealed: %s", self.rank, self.committed, e)
+
+    def hand_over(self) -> int:
+        """Leave this rank's snapshots and the copies it holds, where they are in process
+        memory, for its replacement (a rank that leaves as faulty is still alive to do so).
+        Returns the bytes written."""
+        if not self.handover_dir:
+            return 0
+        rings = [self.ring, *(self.copies.held.values() if self.copies else ())]
+        written = 0
+        for ring in rings:
+            try:
+                written += ring.hand_over(self.handover_dir)
+            except OSError as e:  # a full disk: the replacement restores from peers instead
+                log.warning("rank=%d step=%d could not hand over %s: %s", self.rank,
+                            self.committed, ring.name, e)
+        return written
 
     def guard(self, optimizers) -> None:
         """Before each of ``optimizers``' steps changes the state, wait for the last commit
