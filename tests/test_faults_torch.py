@@ -94,6 +94,7 @@ def test_faults_recovered_bit_exact(tmp_path, torch_baseline, name):
         assert "all_reduce" in reported["stack"] and "inject.py" in reported["stack"], reported
         # the stuck rank's replacement restores from what it handed over, the killed rank's
         # from a live peer
+        assert reported["handed_over_bytes"] > 0, reported
         restored = {f["kind"]: f["restored_from"] for f in faults.values()}
         assert set(restored["stuck"].values()) == {1}, restored
         assert 1 not in restored["crash"].values() and 3 not in restored["crash"].values()

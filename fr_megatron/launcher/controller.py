@@ -480,7 +480,8 @@ class Controller:
                                  fault_t=ev.get("fault_t", ev["ts"]), reported_t=time.time(),
                                  detail={k: ev[k] for k in ("traceback", "exit_code", "signal",
                                                             "node", "stderr", "committed",
-                                                            "operation", "stack")
+                                                            "operation", "stack",
+                                                            "handed_over_bytes")
                                          if k in ev}))
 
     def _on_stop_requested(self, ev: dict) -> None:

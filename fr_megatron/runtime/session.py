@@ -459,6 +459,7 @@ class Session:
             log.info("rank=%d generation=%d step=%d phase=%s handed over %d MB of snapshots "
                      "for its replacement", self.rank, self.generation, self.step,
                      self.phase_name, handed >> 20)
+            detail["handed_over_bytes"] = handed
         self.send("fault", fault=kind, pid=os.getpid(), step=self.step, phase=self.phase_name,
                   generation=self.generation, fault_t=time.time(), committed=self.tx.committed,
                   **detail)
