@@ -135,12 +135,11 @@ def test_process_memory_snapshots_handed_over_to_the_replacement_and_checked(tmp
         tx.commit(step, capture(integration, step))
     tx.wait_durable()
     assert tx.hand_over() == 2 * tx.ring.slot(2).layout.total
-    written = tx.ring.slot(1)
-    good = {step: _copy(tx.ring.get(step)) for step in (1, 2)}
+    good = _copy(tx.ring.get(2))
     # a byte of step 1's file goes bad before the replacement reads it
     files = sorted(p.name for p in handover.iterdir())
     assert files == [f"rank3.slot{i}.{ext}" for i in (0, 1) for ext in ("bin", "hdr")]
-    slot_of_1 = tx.ring.slots.index(written)
+    slot_of_1 = tx.ring.slots.index(tx.ring.slot(1))
     with open(handover / f"rank3.slot{slot_of_1}.bin", "r+b") as f:
         f.seek(5)
         byte = f.read(1)
@@ -152,7 +151,7 @@ def test_process_memory_snapshots_handed_over_to_the_replacement_and_checked(tmp
     dropped = replacement.ring.validate()
     assert [s for s, _ in dropped] == [1] and "checksum mismatch" in dropped[0][1]
     again = _copy(replacement.ring.get(2))
-    assert all(torch.equal(again[k], good[2][k]) for k in good[2])
+    assert all(torch.equal(again[k], good[k]) for k in good)
     # another rank on the node finds nothing of rank 3's
     assert StepTransaction(2, cfg, None, str(handover)).ring.steps() == []
 

@@ -134,6 +134,14 @@ class Slot:
         self.header = header
         self.verified = set()
 
+    def copy_from(self, src: "Slot") -> None:
+        """Make this slot hold ``src``'s sealed step: bytes, then header (the old header goes
+        first, so a copy cut short is no step)."""
+        self.invalidate()
+        self.ensure(src.layout)
+        self.buf.copy_(src.buf[:src.layout.total])
+        self.seal(dict(src.header))
+
     def region(self, part: str) -> torch.Tensor:
         s, e = self.layout.spans[part]
         return self.buf[s:e]
@@ -362,11 +370,7 @@ class SnapshotRing:
         for i, s in enumerate(self.slots):
             if s.header is None:
                 continue
-            out = Slot(directory, f"{self.name}.slot{i}")
-            out.invalidate()  # a stale header must not describe the bytes written now
-            out.ensure(s.layout)
-            out.buf.copy_(s.buf[:s.layout.total])
-            out.seal(dict(s.header))
+            Slot(directory, f"{self.name}.slot{i}").copy_from(s)
             written += s.layout.total
         return written
 
@@ -382,9 +386,7 @@ class SnapshotRing:
                 continue
             handed = Slot(directory, name)
             if handed.header is not None:
-                s.ensure(handed.layout)
-                s.buf.copy_(handed.buf[:handed.layout.total])
-                s.seal(handed.header)
+                s.copy_from(handed)
             handed.remove()
         return self.steps()
 
