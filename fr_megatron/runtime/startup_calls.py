@@ -17,9 +17,10 @@ of letting it go on with wrong values.
 Outputs over ``RECORD_LIMIT_BYTES`` (parameters, as in the embedding all-reduce) are not kept: a
 replacement leaves them with its local values, which the restore from its peers overwrites.
 Calls made inside ``passthrough()`` communicate as usual: the communicator rebuild, which the
-survivors run too. Only the ``torch.distributed`` functions in ``OUTPUTS`` are intercepted, and
-only where they are looked up during start-up (a reference taken earlier, at an import before
-the default group exists, calls the original).
+survivors run too. The ``torch.distributed`` functions in ``OUTPUTS`` are intercepted where they
+are looked up during start-up and where a module outside torch keeps one of its own, taken at
+its import (megatron-core's timers keep ``all_gather_into_tensor`` as ``dist_all_gather_func``;
+a warm spare imports such modules before it becomes a replacement).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import hashlib
 import inspect
 import logging
 import pickle
+import sys
 from typing import Any, Callable, Optional
 
 import torch
@@ -97,8 +99,10 @@ class _Interceptor:
         self.depth = 0  # > 0 inside passthrough()
         self.closed = False
         self.calls = 0
-        for op in OUTPUTS:
-            setattr(dist, op, self._wrap(op))
+        wrappers = {op: self._wrap(op) for op in OUTPUTS}
+        for op, fn in wrappers.items():
+            setattr(dist, op, fn)
+        self.aliases = _swap_aliases({id(self.saved[op]): fn for op, fn in wrappers.items()})
 
     def _wrap(self, op: str) -> Callable:
         original = self.saved[op]
@@ -123,6 +127,26 @@ class _Interceptor:
         self.closed = True
         for op, fn in self.saved.items():
             setattr(dist, op, fn)
+        for namespace, name, original, wrapper in self.aliases:
+            if namespace.get(name) is wrapper:
+                namespace[name] = original
+
+
+def _swap_aliases(wrapper_of: dict[int, Callable]) -> list[tuple[dict, str, Callable, Callable]]:
+    """In every loaded module outside torch and fr_megatron, replace each global that is one of
+    the intercepted functions (by identity: ``wrapper_of`` maps its id to its wrapper). Returns
+    what was swapped, to put back."""
+    swapped = []
+    for name, module in list(sys.modules.items()):
+        namespace = getattr(module, "__dict__", None)
+        if not isinstance(namespace, dict) or name.split(".")[0] in ("torch", "fr_megatron"):
+            continue
+        for attr, value in list(namespace.items()):
+            wrapper = wrapper_of.get(id(value))
+            if wrapper is not None and callable(value):
+                namespace[attr] = wrapper
+                swapped.append((namespace, attr, value, wrapper))
+    return swapped
 
 
 class Recorder(_Interceptor):
