@@ -36,7 +36,8 @@ import xxhash
 
 from .background import Worker
 from .integration import RankState
-from .layout import PARTS, ChecksumError, Layout, bytes_of, checksum, dumps_meta, loads_meta
+from .layout import (PARTS, BlockHasher, ChecksumError, Layout, bytes_of, checksum, dumps_meta,
+                     loads_meta)
 
 log = logging.getLogger("fr_megatron.snapshot")
 
@@ -192,6 +193,7 @@ class SnapshotRing:
         self._sealed = threading.Event()  # cleared while a GPU write is being sealed
         self._sealed.set()
         self._error: Optional[BaseException] = None
+        self._copied = None  # the CUDA event of the last write's device-to-host copy
         self._sealer = Worker("fr-snapshot-seal")
 
     @property
@@ -269,8 +271,10 @@ class SnapshotRing:
         meta = dumps_meta(live.meta)
         header = {"step": step, "layout": layout.to_json(), "meta": meta,
                   "sums": {"meta": xxhash.xxh3_128(meta).hexdigest()}}
+        self._copied = None
         if on_gpu:
             done = self._copy_on_side_stream(slot, layout, tensors)
+            self._copied = done
 
             def fill():
                 done.synchronize()
@@ -319,6 +323,15 @@ class SnapshotRing:
         """Block until the last ``write`` has sealed or failed, leaving a failure for ``wait``
         to hand to the training thread."""
         self._sealed.wait()
+
+    def wait_read(self) -> None:
+        """Block until the last ``write`` no longer reads the live tensors: on a GPU once its
+        device-to-host copy is done (the checksums of the host copy run on), on the CPU once it
+        is sealed (there the copy and its checksums are one pass)."""
+        if self._copied is not None:
+            self._copied.synchronize()
+        else:
+            self.wait()
 
     def wait(self) -> None:
         """Block until the last ``write`` is sealed; any thread may wait."""
@@ -411,7 +424,7 @@ def _copy_and_hash(layout: Layout, part: str, tensors: dict, buf: torch.Tensor) 
     hashing each piece while it is still in the CPU's cache (torch and xxhash release the GIL)."""
     if not layout.size(part):
         return "0"
-    h = xxhash.xxh3_128()
+    h = BlockHasher()
     for e in layout.regions[part]:
         src, dst = bytes_of(tensors[e.name]), buf[e.offset:e.offset + e.nbytes]
         for off in range(0, e.nbytes, CHUNK):

@@ -163,11 +163,12 @@ class StepTransaction:
 
     def before_optimizer(self) -> None:
         """The state is about to change: the last commit's snapshot, which reads it, must be
-        sealed (counted as time the training thread spent on that commit). Its copies and the
-        agreement that the step is durable everywhere run on until the next commit."""
+        read (counted as time the training thread spent on that commit). Its checksums, its
+        copies and the agreement that the step is durable everywhere run on until the next
+        commit."""
         if self.commit_blocked_s:
             t0 = time.perf_counter()
-            self.ring.wait()
+            self.ring.wait_read()
             self.commit_blocked_s[-1] += time.perf_counter() - t0
 
     def wait_snapshot(self) -> None:
@@ -243,6 +244,9 @@ class StepTransaction:
                 "step_s_p50": _median(step_times)}
 
     def close(self) -> None:
-        """The job's end: the last commit's copies complete (every peer takes part)."""
+        """The job's end: the last commit's snapshot sealed (its thread, inside a copy or a
+        checksum, must not outlive the interpreter: it would abort the process as it exits)
+        and its copies complete (every peer takes part)."""
+        self.ring.settle()
         if self.copies is not None:
             self.copies.wait()
