@@ -664,7 +664,8 @@ def test_patched_initialize_distributed(megatron_copy, monkeypatch, flash_recove
     calls = []
     hooks = types.SimpleNamespace(
         init_process_group=lambda backend, args: calls.append(("hooks.init_process_group",
-                                                               backend, args)))
+                                                               backend, args)),
+        local_cuda_device=lambda local_rank: local_rank % 2)  # a node of 2 GPUs
     _install_hooks(monkeypatch, hooks)
     import fr_megatron.megatron as fr_pkg
 
@@ -673,7 +674,9 @@ def test_patched_initialize_distributed(megatron_copy, monkeypatch, flash_recove
     monkeypatch.setattr(fr_pkg, "parallel_state_hook", psh, raising=False)
 
     args = _Args()
-    args.flash_recovery, args.distributed_backend, args.local_rank = flash_recovery_on, "nccl", 0
+    # the fourth rank of a node: with flash recovery it shares the node's second GPU
+    args.flash_recovery, args.distributed_backend = flash_recovery_on, "nccl"
+    args.local_rank = 3 if flash_recovery_on else 1
     args.rank, args.world_size, args.distributed_timeout_minutes = 3, 8, 10
     args.tensor_model_parallel_size, args.pipeline_model_parallel_size = 2, 2
     torch = mock.MagicMock()
@@ -694,7 +697,7 @@ def test_patched_initialize_distributed(megatron_copy, monkeypatch, flash_recove
     store = object()
     g["_initialize_distributed"](None, None, store)
 
-    torch.cuda.set_device.assert_called_once_with(0)  # the device is bound either way
+    torch.cuda.set_device.assert_called_once_with(1)  # the device is bound either way
     if flash_recovery_on:
         assert calls == [("hooks.init_process_group", "nccl", args),
                          ("maybe_force_nccl_backend_init",),

@@ -48,6 +48,9 @@ class TinyGPTConfig:
     dropout: float = 0.1
     seed: int = 1234
     bf16: bool = False  # bf16 params with fp32 main params in the DistributedOptimizer
+    # deterministic kernels (Megatron-LM's --deterministic-mode): a step redone after a fault
+    # on a GPU equals its first run only with them
+    deterministic: bool = False
     # optimizer instances: each shard held and updated by one rank per instance (must divide DP)
     num_distributed_optimizer_instances: int = 1
     extra_init_kwargs: dict = field(default_factory=dict)  # more initialize_model_parallel kwargs
@@ -116,6 +119,7 @@ def _transformer_config(cfg: TinyGPTConfig, initialize: bool = True):
         persist_layer_norm=False,
         apply_rope_fusion=False,
         deallocate_pipeline_outputs=False,
+        deterministic_mode=cfg.deterministic,
     )
 
 

@@ -49,7 +49,7 @@ import functools
 import logging
 from typing import Any, Callable, Optional
 
-from fr_megatron.megatron import cpu
+from fr_megatron.megatron import cpu, gloo_cuda
 from fr_megatron.runtime import startup_calls
 
 log = logging.getLogger("fr_megatron.megatron.hooks")
@@ -59,6 +59,19 @@ _first_iteration = 0  # Megatron iteration of runtime step 1, minus 1 (see modul
 _lm: Optional["_MegatronLM"] = None  # set when Megatron-LM's train() is the caller
 _progress_names = ("consumed_train_samples", "skipped_train_samples")
 _NOT_GIVEN = object()
+
+
+def local_cuda_device(local_rank: Optional[int] = None) -> int:
+    """The GPU of the node's rank ``local_rank`` (default ``LOCAL_RANK``): its own where the node
+    has a GPU per rank, else shared round-robin (gloo moves CUDA tensors between ranks that share
+    a GPU; NCCL refuses two ranks on one)."""
+    import os
+
+    import torch
+
+    if local_rank is None:
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    return local_rank % torch.cuda.device_count()
 
 
 def enabled(args) -> bool:
@@ -102,6 +115,7 @@ def init_process_group(backend: str, args=None, **_ignored):
             cfg = cfg.model_copy(update={"checkpoint_dir": args.save})
     _session = Session.from_env(config=cfg)
     _session.init_process_group(backend)
+    gloo_cuda.install(backend)  # ranks sharing a GPU over gloo
     if args is not None and replacing():
         # Megatron-LM builds its TransformerConfig from args: no random weights to overwrite
         vars(args).update(NO_RANDOM_INIT, init_method_xavier_uniform=False)

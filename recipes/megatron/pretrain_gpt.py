@@ -38,7 +38,7 @@ import torch
 import torch.distributed as dist
 
 from fr_megatron.config import ConfigError, FlashRecoveryConfig
-from fr_megatron.megatron import checkpoint
+from fr_megatron.megatron import checkpoint, gloo_cuda
 from fr_megatron.megatron import training_hooks as flash_recovery
 from fr_megatron.settings_args import add_flash_recovery_args, config_from_args
 
@@ -69,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--hidden-dropout", type=float, default=0.1)
     g.add_argument("--seed", type=int, default=1234)
     g.add_argument("--bf16", action="store_true")
+    g.add_argument("--deterministic-mode", action="store_true",
+                   help="deterministic algorithms only (torch.use_deterministic_algorithms): a "
+                        "step redone after a fault on a GPU equals its first run only with them")
     g.add_argument("--num-distributed-optimizer-instances", type=int, default=1,
                    help="split the data-parallel ranks into this many instances of the "
                         "distributed optimizer, each holding every shard (must divide the "
@@ -137,7 +140,7 @@ def tiny_config(args, job_size: int):
         lr=args.lr, min_lr=args.min_lr,
         lr_warmup_steps=args.lr_warmup_iters, lr_decay_steps=max(args.train_iters, 1),
         weight_decay=args.weight_decay, clip_grad=args.clip_grad, dropout=args.hidden_dropout,
-        seed=args.seed, bf16=args.bf16,
+        seed=args.seed, bf16=args.bf16, deterministic=args.deterministic_mode,
         num_distributed_optimizer_instances=args.num_distributed_optimizer_instances)
 
 
@@ -227,6 +230,11 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"pretrain_gpt.py: error: {e}", file=sys.stderr)
         return 2
+    if args.deterministic_mode:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # before cuBLAS starts
+        torch.use_deterministic_algorithms(True)
+    if torch.cuda.is_available():  # as Megatron-LM: the node's GPU of LOCAL_RANK, or a shared one
+        torch.cuda.set_device(flash_recovery.local_cuda_device())
     backend = args.distributed_backend or ("nccl" if torch.cuda.is_available() else "gloo")
     exit_handler = ExitSignalHandler() if args.exit_signal_handler else None
     if args.flash_recovery:
@@ -234,6 +242,7 @@ def main(argv=None) -> int:
     else:
         session = None
         dist.init_process_group(backend)
+        gloo_cuda.install(backend)
     rank, world = dist.get_rank(), dist.get_world_size()
     writer = wandb_writer(args, rank, world)
 
