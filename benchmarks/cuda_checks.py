@@ -1,0 +1,434 @@
+"""On one GPU: CUDA ranks and Megatron-LM's own pretrain_gpt.py recover bit-exact; a snapshot's cost.
+
+Needs one CUDA device; not part of ``python -m benchmarks`` (which runs on CPUs).
+
+- ``ranks``: ``recipes/megatron/pretrain_gpt.py`` on 4 ranks sharing the GPU (TP=2 x DP=2,
+  distributed optimizer, gloo moving CUDA tensors, ``--deterministic-mode``, dropout on): a run
+  without a fault, one with rank 1 killed in backward and one with rank 2 killed inside the
+  optimizer step, all with ``--flash-recovery`` and a warm spare. Losses, parameters and
+  optimizer state compared bit for bit; steps lost, recovery time and phases from the report.
+- ``megatron_lm``: Megatron-LM's own ``pretrain_gpt.py`` (a checkout of core_v0.16.1 given with
+  ``--megatron-lm``, copied and patched with ``fr-megatron patch``), launched by ``fr-megatron
+  run`` on 4 ranks sharing the GPU over gloo with ``--mock-data --flash-recovery``: a run without
+  a fault and one with rank 1 killed in backward; the losses Megatron-LM logs and the parameters
+  and optimizer state of its final checkpoint (``--ckpt-format torch``) compared bit for bit.
+- ``snapshot_cost``: one rank whose parameters and optimizer state hold 4.8 GB on the GPU (fp32,
+  403 M parameters, distributed optimizer), runs without and with ``--flash-recovery``
+  interleaved (off, on, on, off): median step time, the overhead, and the time the training
+  thread waits in a commit; in the same run the machine's device-to-host bandwidth into pinned
+  memory, xxh3 on one core, and the checksum a seal computes on several.
+
+    python -m benchmarks.cuda_checks [--only ranks,megatron_lm,snapshot_cost]
+                                     [--megatron-lm DIR] [--work DIR]
+
+Writes ``benchmarks/results/cuda_checks.json`` (or ``--results FILE``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from .common import REPO, RESULTS, machine, run_fr_job
+
+RECIPE = REPO / "recipes" / "megatron" / "pretrain_gpt.py"
+CHECKS = ("ranks", "megatron_lm", "snapshot_cost")
+RANKS_ARGS = ["--tensor-model-parallel-size", "2", "--num-layers", "2", "--hidden-size", "64",
+              "--num-attention-heads", "4", "--seq-length", "32", "--micro-batch-size", "2",
+              "--global-batch-size", "8", "--train-iters", "8", "--use-distributed-optimizer",
+              "--distributed-backend", "gloo", "--deterministic-mode", "--flash-recovery"]
+RANKS_FAULTS = {"none": None, "backward": "kill:rank=1:step=4:phase=backward",
+                "optimizer": "kill:rank=2:step=6:phase=optimizer"}
+# 8 layers x 12 h^2 at h=2048: 403 M parameters, 1.6 GB in fp32, and 3.2 GB of Adam moments
+SNAPSHOT_ARGS = ["--num-layers", "8", "--hidden-size", "2048", "--num-attention-heads", "16",
+                 "--seq-length", "1024", "--micro-batch-size", "2", "--global-batch-size", "8",
+                 "--hidden-dropout", "0.0", "--use-distributed-optimizer",
+                 "--flash-recovery-hang-timeout-min", "120"]
+MEGATRON_LM_ARGS = [
+    "--mock-data", "--tokenizer-type", "NullTokenizer", "--vocab-size", "127",
+    "--make-vocab-size-divisible-by", "64", "--num-workers", "0",
+    "--tensor-model-parallel-size", "2", "--use-distributed-optimizer",
+    "--distributed-backend", "gloo", "--transformer-impl", "local",
+    "--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4",
+    "--seq-length", "64", "--max-position-embeddings", "64",
+    "--micro-batch-size", "2", "--global-batch-size", "8", "--train-iters", "8",
+    "--lr", "1e-3", "--min-lr", "1e-4", "--lr-warmup-iters", "2", "--lr-decay-style", "cosine",
+    "--weight-decay", "0.01", "--clip-grad", "1.0", "--seed", "1234",
+    "--log-interval", "1", "--eval-iters", "0", "--eval-interval", "1000",
+    "--deterministic-mode", "--no-gradient-accumulation-fusion", "--no-persist-layer-norm",
+    "--no-masked-softmax-fusion", "--no-bias-gelu-fusion", "--no-bias-dropout-fusion",
+    "--no-rope-fusion", "--ckpt-format", "torch", "--save-interval", "8", "--flash-recovery"]
+# --deterministic-mode asks for NCCL_ALGO even on gloo; cuBLAS for its workspace setting; TP > 1
+# on Hopper for one connection; TORCH_COMPILE_DISABLE: Megatron-LM's start-up warms its fused
+# functions up with torch.compile on every rank, which training with the fusions off never calls
+MEGATRON_LM_ENV = {"NCCL_ALGO": "Ring", "CUBLAS_WORKSPACE_CONFIG": ":4096:8",
+                   "CUDA_DEVICE_MAX_CONNECTIONS": "1", "TORCH_COMPILE_DISABLE": "1"}
+
+
+def _load(path: Path):
+    import torch
+
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def _flat(obj, prefix=""):
+    """Every tensor and number in a nested state, by path."""
+    import torch
+
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _flat(v, f"{prefix}/{k}")
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            yield from _flat(v, f"{prefix}/{i}")
+    elif isinstance(obj, torch.Tensor) or isinstance(obj, (int, float)):
+        yield prefix, obj
+
+
+def compare(a, b) -> list[str]:
+    """The paths where two nested states differ (tensors bit for bit); empty when identical."""
+    import torch
+
+    fa, fb = dict(_flat(a)), dict(_flat(b))
+    diff = sorted(set(fa) ^ set(fb))
+    for k in sorted(set(fa) & set(fb)):
+        x, y = fa[k], fb[k]
+        if isinstance(x, torch.Tensor) != isinstance(y, torch.Tensor):
+            diff.append(k)
+        elif isinstance(x, torch.Tensor):
+            if x.dtype != y.dtype or x.shape != y.shape or not torch.equal(x, y):
+                diff.append(k)
+        elif x != y and not (x != x and y != y):  # NaN equals NaN here
+            diff.append(k)
+    return diff
+
+
+def fault_rows(report: dict) -> list[dict]:
+    return [{"rank": f["rank"], "step": f.get("step"), "phase": f.get("phase"),
+             "kind": f.get("kind"), "recovery_s": f.get("recovery_s"),
+             "phases_s": f.get("phases"), "steps_lost": f.get("steps_lost"),
+             "replacement": f.get("replacement"), "restored_from": f.get("restored_from"),
+             "restore_gb_s": f.get("restore_gb_s")} for f in report.get("faults", [])]
+
+
+# ---- several CUDA ranks ------------------------------------------------------------------------
+def check_ranks(work: Path) -> dict:
+    def job(name: str) -> dict:
+        d = work / name
+        d.mkdir(parents=True, exist_ok=True)
+        inject = RANKS_FAULTS[name]
+        try:
+            return run_fr_job(RECIPE, [*RANKS_ARGS, "--out", str(d / "out")], nproc=4,
+                              inject=inject, spares=1 if inject else 0,
+                              report=d / "report.json", log=d / "log.txt", check=False,
+                              timeout=200)
+        except subprocess.TimeoutExpired:
+            return {"rc": "timeout", "faults": [], "fatal": "no end in 200 s"}
+
+    with ThreadPoolExecutor(len(RANKS_FAULTS)) as pool:  # one GPU, 16 cores: all at once
+        reports = dict(zip(RANKS_FAULTS, pool.map(job, RANKS_FAULTS)))
+    out = {"args": RANKS_ARGS, "runs": {}}
+    base = {r: _load(work / "none" / f"out.rank{r}.pt") for r in range(4)
+            if (work / "none" / f"out.rank{r}.pt").exists()}
+    out["params_on_cuda"] = _on_cuda(work / "none" / "out.rank0.pt")
+    for name, rep in reports.items():
+        run = {"rc": rep.get("rc"), "fatal": rep.get("fatal"), "faults": fault_rows(rep)}
+        if name != "none":
+            diffs = {}
+            for r in range(4):
+                p = work / name / f"out.rank{r}.pt"
+                if not p.exists() or r not in base:
+                    diffs[r] = ["missing"]
+                    continue
+                d = compare({k: base[r][k] for k in ("losses", "params", "optim")},
+                            {k: _load(p)[k] for k in ("losses", "params", "optim")})
+                if d:
+                    diffs[r] = d[:10]
+            run["bit_exact"] = not diffs and len(base) == 4
+            run["differences"] = diffs
+            run["losses"] = {r: _load(work / name / f"out.rank{r}.pt")["losses"]
+                             for r in (0,) if (work / name / "out.rank0.pt").exists()}
+        out["runs"][name] = run
+    out["losses_without_fault"] = base.get(0, {}).get("losses")
+    return out
+
+
+def _on_cuda(path: Path):
+    import torch
+
+    if not path.exists():
+        return None
+    state = torch.load(path, weights_only=False)  # as saved: on the device the rank trained on
+    return all(t.is_cuda for t in state["params"].values())
+
+
+# ---- Megatron-LM's own pretrain_gpt.py -----------------------------------------------------------
+LOSS_LINE = re.compile(r"iteration\s+(\d+)/\s*\d+.*?lm loss: ([0-9.eE+-]+)")
+
+
+def megatron_lm_losses(log: str) -> dict[int, float]:
+    """The loss Megatron-LM logs per iteration (the last line for an iteration redone)."""
+    return {int(i): float(v) for i, v in LOSS_LINE.findall(log)}
+
+
+def build_dataset_helpers(tree: Path, env: dict) -> int:
+    """Megatron-LM's C++ dataset helpers (its mock data needs them), built before the ranks
+    start: Megatron-LM runs ``make`` for them on rank 0, which finds them built (a machine
+    without ``make`` gets one that does nothing, on ``env``'s PATH)."""
+    import sysconfig
+
+    src = tree / "megatron/core/datasets"
+    includes = subprocess.run([sys.executable, "-m", "pybind11", "--includes"],
+                              capture_output=True, text=True).stdout.split()
+    cc = subprocess.run(["g++", "-O3", "-Wall", "-shared", "-std=c++17", "-fPIC", *includes,
+                         str(src / "helpers.cpp"), "-o",
+                         str(src / ("helpers_cpp" + sysconfig.get_config_var("EXT_SUFFIX")))],
+                        capture_output=True, text=True)
+    if shutil.which("make") is None:
+        stub = tree.parent / "bin"
+        stub.mkdir(exist_ok=True)
+        (stub / "make").write_text("#!/bin/sh\nexit 0\n")
+        (stub / "make").chmod(0o755)
+        env["PATH"] = f"{stub}{os.pathsep}{env.get('PATH', '')}"
+    return cc.returncode
+
+
+def run_with_stacks(cmd: list[str], cwd: Path, env: dict, log: Path, timeout: float):
+    """Run a job; one that has not ended in ``timeout`` seconds gets SIGABRT in each of its
+    ranks first (faulthandler prints every thread's stack), then is killed. (exit code or
+    "timeout", output)."""
+    import signal
+
+    import psutil
+
+    with open(log, "w") as out:
+        p = subprocess.Popen(cmd, cwd=cwd, env={**env, "PYTHONFAULTHANDLER": "1"}, stdout=out,
+                             stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            rc = p.wait(timeout)
+        except subprocess.TimeoutExpired:
+            rc = "timeout"
+            for child in psutil.Process(p.pid).children(recursive=True):
+                try:
+                    child.send_signal(signal.SIGABRT)
+                except psutil.Error:
+                    pass
+            time.sleep(5)
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+    return rc, log.read_text(errors="replace")
+
+
+def check_megatron_lm(work: Path, checkout: Path) -> dict:
+    tree = work / "Megatron-LM"
+    if not tree.exists():
+        shutil.copytree(checkout, tree, symlinks=True)
+    if "fr_megatron" not in (tree / "pretrain_gpt.py").read_text():  # a checkout not patched yet
+        p = subprocess.run([sys.executable, "-m", "fr_megatron.cli", "patch", "--megatron-lm",
+                            str(tree)], cwd=REPO, capture_output=True, text=True)
+        if p.returncode:
+            return {"patched": False, "error": p.stdout + p.stderr}
+    env = {**os.environ, **MEGATRON_LM_ENV,
+           "PYTHONPATH": os.pathsep.join([str(tree), str(REPO), os.environ.get("PYTHONPATH", "")])}
+    mk = build_dataset_helpers(tree, env)
+    faults = {"none": None, "backward": "kill:rank=1:step=4:phase=backward"}
+
+    def job(name: str) -> dict:
+        d = work / f"mlm-{name}"
+        d.mkdir(parents=True, exist_ok=True)
+        inject = faults[name]
+        cmd = [sys.executable, "-m", "fr_megatron.cli", "run", "--nproc-per-node", "4",
+               "--spares", "1" if inject else "0", "--no-wandb", "--report",
+               str(d / "report.json")] + (["--inject", inject] if inject else [])
+        cmd += [str(tree / "pretrain_gpt.py"), *MEGATRON_LM_ARGS, "--save", str(d / "ckpt")]
+        t0 = time.time()
+        rc, log = run_with_stacks(cmd, tree, env, d / "log.txt", timeout=150)
+        rep = json.loads((d / "report.json").read_text()) if (d / "report.json").exists() else {}
+        return {"rc": rc, "wall_s": time.time() - t0, "log_tail": log[-3000:] if rc else "",
+                "losses": megatron_lm_losses(log), "faults": fault_rows(rep),
+                "fatal": rep.get("fatal")}
+
+    with ThreadPoolExecutor(len(faults)) as pool:
+        runs = dict(zip(faults, pool.map(job, faults)))
+    out = {"args": MEGATRON_LM_ARGS, "env": MEGATRON_LM_ENV, "helpers_build_rc": mk,
+           "runs": runs}
+    a, b = (sorted((work / f"mlm-{n}" / "ckpt").rglob("*.pt")) for n in faults)
+    rel = [p.relative_to(work / "mlm-none" / "ckpt") for p in a]
+    out["checkpoint_files"] = [str(r) for r in rel]
+    if a and [p.relative_to(work / "mlm-backward" / "ckpt") for p in b] == rel:
+        diffs = {}
+        for r in rel:
+            sa, sb = (_load(work / f"mlm-{n}" / "ckpt" / r) for n in faults)
+            for s in (sa, sb):  # what differs by design: the paths in args, and the FLOPs
+                if isinstance(s, dict):  # counter, which a replacement starts again from 0
+                    s.pop("args", None)
+                    s.pop("num_floating_point_operations_so_far", None)
+            d = compare(sa, sb)
+            if d:
+                diffs[str(r)] = d[:10]
+        out["final_state_bit_exact"] = not diffs
+        out["differences"] = diffs
+    else:
+        out["final_state_bit_exact"] = False
+        out["differences"] = {"files": [str(p) for p in b]}
+    la, lb = runs["none"]["losses"], runs["backward"]["losses"]
+    out["losses_equal"] = bool(la) and la == lb
+    return out
+
+
+# ---- the snapshot's cost on one rank with gigabytes of state -------------------------------------
+def limits(nbytes: int = 2 << 30) -> dict:
+    """The machine's own limits for a snapshot: device-to-host copy into pinned memory, one
+    core's xxh3, and the checksum a seal computes (``layout.checksum``, on several cores)."""
+    import torch
+    import xxhash
+
+    from fr_megatron.runtime.layout import checksum
+
+    src = torch.randint(0, 255, (nbytes,), dtype=torch.uint8, device="cuda")
+    dst = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+
+    def best(f):
+        rates = []
+        for _ in range(3):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            f()
+            torch.cuda.synchronize()
+            rates.append(nbytes / (time.perf_counter() - t0) / 1e9)
+        return max(rates)
+
+    return {"d2h_pinned_gb_s": best(lambda: dst.copy_(src, non_blocking=True)),
+            "xxh3_one_core_gb_s": best(lambda: xxhash.xxh3_128(dst.numpy()).digest()),
+            "checksum_gb_s": best(lambda: checksum(dst))}
+
+
+def check_snapshot_cost(work: Path, steps: int = 12, skip: int = 3) -> dict:
+    order = ["off", "on", "on", "off"]
+    runs = []
+    for i, mode in enumerate(order):
+        d = work / f"snap-{i}-{mode}"
+        d.mkdir(parents=True, exist_ok=True)
+        args = [*SNAPSHOT_ARGS, "--train-iters", str(steps), "--timings", str(d / "t.json")]
+        if mode == "on":
+            args.append("--flash-recovery")
+        t0 = time.time()
+        try:
+            rep = run_fr_job(RECIPE, args, nproc=1, inject=None, spares=0,
+                             report=d / "report.json", log=d / "log.txt", check=False,
+                             timeout=150)
+        except subprocess.TimeoutExpired:
+            rep = {"rc": "timeout"}
+        times = {int(k): v for k, v in json.loads((d / "t.json").read_text()).items()} \
+            if (d / "t.json").exists() else {}
+        stats = next(iter(rep.get("rank_stats", {}).values()), {})
+        runs.append({"mode": mode, "rc": rep.get("rc"), "wall_s": time.time() - t0,
+                     "step_s": [times[k] for k in sorted(times)], "stats": stats})
+        print(f"snapshot_cost {mode}: median step "
+              f"{_median([t for k, t in times.items() if k > skip])}", flush=True)
+    med = {m: _median([t for r in runs if r["mode"] == m for t in r["step_s"][skip:]])
+           for m in ("off", "on")}
+    on_stats = [r["stats"] for r in runs if r["mode"] == "on" and r["stats"]]
+    return {"args": SNAPSHOT_ARGS, "steps": steps, "skip": skip, "order": order,
+            **limits(), "step_s_off": med["off"], "step_s_on": med["on"],
+            "overhead": med["on"] / med["off"] - 1 if med["off"] and med["on"] else None,
+            "target_overhead": 0.01,
+            "training_thread_waits_s_p50": _median([s.get("commit_blocked_s_p50")
+                                                    for s in on_stats
+                                                    if s.get("commit_blocked_s_p50")
+                                                    is not None]),
+            "state_GB": _median([s["state_bytes"] for s in on_stats]) / 1e9 if on_stats else None,
+            "snapshots_GB": _median([s["snapshot_bytes"] for s in on_stats]) / 1e9
+            if on_stats else None,
+            "snapshots_in_shared_memory": all(s.get("snapshots_in_shared_memory")
+                                              for s in on_stats) if on_stats else None,
+            "runs": runs}
+
+
+def summary(checks: dict) -> list[dict]:
+    """One row per job of the checks: what it shows at a glance."""
+    rows = []
+    for name in ("ranks", "megatron_lm"):
+        for run, r in checks.get(name, {}).get("runs", {}).items():
+            f = (r.get("faults") or [{}])[0]
+            exact = r.get("bit_exact") if name == "ranks" else (
+                checks[name].get("final_state_bit_exact") and checks[name].get("losses_equal"))
+            rows.append({"check": name, "fault": run, "rc": r.get("rc"),
+                         "bit_exact": None if run == "none" else exact,
+                         "steps_lost": f.get("steps_lost"), "recovery_s": f.get("recovery_s"),
+                         **{f"{k}_s": v for k, v in (f.get("phases_s") or {}).items()}})
+    snap = checks.get("snapshot_cost", {})
+    if "overhead" in snap:
+        rows.append({"check": "snapshot_cost", "fault": "-", "state_GB": snap["state_GB"],
+                     "step_s_off": snap["step_s_off"], "step_s_on": snap["step_s_on"],
+                     "overhead": snap["overhead"],
+                     "waits_s": snap["training_thread_waits_s_p50"]})
+    return rows
+
+
+def _median(xs):
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--only", default=",".join(CHECKS), help=f"of {','.join(CHECKS)}")
+    p.add_argument("--megatron-lm", default=os.environ.get("MEGATRON_LM_DIR"),
+                   help="a Megatron-LM checkout of core_v0.16.1 (copied, never modified)")
+    p.add_argument("--work", default=None, help="where the jobs run and keep their logs")
+    p.add_argument("--results", default=str(RESULTS / "cuda_checks.json"))
+    a = p.parse_args(argv)
+    work = Path(a.work or tempfile.mkdtemp(prefix="cuda_checks_"))
+    import torch
+
+    if not torch.cuda.is_available():
+        p.error("needs a CUDA device")
+    result = {"machine": {**machine(), "gpu": torch.cuda.get_device_name(0),
+                          "torch": torch.__version__, "cuda": torch.version.cuda},
+              "checks": {}}
+    def one(name: str) -> dict:
+        t0 = time.time()
+        try:
+            if name == "ranks":
+                got = check_ranks(work / name)
+            elif name == "megatron_lm":
+                got = check_megatron_lm(work / name, Path(a.megatron_lm)) if a.megatron_lm \
+                    else {"skipped": "no --megatron-lm checkout"}
+            else:
+                got = check_snapshot_cost(work / name)
+        except Exception:  # noqa: BLE001 - the other checks still run and report
+            got = {"error": traceback.format_exc()}
+        got["wall_s"] = time.time() - t0
+        print(f"== {name}\n" + json.dumps(got, indent=1, default=str)[:6000], flush=True)
+        return got
+
+    names = a.only.split(",")
+    bad = [n for n in names if n not in CHECKS]
+    if bad:
+        p.error(f"unknown checks {bad}; of {CHECKS}")
+    # the correctness checks share the GPU and the cores at once; the timed one runs alone
+    together = [n for n in names if n != "snapshot_cost"]
+    with ThreadPoolExecutor(max(len(together), 1)) as pool:
+        result["checks"].update(zip(together, pool.map(one, together)))
+    Path(a.results).write_text(json.dumps(result, indent=2, default=str))
+    if "snapshot_cost" in names:
+        result["checks"]["snapshot_cost"] = one("snapshot_cost")
+    result["summary"] = summary(result["checks"])
+    Path(a.results).write_text(json.dumps(result, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
