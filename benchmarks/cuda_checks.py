@@ -31,7 +31,6 @@ import json
 import os
 import re
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -40,7 +39,7 @@ import traceback
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from .common import REPO, RESULTS, machine, run_fr_job
+from .common import REPO, RESULTS, machine, percentile, run_fr_job
 
 RECIPE = REPO / "recipes" / "megatron" / "pretrain_gpt.py"
 CHECKS = ("ranks", "megatron_lm", "snapshot_cost")
@@ -76,10 +75,10 @@ MEGATRON_LM_ENV = {"NCCL_ALGO": "Ring", "CUBLAS_WORKSPACE_CONFIG": ":4096:8",
                    "CUDA_DEVICE_MAX_CONNECTIONS": "1", "TORCH_COMPILE_DISABLE": "1"}
 
 
-def _load(path: Path):
+def _load(path: Path, device: str | None = "cpu"):
     import torch
 
-    return torch.load(path, map_location="cpu", weights_only=False)
+    return torch.load(path, map_location=device, weights_only=False)
 
 
 def _flat(obj, prefix=""):
@@ -138,39 +137,30 @@ def check_ranks(work: Path) -> dict:
 
     with ThreadPoolExecutor(len(RANKS_FAULTS)) as pool:  # one GPU, 16 cores: all at once
         reports = dict(zip(RANKS_FAULTS, pool.map(job, RANKS_FAULTS)))
+    def outs(name: str) -> dict[int, dict]:
+        """Each rank's losses and state, as saved: on the device the rank trained on."""
+        paths = {r: work / name / f"out.rank{r}.pt" for r in range(4)}
+        return {r: {k: s[k] for k in ("losses", "params", "optim")}
+                for r, p in paths.items() if p.exists() for s in [_load(p, device=None)]}
+
     out = {"args": RANKS_ARGS, "runs": {}}
-    base = {r: _load(work / "none" / f"out.rank{r}.pt") for r in range(4)
-            if (work / "none" / f"out.rank{r}.pt").exists()}
-    out["params_on_cuda"] = _on_cuda(work / "none" / "out.rank0.pt")
+    base = outs("none")
+    out["params_on_cuda"] = all(t.is_cuda for t in base[0]["params"].values()) \
+        if 0 in base else None
     for name, rep in reports.items():
         run = {"rc": rep.get("rc"), "fatal": rep.get("fatal"), "faults": fault_rows(rep)}
         if name != "none":
-            diffs = {}
+            got, diffs = outs(name), {}
             for r in range(4):
-                p = work / name / f"out.rank{r}.pt"
-                if not p.exists() or r not in base:
-                    diffs[r] = ["missing"]
-                    continue
-                d = compare({k: base[r][k] for k in ("losses", "params", "optim")},
-                            {k: _load(p)[k] for k in ("losses", "params", "optim")})
+                d = compare(base[r], got[r]) if r in base and r in got else ["missing"]
                 if d:
                     diffs[r] = d[:10]
-            run["bit_exact"] = not diffs and len(base) == 4
+            run["bit_exact"] = not diffs
             run["differences"] = diffs
-            run["losses"] = {r: _load(work / name / f"out.rank{r}.pt")["losses"]
-                             for r in (0,) if (work / name / "out.rank0.pt").exists()}
+            run["losses"] = {0: got[0]["losses"]} if 0 in got else {}
         out["runs"][name] = run
     out["losses_without_fault"] = base.get(0, {}).get("losses")
     return out
-
-
-def _on_cuda(path: Path):
-    import torch
-
-    if not path.exists():
-        return None
-    state = torch.load(path, weights_only=False)  # as saved: on the device the rank trained on
-    return all(t.is_cuda for t in state["params"].values())
 
 
 # ---- Megatron-LM's own pretrain_gpt.py -----------------------------------------------------------
@@ -378,8 +368,7 @@ def summary(checks: dict) -> list[dict]:
 
 
 def _median(xs):
-    xs = [x for x in xs if x is not None]
-    return statistics.median(xs) if xs else None
+    return percentile([x for x in xs if x is not None], 0.5)
 
 
 def main(argv=None) -> int:

@@ -53,36 +53,38 @@ def checksum(data: torch.Tensor) -> str:
     a = data.numpy()
     if n <= BLOCK:
         return xxhash.xxh3_128(a).hexdigest()
-    digests = _hash_pool().map(lambda off: xxhash.xxh3_128(a[off:off + BLOCK]).digest(),
-                               range(0, n, BLOCK))
-    return xxhash.xxh3_128(b"".join(digests)).hexdigest()
+    return _combine(list(_hash_pool().map(lambda off: xxhash.xxh3_128(a[off:off + BLOCK]),
+                                          range(0, n, BLOCK))))
+
+
+def _combine(blocks: list) -> str:
+    """The checksum of a region from its blocks' hashers, in order."""
+    if len(blocks) == 1:
+        return blocks[0].hexdigest()
+    return xxhash.xxh3_128(b"".join(b.digest() for b in blocks)).hexdigest()
 
 
 class BlockHasher:
     """``checksum`` of bytes fed in pieces, in order (a copy hashes each piece as it lands)."""
 
     def __init__(self):
-        self.block, self.filled, self.digests, self.total = xxhash.xxh3_128(), 0, [], 0
+        self.blocks, self.filled, self.total = [xxhash.xxh3_128()], 0, 0
 
     def update(self, a) -> None:
         """``a``: a numpy byte array, the next bytes."""
         off = 0
         while off < len(a):
             if self.filled == BLOCK:
-                self.digests.append(self.block.digest())
-                self.block, self.filled = xxhash.xxh3_128(), 0
+                self.blocks.append(xxhash.xxh3_128())
+                self.filled = 0
             take = min(len(a) - off, BLOCK - self.filled)
-            self.block.update(a[off:off + take])
+            self.blocks[-1].update(a[off:off + take])
             self.filled += take
             off += take
         self.total += len(a)
 
     def hexdigest(self) -> str:
-        if not self.total:
-            return "0"
-        if not self.digests:
-            return self.block.hexdigest()
-        return xxhash.xxh3_128(b"".join([*self.digests, self.block.digest()])).hexdigest()
+        return _combine(self.blocks) if self.total else "0"
 
 
 def bytes_of(t: torch.Tensor) -> torch.Tensor:

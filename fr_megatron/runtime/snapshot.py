@@ -271,13 +271,11 @@ class SnapshotRing:
         meta = dumps_meta(live.meta)
         header = {"step": step, "layout": layout.to_json(), "meta": meta,
                   "sums": {"meta": xxhash.xxh3_128(meta).hexdigest()}}
-        self._copied = None
-        if on_gpu:
-            done = self._copy_on_side_stream(slot, layout, tensors)
-            self._copied = done
-
+        copied = self._copy_on_side_stream(slot, layout, tensors) if on_gpu else None
+        self._copied = copied
+        if copied is not None:
             def fill():
-                done.synchronize()
+                copied.synchronize()
                 for part in self.parts:
                     header["sums"][part] = checksum(slot.region(part))
         else:

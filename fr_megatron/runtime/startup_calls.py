@@ -143,7 +143,7 @@ def _swap_aliases(wrapper_of: dict[int, Callable]) -> list[tuple[dict, str, Call
             continue
         for attr, value in list(namespace.items()):
             wrapper = wrapper_of.get(id(value))
-            if wrapper is not None and callable(value):
+            if wrapper is not None:
                 namespace[attr] = wrapper
                 swapped.append((namespace, attr, value, wrapper))
     return swapped
