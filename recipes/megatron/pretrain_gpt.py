@@ -20,7 +20,9 @@ they work with and without ``--flash-recovery``, whose own recovery never reads 
 ``--exit-signal-handler`` makes a SIGTERM (a stopped job sends one to every rank) save a
 checkpoint (with ``--save``) and end training, as Megatron-LM's flag does. ``--wandb-project``
 logs the loss from the last rank to a wandb run, as Megatron-LM does; flash recovery adds each
-recovery to that run.
+recovery to that run. ``--profile --use-pytorch-profiler --tensorboard-dir DIR`` writes PyTorch
+profiler traces of iterations [``--profile-step-start``, ``--profile-step-end``), as Megatron-LM
+does; flash recovery's own work is named ``fr_megatron.*`` in them.
 """
 
 from __future__ import annotations
@@ -102,6 +104,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="log the loss from the last rank to this wandb project")
     g.add_argument("--wandb-exp-name", default="", help="the wandb run's name")
     g.add_argument("--wandb-save-dir", default="", help="where wandb writes the run")
+    g = p.add_argument_group("profiling (Megatron-LM names)")
+    g.add_argument("--profile", action="store_true",
+                   help="profile iterations [--profile-step-start, --profile-step-end): with "
+                        "--use-pytorch-profiler into --tensorboard-dir, else for nsys")
+    g.add_argument("--use-pytorch-profiler", action="store_true")
+    g.add_argument("--profile-step-start", type=int, default=10)
+    g.add_argument("--profile-step-end", type=int, default=12)
+    g.add_argument("--profile-ranks", type=int, nargs="+", default=[0])
+    g.add_argument("--tensorboard-dir", default=None,
+                   help="where the PyTorch profiler writes its traces")
     p.add_argument("--out", default=None, help="write PREFIX.rank<R>.pt with losses and state")
     p.add_argument("--timings", default=None,
                    help="rank 0 writes each iteration's wall time (JSON) to this file")
@@ -222,8 +234,45 @@ def megatron_lm_data(args, job, cfg, rank: int):
     return build(args.consumed_train_samples), build
 
 
+class Profiler:
+    """Megatron-LM's ``--profile``: the PyTorch profiler's traces of iterations [start, end) (in
+    ``--tensorboard-dir``), or ``cudaProfilerStart``/``Stop`` around them for nsys's
+    ``--capture-range=cudaProfilerApi``."""
+
+    def __init__(self, args, rank: int):
+        self.args = args
+        self.on = args.profile and rank in args.profile_ranks
+        self.prof = None
+        if self.on and args.use_pytorch_profiler:
+            start, end = args.profile_step_start, args.profile_step_end
+            self.prof = torch.profiler.profile(
+                schedule=torch.profiler.schedule(wait=max(start - 1, 0),
+                                                 warmup=1 if start > 0 else 0,
+                                                 active=end - start, repeat=1),
+                on_trace_ready=torch.profiler.tensorboard_trace_handler(args.tensorboard_dir))
+            self.prof.start()
+
+    def step(self, iteration: int) -> None:
+        """After iteration ``iteration`` (counted from 1) is done."""
+        if self.prof is not None:
+            self.prof.step()
+        elif self.on and torch.cuda.is_available():
+            if iteration == self.args.profile_step_start:
+                torch.cuda.cudart().cudaProfilerStart()
+            elif iteration == self.args.profile_step_end:
+                torch.cuda.cudart().cudaProfilerStop()
+
+    def stop(self) -> None:
+        if self.prof is not None:
+            self.prof.stop()
+            self.prof = None
+
+
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.profile and args.use_pytorch_profiler and not args.tensorboard_dir:
+        parser.error("--use-pytorch-profiler writes its traces to --tensorboard-dir; give one")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     try:
         config_from_args(args, base=FlashRecoveryConfig.from_env())  # bad flags fail here, early
@@ -276,6 +325,7 @@ def main(argv=None) -> int:
                                               start, **hook_kwargs)
     losses: dict[int, float] = {}
     timings: dict[int, float] = {}
+    profiler = Profiler(args, rank)
     t_last = time.time()
     saved = start
     while iteration < args.train_iters:
@@ -299,6 +349,7 @@ def main(argv=None) -> int:
         if args.step_sleep or (shrunk and args.step_sleep_shrunk):
             time.sleep(args.step_sleep + (args.step_sleep_shrunk if shrunk else 0.0))
         timings[iteration] = time.perf_counter() - t_step
+        profiler.step(iteration)
         if writer is not None and iteration % args.log_interval == 0:
             writer.log({"lm loss": loss}, iteration)
         if rank == 0 and iteration % args.log_interval == 0:
@@ -327,6 +378,7 @@ def main(argv=None) -> int:
     if args.save and iteration != saved:  # Megatron-LM saves at the end of training too
         with flash_recovery.saving_checkpoint(iteration):
             checkpoint.save(job, iteration, args.save)
+    profiler.stop()
     losses = flash_recovery.history() or losses
     flash_recovery.on_train_end()
     if writer is not None:
