@@ -13,7 +13,7 @@ import torch
 
 from fr_megatron.config import FlashRecoveryConfig
 from fr_megatron.runtime import snapshot
-from fr_megatron.runtime.integration import TorchIntegration
+from fr_megatron.runtime.integration import RankState, TorchIntegration
 from fr_megatron.runtime.transaction import StepTransaction, capture
 
 pytestmark = pytest.mark.timeout(60)
@@ -214,3 +214,54 @@ def test_checksums_of_regions_over_one_block_are_hashed_by_block(tmp_path, monke
     slot.seal(dict(slot.header))  # as a process that adopts the slot finds it: not yet verified
     with pytest.raises(layout.ChecksumError, match=part):
         tx.ring.slot(1).verify(snapshot.PARTS)
+
+
+def test_deferred_copy_waits_for_start_and_a_copy_holder_does_not_start_it(tmp_path):
+    """A GPU commit's copy waits until the next step's first forward is queued (``start``):
+    until then it has read nothing, a copy holder's exchange thread waiting for the seal does
+    not start it, and a wait on the training thread does."""
+    t = torch.arange(4096, dtype=torch.float32)
+    ring = snapshot.SnapshotRing(2, str(tmp_path))
+    ring.write(1, RankState({"w": t}, {}, {}), defer=True)
+    holder = threading.Thread(target=ring.wait, kwargs={"start": False})
+    holder.start()
+    holder.join(0.3)
+    assert holder.is_alive()  # not started, so not sealed
+    t += 1  # nothing was copied yet: the snapshot takes the tensor as it is at ``start``
+    ring.start()
+    holder.join(30)
+    assert not holder.is_alive()
+    assert ring.steps() == [1]
+    assert torch.equal(ring.get(1).replicated["w"], t)
+
+    ring.write(2, RankState({"w": t}, {}, {}), defer=True)
+    ring.wait()  # the training thread's wait starts it
+    assert ring.steps() == [1, 2]
+
+
+def test_copy_of_host_tensors_is_never_deferred(tmp_path, gate):
+    """``defer_copy`` holds back device-to-host copies only: a copy on the host starts at the
+    commit, as it needs all the time there is before the optimizer's step."""
+    integration, tx, _ = _job(tmp_path)
+    tx.defer_copy = True
+    tx.commit(1, capture(integration, 1))
+    assert tx.ring._pending is None  # handed to the sealing thread, held only by the gate
+    gate.set()
+    tx.wait_durable()
+    assert tx.ring.steps() == [1]
+
+
+def test_megatron_forward_step_reports_its_forward_queued_after_it_returns():
+    """The megatron integration's word for ``Session.forward_issued``: after the forward step
+    (its batch read, its kernels launched), never before."""
+    from fr_megatron.megatron import phases
+
+    calls = []
+
+    def forward_step(data_iterator, model):
+        calls.append("forward_step")
+        return torch.zeros(1), None
+
+    wrapped = phases.wrap_forward_step(forward_step, calls.append, lambda: calls.append("issued"))
+    wrapped(None, None)
+    assert calls == ["forward", "forward_step", "issued"]

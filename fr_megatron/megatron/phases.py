@@ -15,10 +15,14 @@ from typing import Callable
 from .integration import sub_optimizers
 
 
-def wrap_forward_step(forward_step: Callable, mark: Callable[[str], None]) -> Callable:
+def wrap_forward_step(forward_step: Callable, mark: Callable[[str], None],
+                      issued: Callable[[], None] = lambda: None) -> Callable:
+    """``issued``: called once a micro-batch's forward is queued (its batch read, its kernels
+    launched)."""
     def forward_step_with_marks(data_iterator, model, *args, **kwargs):
         mark("forward")
         output, loss_func = forward_step(data_iterator, model, *args, **kwargs)
+        issued()
         if getattr(output, "requires_grad", False):
             def on_backward(grad):
                 mark("backward")

@@ -189,6 +189,12 @@ def _mark(phase: str) -> None:
         _session.phase(phase)
 
 
+def _forward_issued() -> None:
+    """After a micro-batch's forward is queued (a plain function, as ``_mark``)."""
+    if _session is not None:
+        _session.forward_issued()
+
+
 def on_train_start(model, optimizer, opt_param_scheduler, args, iteration: int = 0,
                    progress: Any = None, forward_step_wrapper: Optional[Callable] = None,
                    train_data_iterator: Any = _NOT_GIVEN,
@@ -295,7 +301,8 @@ def wrap_forward_step(forward_step_func: Callable) -> Callable:
         return forward_step_func
     from .phases import wrap_forward_step as wrap
 
-    return wrap(forward_step_func, _mark)
+    _session.defer_snapshot_copy()
+    return wrap(forward_step_func, _mark, _forward_issued)
 
 
 def on_step_begin(iteration: int) -> None:

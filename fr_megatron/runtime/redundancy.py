@@ -124,7 +124,7 @@ class CopyExchange:
         _delay_for_tests(step, self.rank)
         works = []
         if to:
-            ring.wait()  # sealed: its checksums exist
+            ring.wait(start=False)  # sealed: its checksums exist (started by the training thread)
             slot = ring.slot(step)
             for h in to:
                 works += transfer.send([(slot, self.parts, True)], h, self.group)
@@ -141,7 +141,7 @@ class CopyExchange:
                        "meta": got.meta})
         transfer.wait_all(works)
         if agree:
-            ring.settle()  # this rank's own snapshot of the step, sealed or failed
+            ring.settle(start=False)  # this rank's own snapshot of the step, sealed or failed
             dist.barrier(group=self.group)
 
     def held_steps(self) -> dict[int, list[int]]:

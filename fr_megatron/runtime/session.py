@@ -314,6 +314,18 @@ class Session:
         if name == "optimizer":
             with record_function("fr_megatron.wait_snapshot_read"):
                 self.tx.before_optimizer()
+        elif name != "forward":
+            self.tx.start_copy()  # a deferred copy starts by the first backward at the latest
+
+    def defer_snapshot_copy(self) -> None:
+        """The integration calls ``forward_issued`` in each step: snapshot copies on a GPU
+        wait for it."""
+        self.tx.defer_copy = True
+
+    def forward_issued(self) -> None:
+        """The integration's word that this step's first forward is queued on the device: the
+        last commit's deferred snapshot copy starts (``StepTransaction.defer_copy``)."""
+        self.tx.start_copy()
 
     def _before_injected(self) -> None:
         """An injected fault lands once the last commit's snapshot is sealed, so the step it

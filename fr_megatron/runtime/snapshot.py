@@ -16,10 +16,12 @@ agent), so a snapshot outlives the process that wrote it and a replacement on th
 restores from it at memory speed with no network at all; or in process memory, when there is no
 such directory or it has no room (then only copies held by peers survive the process).
 
-The copy runs off the training thread: on CUDA it is issued on a side stream, on CPU a background
-thread copies and hashes; either way that thread seals the slot (checksums, header). ``wait``
-blocks until the step is sealed, which the runtime does before the next optimizer step changes the
-live tensors, so the copy overlaps the next step's forward and backward.
+The copy runs off the training thread, on a background thread that then seals the slot
+(checksums, header). On CUDA that thread issues the device-to-host copies on a side stream, once
+the training thread says so (``start``: the transaction defers them until the next step's first
+forward is queued, see ``StepTransaction``), and the optimizer's step waits for them on the GPU
+(``wait_read``), not on the host; on the CPU it copies and hashes, and the optimizer's step waits
+for the seal. Either way the copy overlaps the next step's forward and backward.
 """
 
 from __future__ import annotations
@@ -190,10 +192,14 @@ class SnapshotRing:
         self.depth, self.directory, self.name, self.parts = depth, directory, name, parts
         self.slots = [Slot(directory, f"{name}.slot{i}") for i in range(depth)]
         self._stream = None
-        self._sealed = threading.Event()  # cleared while a GPU write is being sealed
+        self._sealed = threading.Event()  # cleared while a write is being sealed
         self._sealed.set()
         self._error: Optional[BaseException] = None
         self._copied = None  # the CUDA event of the last write's device-to-host copy
+        self._issued = threading.Event()  # set once the last write's copies are issued
+        self._issued.set()
+        self._lock = threading.Lock()
+        self._pending = None  # the last write's sealing, until ``start``
         self._sealer = Worker("fr-snapshot-seal")
 
     @property
@@ -202,7 +208,7 @@ class SnapshotRing:
 
     def steps(self) -> list[int]:
         """The sealed steps (a write in progress is waited for)."""
-        self._sealed.wait()
+        self.settle()
         return sorted(s.step for s in self.slots if s.step is not None)
 
     def __contains__(self, step: int) -> bool:
@@ -255,9 +261,10 @@ class SnapshotRing:
         self.directory = None
         self.slots = [Slot(None, f"{self.name}.slot{i}") for i in range(self.depth)]
 
-    def write(self, step: int, live: RankState) -> None:
+    def write(self, step: int, live: RankState, defer: bool = False) -> None:
         """Copy ``live`` into a slot as step ``step``, sealed in the background (``wait``); the
-        tensors of ``live`` must not change until then."""
+        tensors of ``live`` must not change until then. ``defer``: the copy waits for
+        ``start`` (a wait on the training thread starts it too)."""
         layout = Layout.of(live, self.parts)
         tensors = {n: t for part in self.parts for n, t in getattr(live, part).items()}
         on_gpu = any(t.is_cuda for t in tensors.values())
@@ -271,24 +278,42 @@ class SnapshotRing:
         meta = dumps_meta(live.meta)
         header = {"step": step, "layout": layout.to_json(), "meta": meta,
                   "sums": {"meta": xxhash.xxh3_128(meta).hexdigest()}}
-        copied = self._copy_on_side_stream(slot, layout, tensors) if on_gpu else None
-        self._copied = copied
-        if copied is not None:
+        if on_gpu:
+            # the copies read the state once the step's last kernels are done; the sealing
+            # thread issues them, when ``start`` says so
+            if self._stream is None:
+                device = next(t.device for t in tensors.values() if t.is_cuda)
+                self._stream = torch.cuda.Stream(device=device)
+            ready = torch.cuda.Event()
+            ready.record()
+            self._copied = None
+            self._issued.clear()
+
             def fill():
-                copied.synchronize()
+                try:
+                    self._copied = self._copy_on_side_stream(slot, layout, tensors, ready)
+                finally:
+                    self._issued.set()
+                self._copied.synchronize()
                 for part in self.parts:
                     header["sums"][part] = checksum(slot.region(part))
         else:
             def fill():
                 for part in self.parts:
                     header["sums"][part] = _copy_and_hash(layout, part, tensors, slot.buf)
-        self._seal_in_background(slot, header, fill)
+        self._seal_in_background(slot, header, fill, deferred=defer)
 
-    def _copy_on_side_stream(self, slot: Slot, layout: Layout, tensors: dict):
-        """Issue the device-to-host copies on a side stream; the event that marks them done."""
-        if self._stream is None:
-            self._stream = torch.cuda.Stream()
-        self._stream.wait_stream(torch.cuda.current_stream())
+    def start(self) -> None:
+        """Start the last write's copy if it waits for this (``write(defer=True)``)."""
+        with self._lock:
+            pending, self._pending = self._pending, None
+        if pending is not None:
+            self._sealer.submit(pending)
+
+    def _copy_on_side_stream(self, slot: Slot, layout: Layout, tensors: dict, ready):
+        """Issue the device-to-host copies on the side stream, after ``ready`` (an event of the
+        training stream); the event that marks them done. CPU tensors are copied at once."""
+        self._stream.wait_event(ready)
         with torch.cuda.stream(self._stream):
             for part in self.parts:
                 for e in layout.regions[part]:
@@ -300,10 +325,10 @@ class SnapshotRing:
             done.record(self._stream)
         return done
 
-    def _seal_in_background(self, slot: Slot, header: dict, fill) -> None:
+    def _seal_in_background(self, slot: Slot, header: dict, fill, deferred: bool) -> None:
         """Run ``fill`` (the copy and its checksums) on a thread, then write the header: the
         training thread goes on with the next step meanwhile (the live tensors do not change
-        until its optimizer phase, which waits)."""
+        until its optimizer phase, which waits). ``deferred``: only once ``start`` is called."""
         def seal():
             try:
                 fill()
@@ -315,25 +340,35 @@ class SnapshotRing:
                 self._sealed.set()
 
         self._sealed.clear()
-        self._sealer.submit(seal)
+        with self._lock:
+            self._pending = seal
+        if not deferred:
+            self.start()
 
-    def settle(self) -> None:
+    def settle(self, start: bool = True) -> None:
         """Block until the last ``write`` has sealed or failed, leaving a failure for ``wait``
-        to hand to the training thread."""
+        to hand to the training thread. ``start``: start a deferred write first (a thread other
+        than the training thread waits for the training thread to start it)."""
+        if start:
+            self.start()
         self._sealed.wait()
 
     def wait_read(self) -> None:
-        """Block until the last ``write`` no longer reads the live tensors: on a GPU once its
-        device-to-host copy is done (the checksums of the host copy run on), on the CPU once it
-        is sealed (there the copy and its checksums are one pass)."""
+        """Make the training thread's next work wait until the last ``write`` no longer reads
+        the live tensors. On a GPU the thread waits only until the copies are issued (CPU
+        tensors among them are copied by then) and the training stream waits, on the GPU, for
+        the device-to-host copies; the checksums of the host copy run on. On the CPU the thread
+        waits until the write is sealed (there the copy and its checksums are one pass)."""
+        self.start()
+        self._issued.wait()
         if self._copied is not None:
-            self._copied.synchronize()
+            torch.cuda.current_stream().wait_event(self._copied)
         else:
             self.wait()
 
-    def wait(self) -> None:
-        """Block until the last ``write`` is sealed; any thread may wait."""
-        self.settle()
+    def wait(self, start: bool = True) -> None:
+        """Block until the last ``write`` is sealed; any thread may wait (``settle``)."""
+        self.settle(start)
         if self._error is not None:
             err, self._error = self._error, None
             raise err

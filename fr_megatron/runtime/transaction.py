@@ -3,9 +3,10 @@
 ``commit(step, live)`` starts copying the state into the snapshot ring (``snapshot``; in the node's
 shared memory, where it outlives the process) and, where a copy is needed (``failure_domains``),
 sending the unique state to its holders (``redundancy``). Both run in the background during the
-next step: the snapshot must be sealed before that step's optimizer changes the state
-(``before_optimizer``); the copies, and every rank's agreement that the step is durable
-everywhere, before the next commit (``wait_durable``). A step counts as finished for a recovery
+next step: the snapshot must have read the state before that step's optimizer changes it
+(``before_optimizer``; on a GPU the optimizer's kernels wait for the copy on the device); the
+copies, and every rank's agreement that the step is durable everywhere, before the next commit
+(``wait_durable``). A step counts as finished for a recovery
 once its snapshot is sealed. With the snapshot in process memory the commit itself waits: there
 the copy is the step's only protection against a process fault.
 """
@@ -87,6 +88,12 @@ class StepTransaction:
         self.committed = -1
         self.durable_step = -1   # the newest step whose snapshot and copies are all in place
         self.commit_blocked_s: list[float] = []  # training-thread seconds per commit
+        # a GPU snapshot's device-to-host copy waits until the next step's first forward is
+        # queued (``start_copy``): while the host prepares that step's first batch and the GPU
+        # waits for it, a copy of gigabytes into host memory slows the host down. The
+        # integration sets this where it reports that moment. A copy on the host itself
+        # starts at once: it is the host's own work and needs all the time there is.
+        self.defer_copy = False
         # whether a fault plan has arrived: a wait for copies in flight gives up then
         self.interrupted: Callable[[], bool] = lambda: False
 
@@ -142,13 +149,18 @@ class StepTransaction:
             for ring in self.departed.values():  # a later step is durable on every rank
                 ring.close(remove=True)
             self.departed = {}
-        self.ring.write(step, live)
+        on_gpu = any(t.is_cuda for part in (live.replicated, live.unique) for t in part.values())
+        self.ring.write(step, live, defer=self.defer_copy and on_gpu)
         if self.copies is not None and self.copies.active:
             self.copies.start(step, self.ring)
         self.committed = step
         if not self.ring.in_shared_memory:
             self.wait_durable()
         self.commit_blocked_s.append(time.perf_counter() - t0)
+
+    def start_copy(self) -> None:
+        """The step's first work is queued: a deferred snapshot copy may start."""
+        self.ring.start()
 
     def wait_durable(self) -> float:
         """Wait until the last commit's snapshot is sealed and its copies are in place; the
