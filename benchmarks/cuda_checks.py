@@ -15,8 +15,10 @@ Needs one CUDA device; not part of ``python -m benchmarks`` (which runs on CPUs)
 - ``snapshot_cost``: one rank whose parameters and optimizer state hold 4.8 GB on the GPU (fp32,
   403 M parameters, distributed optimizer), runs without and with ``--flash-recovery``
   interleaved (off, on, on, off): median step time, the overhead, and the time the training
-  thread waits in a commit; in the same run the machine's device-to-host bandwidth into pinned
-  memory, xxh3 on one core, and the checksum a seal computes on several.
+  thread spends in a commit; then one run each way under the PyTorch profiler (the recipe's
+  ``--profile``), whose traces give the GPU's busy and idle time per step; in the same run the
+  machine's device-to-host bandwidth into pinned memory, xxh3 on one core, and the checksum a
+  seal computes on several.
 
     python -m benchmarks.cuda_checks [--only ranks,megatron_lm,snapshot_cost]
                                      [--megatron-lm DIR] [--work DIR]
@@ -304,15 +306,51 @@ def limits(nbytes: int = 2 << 30) -> dict:
             "checksum_gb_s": best(lambda: checksum(dst))}
 
 
+def trace_steps(path: Path) -> list[dict]:
+    """Per profiled step of a PyTorch profiler trace: its wall time, the GPU's busy time (the
+    union of its kernels), the longest time the GPU waited between two kernels, the
+    device-to-host copy time, and the time in flash recovery's named ranges (``fr_megatron.*``)."""
+    events = [e for e in json.loads(path.read_text())["traceEvents"] if e.get("ph") == "X"]
+    steps = [e for e in events if e.get("cat") == "user_annotation"
+             and str(e.get("name", "")).startswith("ProfilerStep#")]
+    kernels = sorted((e["ts"], e["ts"] + e["dur"]) for e in events if e.get("cat") == "kernel")
+    rows = []
+    for s in steps:
+        a, b = s["ts"], s["ts"] + s["dur"]
+        busy, longest_wait, end = 0.0, 0.0, None
+        for x, y in (k for k in kernels if a <= k[0] < b):
+            if end is not None and x > end:
+                longest_wait = max(longest_wait, x - end)
+            busy += max(0.0, y - max(x, end if end is not None else x))
+            end = y if end is None else max(end, y)
+        d2h = sum(e["dur"] for e in events if e.get("cat") == "gpu_memcpy"
+                  and "DtoH" in e.get("name", "") and a <= e["ts"] < b)
+        fr: dict[str, float] = {}
+        for e in events:
+            if e.get("cat") == "user_annotation" and a <= e["ts"] < b and \
+                    str(e.get("name", "")).startswith("fr_megatron."):
+                fr[e["name"]] = fr.get(e["name"], 0.0) + e["dur"] / 1e6
+        rows.append({"step_s": s["dur"] / 1e6, "gpu_busy_s": busy / 1e6,
+                     "gpu_idle_s": (s["dur"] - busy) / 1e6,
+                     "longest_gpu_wait_s": longest_wait / 1e6, "d2h_copy_s": d2h / 1e6,
+                     "flash_recovery_s": fr})
+    return rows
+
+
 def check_snapshot_cost(work: Path, steps: int = 12, skip: int = 3) -> dict:
-    order = ["off", "on", "on", "off"]
+    """Timed runs off, on, on, off; then one run each way under the PyTorch profiler (steps
+    7-9), whose traces say where a step's extra time goes: the GPU's kernels or its waits."""
+    order = ["off", "on", "on", "off", "off-profiled", "on-profiled"]
     runs = []
     for i, mode in enumerate(order):
         d = work / f"snap-{i}-{mode}"
         d.mkdir(parents=True, exist_ok=True)
         args = [*SNAPSHOT_ARGS, "--train-iters", str(steps), "--timings", str(d / "t.json")]
-        if mode == "on":
+        if mode.startswith("on"):
             args.append("--flash-recovery")
+        if mode.endswith("profiled"):
+            args += ["--profile", "--use-pytorch-profiler", "--profile-step-start", "7",
+                     "--profile-step-end", "10", "--tensorboard-dir", str(d / "traces")]
         t0 = time.time()
         try:
             rep = run_fr_job(RECIPE, args, nproc=1, inject=None, spares=0,
@@ -323,13 +361,19 @@ def check_snapshot_cost(work: Path, steps: int = 12, skip: int = 3) -> dict:
         times = {int(k): v for k, v in json.loads((d / "t.json").read_text()).items()} \
             if (d / "t.json").exists() else {}
         stats = next(iter(rep.get("rank_stats", {}).values()), {})
-        runs.append({"mode": mode, "rc": rep.get("rc"), "wall_s": time.time() - t0,
-                     "step_s": [times[k] for k in sorted(times)], "stats": stats})
+        run = {"mode": mode, "rc": rep.get("rc"), "wall_s": time.time() - t0,
+               "step_s": [times[k] for k in sorted(times)], "stats": stats}
+        traces = sorted((d / "traces").glob("*.json")) if mode.endswith("profiled") else []
+        if traces:
+            run["profiled_steps"] = trace_steps(traces[0])
+        runs.append(run)
         print(f"snapshot_cost {mode}: median step "
               f"{_median([t for k, t in times.items() if k > skip])}", flush=True)
     med = {m: _median([t for r in runs if r["mode"] == m for t in r["step_s"][skip:]])
            for m in ("off", "on")}
     on_stats = [r["stats"] for r in runs if r["mode"] == "on" and r["stats"]]
+    profiled = {r["mode"].removesuffix("-profiled"): r.get("profiled_steps", [])
+                for r in runs if r["mode"].endswith("profiled")}
     return {"args": SNAPSHOT_ARGS, "steps": steps, "skip": skip, "order": order,
             **limits(), "step_s_off": med["off"], "step_s_on": med["on"],
             "overhead": med["on"] / med["off"] - 1 if med["off"] and med["on"] else None,
@@ -343,6 +387,10 @@ def check_snapshot_cost(work: Path, steps: int = 12, skip: int = 3) -> dict:
             if on_stats else None,
             "snapshots_in_shared_memory": all(s.get("snapshots_in_shared_memory")
                                               for s in on_stats) if on_stats else None,
+            "profiled": {m: {k: _median([row[k] for row in rows])
+                             for k in ("step_s", "gpu_busy_s", "gpu_idle_s",
+                                       "longest_gpu_wait_s", "d2h_copy_s")}
+                         for m, rows in profiled.items() if rows},
             "runs": runs}
 
 
@@ -363,7 +411,9 @@ def summary(checks: dict) -> list[dict]:
         rows.append({"check": "snapshot_cost", "fault": "-", "state_GB": snap["state_GB"],
                      "step_s_off": snap["step_s_off"], "step_s_on": snap["step_s_on"],
                      "overhead": snap["overhead"],
-                     "waits_s": snap["training_thread_waits_s_p50"]})
+                     "waits_s": snap["training_thread_waits_s_p50"],
+                     **{f"gpu_idle_s_{m}": p["gpu_idle_s"]
+                        for m, p in snap.get("profiled", {}).items()}})
     return rows
 
 
