@@ -94,9 +94,16 @@ def test_faults_and_hangs_anywhere_in_the_step_are_recovered_bit_exact(tmp_path,
                        extra=["--token-file", str(tmp_path / "token"),
                               "--hang-timeout", "8", "--heartbeat-interval", "0.5"])
     faults = job.report["faults"]
+    # a survivor whose aborted gloo send never ends (benchmarks/results/gloo_abort_stuck.md)
+    # reports itself stuck and is replaced in the same recovery, from the same recovery point
+    stuck = [f for f in faults if f["kind"] == "stuck"]
+    injected = [f for f in faults if f["kind"] != "stuck"]
+    for f in stuck:
+        assert f["steps_lost"] == 0 and f["survivor_pids_unchanged"] is True, f
+        assert any(g["recovery_point"] == f["recovery_point"] for g in injected), f
     expected = [s.split(":") for s in FAULTS.split(";")]
-    assert len(faults) == len(expected), faults
-    for f, parts in zip(sorted(faults, key=lambda f: f["step"]), expected):
+    assert len(injected) == len(expected), faults
+    for f, parts in zip(sorted(injected, key=lambda f: f["step"]), expected):
         fields = dict(p.split("=") for p in parts[1:])
         assert (f["rank"], f["step"], f["phase"]) == (int(fields["rank"]), int(fields["step"]),
                                                       fields["phase"])
@@ -133,10 +140,12 @@ def test_faults_and_hangs_anywhere_in_the_step_are_recovered_bit_exact(tmp_path,
     script_run = read_run(str(script_wandb))
     assert script_run["group"] and script_run["group"] == run["group"]
     rows = {h["_step"]: h for h in script_run["history"]}
-    for f in faults:
+    for f in injected:  # the row of a recovery point shows one of its faults
         row = rows[f["recovery_point"] + 1]
         assert (row["recovery/rank"], row["recovery/kind"], row["recovery/fault_step"],
-                row["recovery/steps_lost"]) == (f["rank"], f["kind"], f["step"], 0), row
+                row["recovery/steps_lost"]) in [(g["rank"], g["kind"], g["step"], 0)
+                                                 for g in faults
+                                                 if g["recovery_point"] == f["recovery_point"]], row
         assert row["recovery/phase_rebuild_s"] > 0 and row["recovery/phase_detect_s"] >= 0
         assert row["lm loss"] == load_ranks(tmp_path, "f")[WORLD - 1]["losses"][f["step"]]
     assert {h["_step"] for h in script_run["history"] if "lm loss" in h} == set(range(1, 9))
