@@ -47,7 +47,10 @@ import contextlib
 import datetime
 import functools
 import logging
+import os
 from typing import Any, Callable, Optional
+
+import torch
 
 from fr_megatron.megatron import cpu, gloo_cuda
 from fr_megatron.runtime import startup_calls
@@ -65,10 +68,6 @@ def local_cuda_device(local_rank: Optional[int] = None) -> int:
     """The GPU of the node's rank ``local_rank`` (default ``LOCAL_RANK``): its own where the node
     has a GPU per rank, else shared round-robin (gloo moves CUDA tensors between ranks that share
     a GPU; NCCL refuses two ranks on one)."""
-    import os
-
-    import torch
-
     if local_rank is None:
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     return local_rank % torch.cuda.device_count()
@@ -98,8 +97,6 @@ def init_process_group(backend: str, args=None, **_ignored):
     cfg = FlashRecoveryConfig.from_env()
     instances = getattr(args, "num_distributed_optimizer_instances", 1) or 1
     if instances > 1:  # Megatron-LM checks this only after the groups exist, with an assert
-        import os
-
         world = int(os.environ.get("WORLD_SIZE", "1"))
         model_parallel = 1
         for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size",

@@ -360,15 +360,12 @@ class Session:
 
     def begin_step(self, step: int) -> None:
         with record_function("fr_megatron.begin_step"):
-            self._begin_step(step)
-
-    def _begin_step(self, step: int) -> None:
-        self._after_commit()
-        self.step = step
-        self._step_t0 = self._phase_t = time.monotonic()
-        self.injector.new_step(step)
-        self.link.heartbeat.poke()  # a new step is progress even if the phase name is the same
-        self.phase("forward")
+            self._after_commit()
+            self.step = step
+            self._step_t0 = self._phase_t = time.monotonic()
+            self.injector.new_step(step)
+            self.link.heartbeat.poke()  # a new step is progress even if the phase name is the same
+            self.phase("forward")
 
     def commit(self, step: int, output: Any = None) -> None:
         """Make ``step`` the newest recovery point of this rank."""
