@@ -16,8 +16,16 @@ interleaved (off, shm, copies, instances, then the other way round), no faults, 
 
 Per size and mode: median step time (rank 0, first ``--skip`` steps left out), its ratio to
 ``off`` (``overhead``) and to the run with the same megatron-core settings without flash recovery
-(``overhead_fr``: what flash recovery adds; the targets apply to it); the training thread's time blocked in a commit (median over ranks); host memory per rank
-for the snapshots and the copies held, next to the state. Then one run per size and mode with a
+(``overhead_fr``: what flash recovery adds; the targets apply to it). The CPU seconds of a step,
+per rank (``cpu_s``: the process, every thread; ``cpu_thread_s``: the training thread; medians over
+ranks and steps), and their ratio to the same settings without flash recovery
+(``cpu_overhead_fr``): with more ranks than cores the wall time of a step is the machine's CPU
+shared out, and varies from run to run with the scheduler, while a rank's CPU per step is what
+flash recovery adds to it. Next to it ``copy_floor_x_cpu``: copying and checksumming the
+committed bytes once, at the machine's measured memcpy and xxh3 rates, relative to the CPU of a
+step without flash recovery, the least a snapshot of every step can cost. The training thread's
+time blocked in a commit (median over ranks); host memory per rank for the snapshots and the
+copies held, next to the state. Then one run per size and mode with a
 SIGKILL in backward and a warm spare: recovery time and phases, and the restore throughput (the
 lost rank's bytes over the time from the recovery decision to its state restored in place). In
 the same run, the machine's own limits: memcpy, xxh3 and gloo point-to-point bandwidth over
@@ -77,7 +85,8 @@ def run(work: Path, size: int, mode: str, steps: int, inject: str | None = None,
         timeout: float = 1200) -> dict:
     """One job; its report (node 0's), rank 0's step timings and wall time."""
     work.mkdir(parents=True, exist_ok=True)
-    args = [*model_args(size, steps), "--timings", str(work / "timings.json")]
+    args = [*model_args(size, steps), "--timings", str(work / "timings.json"),
+            "--cpu-timings", str(work / "cpu")]
     if mode in SAME_SETTINGS_OFF:
         args.append("--flash-recovery")
     if mode.startswith("instances"):
@@ -114,19 +123,28 @@ def run(work: Path, size: int, mode: str, steps: int, inject: str | None = None,
         raise RuntimeError(f"{mode} {size} MB: exit codes {rcs}; see {work}")
     report = json.loads((work / "report.json").read_text())
     timings = {int(k): v for k, v in json.loads((work / "timings.json").read_text()).items()}
-    return {"report": report, "timings": timings, "wall_s": time.time() - t0}
+    # every rank's CPU seconds per step: (process, training thread)
+    cpu = [{int(k): v for k, v in json.loads(f.read_text()).items()}
+           for f in sorted((work / "cpu").glob("rank*.json"))]
+    return {"report": report, "timings": timings, "cpu": cpu, "wall_s": time.time() - t0}
 
 
 def _median(xs):
     return statistics.median(xs) if xs else None
 
 
-def steady_rows(jobs: dict, skip: int) -> list[dict]:
+def steady_rows(jobs: dict, skip: int, lim: dict) -> list[dict]:
+    """``lim``: the machine's limits, for the least a commit's copy and checksum can cost."""
     rows = []
     for size in sorted({s for s, _ in jobs}):
         def base_of(mode: str):
             return _median([t for j in jobs.get((size, mode), [])
                             for i, t in j["timings"].items() if i > skip])
+
+        def cpu_of(mode: str, which: int = 0):
+            """Median CPU seconds per rank-step (0: the process, 1: its training thread)."""
+            return _median([c[which] for j in jobs.get((size, mode), []) for r in j["cpu"]
+                            for i, c in r.items() if i > skip])
 
         base = base_of("off")
         for mode in MODES:
@@ -140,12 +158,15 @@ def steady_rows(jobs: dict, skip: int) -> list[dict]:
             row = {"unique_MB": size, "mode": mode, "steps": len(times),
                    "step_s": _median(times),
                    "run_medians_s": " ".join(f"{_median([t for i, t in j['timings'].items() if i > skip]):.3f}"
-                                             for j in runs)}
+                                             for j in runs),
+                   "cpu_s": cpu_of(mode), "cpu_thread_s": cpu_of(mode, 1)}
             if mode in SAME_SETTINGS_OFF:
                 same = base_of(SAME_SETTINGS_OFF[mode])
+                same_cpu = cpu_of(SAME_SETTINGS_OFF[mode])
                 row.update({
                     "overhead": row["step_s"] / base - 1 if base else None,
                     "overhead_fr": row["step_s"] / same - 1 if same else None,
+                    "cpu_overhead_fr": row["cpu_s"] / same_cpu - 1 if same_cpu else None,
                     "commit_blocked_s": _median([s["commit_blocked_s_p50"] for s in stats
                                                  if s["commit_blocked_s_p50"] is not None]),
                     "state_MB": state / 1e6,
@@ -160,6 +181,13 @@ def steady_rows(jobs: dict, skip: int) -> list[dict]:
                     "shared_memory": all(s["snapshots_in_shared_memory"] for s in stats),
                     "ranks_copying_tensors": len(runs[0]["report"]["redundancy"]
                                                  ["ranks_copying_tensors"])})
+                # the least a commit costs a rank per step: copying and checksumming the bytes
+                # it commits once, at the machine's memcpy and xxh3 rates; relative to the CPU
+                # of a step without flash recovery, the floor of ``cpu_overhead_fr``
+                floor = row["committed_MB"] * 1e6 * (1 / (lim["memcpy_gb_s"] * 1e9)
+                                                     + 1 / (lim["xxh3_gb_s"] * 1e9))
+                row["copy_floor_s"] = floor
+                row["copy_floor_x_cpu"] = floor / same_cpu if same_cpu else None
             rows.append(row)
     return rows
 
@@ -288,9 +316,10 @@ def main(argv=None) -> int:
                 st = [t for i, t in j["timings"].items() if i > a.skip]
                 print(f"{size:>4} MB {mode:<9} rep {rep}: median step {_median(st):.3f} s "
                       f"({j['wall_s']:.0f} s)", flush=True)
-    steady = steady_rows(jobs, a.skip)
+    steady = steady_rows(jobs, a.skip, lim)
     print("\nsteady state\n")
     print(table(steady, ["unique_MB", "mode", "step_s", "overhead", "overhead_fr",
+                         "cpu_s", "cpu_thread_s", "cpu_overhead_fr", "copy_floor_x_cpu",
                          "commit_blocked_s",
                          "state_MB", "committed_MB", "unique_MB_measured", "snapshots_MB",
                          "held_copies_MB", "snapshots_x_state", "held_x_unique",
