@@ -258,18 +258,34 @@ def plot(steady: list[dict], recovery: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (a, c, b) = plt.subplots(1, 3, figsize=(16, 4))
+    color = {mode: f"C{i}" for i, mode in enumerate(MODES)}  # one colour per mode in every panel
     for mode in MODES:
         pts = [(r["unique_MB"], r["step_s"]) for r in steady if r["mode"] == mode]
         if pts:
-            a.plot(*zip(*pts), marker="o", label=mode)
+            a.plot(*zip(*pts), marker="o", label=mode, color=color[mode])
     a.set(xscale="log", yscale="log", xlabel="unique state per rank (MB)",
           ylabel="median step time (s)", title="step time, 4 ranks TP2 x DP2")
     a.legend()
     for mode in SAME_SETTINGS_OFF:
+        pts = [(r["unique_MB"], 100 * r["cpu_overhead_fr"]) for r in steady
+               if r["mode"] == mode and r.get("cpu_overhead_fr") is not None]
+        if pts:
+            c.plot(*zip(*pts), marker="o", label=mode, color=color[mode])
+    floor = [(r["unique_MB"], 100 * r["copy_floor_x_cpu"]) for r in steady
+             if r["mode"] == "shm" and r.get("copy_floor_x_cpu") is not None]
+    if floor:
+        c.plot(*zip(*floor), color="grey", ls=":", label="copy + checksum floor")
+    for size, key in ((100, "overhead_100MB"), (400, "overhead_400MB")):
+        c.plot([size], [100 * TARGETS[key]], marker="_", ms=20, color="black")
+    c.axhline(0, color="grey", lw=0.5)
+    c.set(xscale="log", xlabel="unique state per rank (MB)", ylabel="CPU per rank-step vs off (%)",
+          title="what flash recovery adds to a step's CPU (targets: bars)")
+    c.legend()
+    for mode in SAME_SETTINGS_OFF:
         pts = [(r["unique_MB"], r["recovery_s"]) for r in recovery if r["mode"] == mode]
         if pts:
-            b.plot(*zip(*pts), marker="o", label=mode)
+            b.plot(*zip(*pts), marker="o", label=mode, color=color[mode])
     b.axhline(TARGETS["recovery_100MB_s"], color="grey", ls="--", lw=1)
     b.set(xscale="log", xlabel="unique state per rank (MB)", ylabel="recovery (s)",
           title="kill in backward: fault to the first step after it")
