@@ -22,8 +22,9 @@ ranks and steps), and their ratio to the same settings without flash recovery
 (``cpu_overhead_fr``): with more ranks than cores the wall time of a step is the machine's CPU
 shared out, and varies from run to run with the scheduler, while a rank's CPU per step is what
 flash recovery adds to it. Next to it ``copy_floor_x_cpu``: copying and checksumming the
-committed bytes once, at the machine's measured memcpy and xxh3 rates, relative to the CPU of a
-step without flash recovery, the least a snapshot of every step can cost. The training thread's
+committed bytes once, at the machine's measured memcpy and xxh3 rates, and with copies sending the
+unique state and receiving a ward's at the loopback rate, relative to the CPU of a step without
+flash recovery: the least a snapshot (and copy) of every step can cost. The training thread's
 time blocked in a commit (median over ranks); host memory per rank for the snapshots and the
 copies held, next to the state. Then one run per size and mode with a
 SIGKILL in backward and a warm spare: recovery time and phases, and the restore throughput (the
@@ -133,6 +134,19 @@ def _median(xs):
     return statistics.median(xs) if xs else None
 
 
+def copy_floor_s(row: dict, lim: dict) -> float:
+    """The least a commit costs a rank per step, in CPU seconds: copying and checksumming the
+    bytes it commits once, at the machine's memcpy and xxh3 rates; where the rank copies its
+    unique state to a holder, also sending it and receiving a ward's, each end of a transfer
+    busy for its time at the loopback rate. Relative to the CPU of a step without flash
+    recovery, the floor of ``cpu_overhead_fr``."""
+    floor = row["committed_MB"] * 1e6 * (1 / (lim["memcpy_gb_s"] * 1e9)
+                                         + 1 / (lim["xxh3_gb_s"] * 1e9))
+    if row["ranks_copying_tensors"]:
+        floor += 2 * row["unique_MB_measured"] * 1e6 / (lim["loopback_gloo_gb_s"] * 1e9)
+    return floor
+
+
 def steady_rows(jobs: dict, skip: int, lim: dict) -> list[dict]:
     """``lim``: the machine's limits, for the least a commit's copy and checksum can cost."""
     rows = []
@@ -181,13 +195,8 @@ def steady_rows(jobs: dict, skip: int, lim: dict) -> list[dict]:
                     "shared_memory": all(s["snapshots_in_shared_memory"] for s in stats),
                     "ranks_copying_tensors": len(runs[0]["report"]["redundancy"]
                                                  ["ranks_copying_tensors"])})
-                # the least a commit costs a rank per step: copying and checksumming the bytes
-                # it commits once, at the machine's memcpy and xxh3 rates; relative to the CPU
-                # of a step without flash recovery, the floor of ``cpu_overhead_fr``
-                floor = row["committed_MB"] * 1e6 * (1 / (lim["memcpy_gb_s"] * 1e9)
-                                                     + 1 / (lim["xxh3_gb_s"] * 1e9))
-                row["copy_floor_s"] = floor
-                row["copy_floor_x_cpu"] = floor / same_cpu if same_cpu else None
+                row["copy_floor_s"] = copy_floor_s(row, lim)
+                row["copy_floor_x_cpu"] = row["copy_floor_s"] / same_cpu if same_cpu else None
             rows.append(row)
     return rows
 
@@ -272,10 +281,11 @@ def plot(steady: list[dict], recovery: list[dict], path: Path) -> None:
                if r["mode"] == mode and r.get("cpu_overhead_fr") is not None]
         if pts:
             c.plot(*zip(*pts), marker="o", label=mode, color=color[mode])
-    floor = [(r["unique_MB"], 100 * r["copy_floor_x_cpu"]) for r in steady
-             if r["mode"] == "shm" and r.get("copy_floor_x_cpu") is not None]
-    if floor:
-        c.plot(*zip(*floor), color="grey", ls=":", label="copy + checksum floor")
+    for mode, what in (("shm", "copy + checksum"), ("copies", "... + loopback transfers")):
+        floor = [(r["unique_MB"], 100 * r["copy_floor_x_cpu"]) for r in steady
+                 if r["mode"] == mode and r.get("copy_floor_x_cpu") is not None]
+        if floor:
+            c.plot(*zip(*floor), color=color[mode], ls=":", label=f"floor: {what}")
     for size, key in ((100, "overhead_100MB"), (400, "overhead_400MB")):
         c.plot([size], [100 * TARGETS[key]], marker="_", ms=20, color="black")
     c.axhline(0, color="grey", lw=0.5)
