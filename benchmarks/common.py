@@ -34,6 +34,22 @@ def summary(values: list[float]) -> dict:
             "mean": statistics.fmean(values) if values else None}
 
 
+def read_cpu_timings(directory: Path) -> list[dict[int, list[float]]]:
+    """The recipe's ``--cpu-timings DIR``: per rank, iteration -> [CPU seconds of the process,
+    of its training thread]."""
+    return [{int(k): v for k, v in json.loads(f.read_text()).items()}
+            for f in sorted(Path(directory).glob("rank*.json"))]
+
+
+def cpu_per_rank_step(runs: list[list[dict]], skip: int) -> tuple[float, float] | tuple[None, None]:
+    """Medians over every rank and iteration past ``skip`` of ``read_cpu_timings`` outputs: the
+    process's and the training thread's CPU seconds per rank-step."""
+    cpu = [c for ranks in runs for r in ranks for i, c in r.items() if i > skip]
+    if not cpu:
+        return None, None
+    return statistics.median(c[0] for c in cpu), statistics.median(c[1] for c in cpu)
+
+
 def run_fr_job(script: Path, args: list[str], *, nproc: int, inject: str | None, spares: int,
                report: Path, extra: list[str] = (), timeout: float = 900,
                log: Path | None = None, check: bool = True) -> dict:

@@ -45,7 +45,8 @@ from pathlib import Path
 
 from fr_megatron.launcher.spare import MEGATRON_PRELOAD as PRELOAD
 
-from .common import REPO, percentile, summary, table, write
+from .common import (REPO, cpu_per_rank_step, percentile, read_cpu_timings, summary, table,
+                     write)
 
 PROBE = REPO / "benchmarks" / "recovery_probe.py"
 WORLD = 8
@@ -93,13 +94,10 @@ def run_job(a, work: Path, *, flash: bool, iters: int, spares: int, inject: str 
                            f"{out[-3000:]}")
     lines = [(int(m[1]), float(m[4]), m[3]) for m in LINE.finditer(out)]
     probes = [json.loads(f.read_text()) for f in sorted(probe_dir.glob("rank*.json"))]
-    # every rank's CPU seconds per iteration: (process, training thread)
-    cpu = [{int(k): v for k, v in json.loads(f.read_text()).items()}
-           for f in sorted((work / "cpu").glob("rank*.json"))]
     return {"flash": flash, "wall_s": wall, "load_before": load_before,
             "load_after": os.getloadavg(), "lines": lines,
             "report": json.loads(report.read_text()) if report.exists() else None,
-            "probes": probes, "cpu": cpu}
+            "probes": probes, "cpu": read_cpu_timings(work / "cpu")}
 
 
 # ---------------------------------------------------------------- (a) recovery
@@ -179,14 +177,14 @@ def overhead(on_jobs: list[dict], off_jobs: list[dict], pairs: list[tuple], skip
         fr_ms = [1e3 * sum(v for pr in j["probes"] for k, v in pr.get("thread_cpu_s", {}).items()
                            if k.startswith("fr-")) / max(1, len(j["probes"]) * len(j["lines"]))
                  for j in jobs]
-        # CPU seconds per rank and step (every rank, past the first ``skip`` iterations): with 8
-        # ranks on 2 cores the wall time is the machine's CPU shared out, this what a step costs
-        cpu = [c for j in jobs for r in j["cpu"] for i, c in r.items() if i > skip]
+        # CPU seconds per rank and step: with 8 ranks on 2 cores the wall time is the machine's
+        # CPU shared out, this what a step costs
+        cpu, cpu_thread = cpu_per_rank_step([j["cpu"] for j in jobs], skip)
         res[name] = {"steps": len(pooled), "median_s": statistics.median(pooled),
                      "p25_s": percentile(pooled, 0.25), "p75_s": percentile(pooled, 0.75),
                      "min_s": min(pooled), "max_s": max(pooled),
-                     "cpu_ms_per_rank_step": 1e3 * statistics.median(c[0] for c in cpu),
-                     "cpu_thread_ms_per_rank_step": 1e3 * statistics.median(c[1] for c in cpu),
+                     "cpu_ms_per_rank_step": 1e3 * cpu,
+                     "cpu_thread_ms_per_rank_step": 1e3 * cpu_thread,
                      "run_medians_s": medians, "rss_median_MiB": statistics.median(rss)
                      if rss else None, "fr_threads_ms_per_rank_step": statistics.median(fr_ms),
                      "load_1m": [j["load_after"][0] for j in jobs]}

@@ -54,7 +54,7 @@ from pathlib import Path
 
 from fr_megatron.launcher.spare import MEGATRON_PRELOAD
 
-from .common import REPO, RESULTS, table, write
+from .common import REPO, RESULTS, cpu_per_rank_step, read_cpu_timings, table, write
 
 RECIPE = REPO / "recipes" / "megatron" / "pretrain_gpt.py"
 # unique MB per rank -> (hidden size, layers); TP=2 x DP=2 fp32: parameters 4P/2 bytes and the
@@ -124,10 +124,8 @@ def run(work: Path, size: int, mode: str, steps: int, inject: str | None = None,
         raise RuntimeError(f"{mode} {size} MB: exit codes {rcs}; see {work}")
     report = json.loads((work / "report.json").read_text())
     timings = {int(k): v for k, v in json.loads((work / "timings.json").read_text()).items()}
-    # every rank's CPU seconds per step: (process, training thread)
-    cpu = [{int(k): v for k, v in json.loads(f.read_text()).items()}
-           for f in sorted((work / "cpu").glob("rank*.json"))]
-    return {"report": report, "timings": timings, "cpu": cpu, "wall_s": time.time() - t0}
+    return {"report": report, "timings": timings, "cpu": read_cpu_timings(work / "cpu"),
+            "wall_s": time.time() - t0}
 
 
 def _median(xs):
@@ -155,10 +153,9 @@ def steady_rows(jobs: dict, skip: int, lim: dict) -> list[dict]:
             return _median([t for j in jobs.get((size, mode), [])
                             for i, t in j["timings"].items() if i > skip])
 
-        def cpu_of(mode: str, which: int = 0):
-            """Median CPU seconds per rank-step (0: the process, 1: its training thread)."""
-            return _median([c[which] for j in jobs.get((size, mode), []) for r in j["cpu"]
-                            for i, c in r.items() if i > skip])
+        def cpu_of(mode: str) -> tuple:
+            """CPU seconds per rank-step: the process's, the training thread's."""
+            return cpu_per_rank_step([j["cpu"] for j in jobs.get((size, mode), [])], skip)
 
         base = base_of("off")
         for mode in MODES:
@@ -173,10 +170,10 @@ def steady_rows(jobs: dict, skip: int, lim: dict) -> list[dict]:
                    "step_s": _median(times),
                    "run_medians_s": " ".join(f"{_median([t for i, t in j['timings'].items() if i > skip]):.3f}"
                                              for j in runs),
-                   "cpu_s": cpu_of(mode), "cpu_thread_s": cpu_of(mode, 1)}
+                   **dict(zip(("cpu_s", "cpu_thread_s"), cpu_of(mode)))}
             if mode in SAME_SETTINGS_OFF:
                 same = base_of(SAME_SETTINGS_OFF[mode])
-                same_cpu = cpu_of(SAME_SETTINGS_OFF[mode])
+                same_cpu = cpu_of(SAME_SETTINGS_OFF[mode])[0]
                 row.update({
                     "overhead": row["step_s"] / base - 1 if base else None,
                     "overhead_fr": row["step_s"] / same - 1 if same else None,
