@@ -335,7 +335,7 @@ def main(argv=None) -> int:
     saved = start
     while iteration < args.train_iters:
         t_step = time.perf_counter()
-        cpu_step = time.process_time(), time.thread_time()
+        cpu_step = (time.process_time(), time.thread_time()) if args.cpu_timings else None
         try:
             # begin (a fault notice between steps) and end (the commit and its copies) can fail
             # too: a peer lost there is recovered like one lost inside the step
@@ -355,8 +355,9 @@ def main(argv=None) -> int:
         if args.step_sleep or (shrunk and args.step_sleep_shrunk):
             time.sleep(args.step_sleep + (args.step_sleep_shrunk if shrunk else 0.0))
         timings[iteration] = time.perf_counter() - t_step
-        cpu_timings[iteration] = (time.process_time() - cpu_step[0],
-                                  time.thread_time() - cpu_step[1])
+        if cpu_step is not None:
+            cpu_timings[iteration] = (time.process_time() - cpu_step[0],
+                                      time.thread_time() - cpu_step[1])
         profiler.step(iteration)
         if writer is not None and iteration % args.log_interval == 0:
             writer.log({"lm loss": loss}, iteration)
