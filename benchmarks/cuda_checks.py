@@ -2,11 +2,18 @@
 
 Needs one CUDA device; not part of ``python -m benchmarks`` (which runs on CPUs).
 
+- ``cuda_start``: what a fresh process pays to start CUDA, alone and with 8 starting at once:
+  importing torch, ``torch.cuda.init`` (the driver), the device's context and the first cuBLAS
+  product. A warm spare has imported torch; the rest a replacement pays once it has a rank.
 - ``ranks``: ``recipes/megatron/pretrain_gpt.py`` on 4 ranks sharing the GPU (TP=2 x DP=2,
   distributed optimizer, gloo moving CUDA tensors, ``--deterministic-mode``, dropout on): a run
   without a fault, one with rank 1 killed in backward and one with rank 2 killed inside the
-  optimizer step, all with ``--flash-recovery`` and a warm spare. Losses, parameters and
-  optimizer state compared bit for bit; steps lost, recovery time and phases from the report.
+  optimizer step, all with ``--flash-recovery`` and a warm spare that has imported megatron-core.
+  Losses, parameters and optimizer state compared bit for bit; steps lost, recovery time and
+  phases from the report.
+- ``instances``: as ``ranks`` with ``--num-distributed-optimizer-instances 2`` and the snapshots
+  in process memory (``--snapshot-dir ""``): each replacement takes its state from its instance
+  peer, into CUDA tensors.
 - ``megatron_lm``: Megatron-LM's own ``pretrain_gpt.py`` (a checkout of core_v0.16.1 given with
   ``--megatron-lm``, copied and patched with ``fr-megatron patch``), launched by ``fr-megatron
   run`` on 4 ranks sharing the GPU over gloo with ``--mock-data --flash-recovery``: a run without
@@ -20,7 +27,7 @@ Needs one CUDA device; not part of ``python -m benchmarks`` (which runs on CPUs)
   machine's device-to-host bandwidth into pinned memory, xxh3 on one core, and the checksum a
   seal computes on several.
 
-    python -m benchmarks.cuda_checks [--only ranks,megatron_lm,snapshot_cost]
+    python -m benchmarks.cuda_checks [--only cuda_start,ranks,instances,megatron_lm,...]
                                      [--megatron-lm DIR] [--work DIR]
 
 Writes ``benchmarks/results/cuda_checks.json`` (or ``--results FILE``).
@@ -41,16 +48,22 @@ import traceback
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from fr_megatron.launcher.spare import MEGATRON_PRELOAD
+
 from .common import REPO, RESULTS, machine, percentile, run_fr_job
 
 RECIPE = REPO / "recipes" / "megatron" / "pretrain_gpt.py"
-CHECKS = ("ranks", "megatron_lm", "snapshot_cost")
+CHECKS = ("cuda_start", "ranks", "instances", "megatron_lm", "snapshot_cost")
+TIMED = ("cuda_start", "snapshot_cost")  # run alone; the correctness checks share the GPU
 RANKS_ARGS = ["--tensor-model-parallel-size", "2", "--num-layers", "2", "--hidden-size", "64",
               "--num-attention-heads", "4", "--seq-length", "32", "--micro-batch-size", "2",
               "--global-batch-size", "8", "--train-iters", "8", "--use-distributed-optimizer",
               "--distributed-backend", "gloo", "--deterministic-mode", "--flash-recovery"]
 RANKS_FAULTS = {"none": None, "backward": "kill:rank=1:step=4:phase=backward",
                 "optimizer": "kill:rank=2:step=6:phase=optimizer"}
+# TP=2 x DP=2: data-parallel groups (0, 2) and (1, 3), each split into two instances of one rank
+INSTANCES_ARGS = ["--num-distributed-optimizer-instances", "2"]
+INSTANCE_PEER = {0: 2, 2: 0, 1: 3, 3: 1}
 # 8 layers x 12 h^2 at h=2048: 403 M parameters, 1.6 GB in fp32, and 3.2 GB of Adam moments
 SNAPSHOT_ARGS = ["--num-layers", "8", "--hidden-size", "2048", "--num-attention-heads", "16",
                  "--seq-length", "1024", "--micro-batch-size", "2", "--global-batch-size", "8",
@@ -124,33 +137,43 @@ def fault_rows(report: dict) -> list[dict]:
 
 
 # ---- several CUDA ranks ------------------------------------------------------------------------
-def check_ranks(work: Path) -> dict:
+def check_recipe_ranks(work: Path, args: list[str], faults: dict,
+                       extra: list[str] = ()) -> dict:
+    """The recipe on 4 ranks sharing the GPU, one job per entry of ``faults`` (name -> inject,
+    "none" without a fault), all at once; each faulted job's losses, parameters and optimizer
+    state compared bit for bit with the job without a fault. The spares import megatron-core
+    at their start (``--preload``): the faults come seconds after training starts, before a
+    spare has imported what the ranks did, where in a real job they come hours later."""
+    extra = ["--preload", MEGATRON_PRELOAD, *extra]
+
     def job(name: str) -> dict:
         d = work / name
         d.mkdir(parents=True, exist_ok=True)
-        inject = RANKS_FAULTS[name]
+        inject = faults[name]
         try:
-            return run_fr_job(RECIPE, [*RANKS_ARGS, "--out", str(d / "out")], nproc=4,
-                              inject=inject, spares=1 if inject else 0,
+            return run_fr_job(RECIPE, [*args, "--out", str(d / "out")], nproc=4,
+                              inject=inject, spares=1 if inject else 0, extra=extra,
                               report=d / "report.json", log=d / "log.txt", check=False,
                               timeout=200)
         except subprocess.TimeoutExpired:
             return {"rc": "timeout", "faults": [], "fatal": "no end in 200 s"}
 
-    with ThreadPoolExecutor(len(RANKS_FAULTS)) as pool:  # one GPU, 16 cores: all at once
-        reports = dict(zip(RANKS_FAULTS, pool.map(job, RANKS_FAULTS)))
+    with ThreadPoolExecutor(len(faults)) as pool:  # one GPU, 16 cores: all at once
+        reports = dict(zip(faults, pool.map(job, faults)))
+
     def outs(name: str) -> dict[int, dict]:
         """Each rank's losses and state, as saved: on the device the rank trained on."""
         paths = {r: work / name / f"out.rank{r}.pt" for r in range(4)}
         return {r: {k: s[k] for k in ("losses", "params", "optim")}
                 for r, p in paths.items() if p.exists() for s in [_load(p, device=None)]}
 
-    out = {"args": RANKS_ARGS, "runs": {}}
+    out = {"args": args, "launcher_args": extra, "runs": {}}
     base = outs("none")
     out["params_on_cuda"] = all(t.is_cuda for t in base[0]["params"].values()) \
         if 0 in base else None
     for name, rep in reports.items():
-        run = {"rc": rep.get("rc"), "fatal": rep.get("fatal"), "faults": fault_rows(rep)}
+        run = {"rc": rep.get("rc"), "fatal": rep.get("fatal"), "faults": fault_rows(rep),
+               "redundancy": rep.get("redundancy")}
         if name != "none":
             got, diffs = outs(name), {}
             for r in range(4):
@@ -162,6 +185,57 @@ def check_ranks(work: Path) -> dict:
             run["losses"] = {0: got[0]["losses"]} if 0 in got else {}
         out["runs"][name] = run
     out["losses_without_fault"] = base.get(0, {}).get("losses")
+    return out
+
+
+def check_ranks(work: Path) -> dict:
+    """Snapshots in the node's shared memory: a replacement restores its predecessor's."""
+    return check_recipe_ranks(work, RANKS_ARGS, RANKS_FAULTS)
+
+
+def check_instances(work: Path) -> dict:
+    """Two distributed-optimizer instances (ranks 0 and 2, 1 and 3 hold the same shard) and the
+    snapshots in process memory: a replacement takes its state from its instance peer, over
+    gloo, into CUDA tensors."""
+    out = check_recipe_ranks(work, [*RANKS_ARGS, *INSTANCES_ARGS], RANKS_FAULTS,
+                             extra=["--snapshot-dir", ""])
+    for run in out["runs"].values():
+        for f in run["faults"]:
+            f["from_instance_peer"] = (f.get("restored_from") or {}).get("unique") \
+                == INSTANCE_PEER.get(f["rank"])
+    return out
+
+
+# ---- a fresh process's CUDA start ---------------------------------------------------------------
+CUDA_START = """
+import json, time
+t = [time.perf_counter()]
+import torch
+t.append(time.perf_counter())
+torch.cuda.init()
+t.append(time.perf_counter())
+torch.cuda.set_device(0)
+torch.empty(1, device="cuda")
+torch.cuda.synchronize()
+t.append(time.perf_counter())
+a = torch.randn(256, 256, device="cuda")
+(a @ a).sum().item()
+t.append(time.perf_counter())
+print(json.dumps(dict(zip(("import_torch_s", "cuda_init_s", "context_s", "first_matmul_s"),
+                          (b - a for a, b in zip(t, t[1:]))))))
+"""
+
+
+def check_cuda_start(counts=(1, 8)) -> dict:
+    """What a process pays to start CUDA, alone and with others starting at once: importing
+    torch, ``torch.cuda.init`` (the driver), the device's context, the first cuBLAS product."""
+    out = {}
+    for n in counts:
+        procs = [subprocess.Popen([sys.executable, "-c", CUDA_START], stdout=subprocess.PIPE,
+                                  text=True) for _ in range(n)]
+        rows = [json.loads(p.communicate(timeout=300)[0].strip().splitlines()[-1])
+                for p in procs]
+        out[f"{n}_at_once"] = {k: _median([r[k] for r in rows]) for k in rows[0]}
     return out
 
 
@@ -240,9 +314,12 @@ def check_megatron_lm(work: Path, checkout: Path) -> dict:
         d = work / f"mlm-{name}"
         d.mkdir(parents=True, exist_ok=True)
         inject = faults[name]
+        # the template and the spares import Megatron-LM's training package at their start, as
+        # a spare of a real job has long done when a fault comes (``check_recipe_ranks``)
         cmd = [sys.executable, "-m", "fr_megatron.cli", "run", "--nproc-per-node", "4",
                "--spares", "1" if inject else "0", "--no-wandb", "--report",
-               str(d / "report.json")] + (["--inject", inject] if inject else [])
+               str(d / "report.json"), "--preload", f"{MEGATRON_PRELOAD},megatron.training"] \
+            + (["--inject", inject] if inject else [])
         cmd += [str(tree / "pretrain_gpt.py"), *MEGATRON_LM_ARGS, "--save", str(d / "ckpt")]
         t0 = time.time()
         rc, log = run_with_stacks(cmd, tree, env, d / "log.txt", timeout=150)
@@ -397,14 +474,15 @@ def check_snapshot_cost(work: Path, steps: int = 12, skip: int = 3) -> dict:
 def summary(checks: dict) -> list[dict]:
     """One row per job of the checks: what it shows at a glance."""
     rows = []
-    for name in ("ranks", "megatron_lm"):
+    for name in ("ranks", "instances", "megatron_lm"):
         for run, r in checks.get(name, {}).get("runs", {}).items():
             f = (r.get("faults") or [{}])[0]
-            exact = r.get("bit_exact") if name == "ranks" else (
+            exact = r.get("bit_exact") if name != "megatron_lm" else (
                 checks[name].get("final_state_bit_exact") and checks[name].get("losses_equal"))
             rows.append({"check": name, "fault": run, "rc": r.get("rc"),
                          "bit_exact": None if run == "none" else exact,
                          "steps_lost": f.get("steps_lost"), "recovery_s": f.get("recovery_s"),
+                         "from": (f.get("restored_from") or {}).get("unique"),
                          **{f"{k}_s": v for k, v in (f.get("phases_s") or {}).items()}})
     snap = checks.get("snapshot_cost", {})
     if "overhead" in snap:
@@ -440,8 +518,12 @@ def main(argv=None) -> int:
     def one(name: str) -> dict:
         t0 = time.time()
         try:
-            if name == "ranks":
+            if name == "cuda_start":
+                got = check_cuda_start()
+            elif name == "ranks":
                 got = check_ranks(work / name)
+            elif name == "instances":
+                got = check_instances(work / name)
             elif name == "megatron_lm":
                 got = check_megatron_lm(work / name, Path(a.megatron_lm)) if a.megatron_lm \
                     else {"skipped": "no --megatron-lm checkout"}
@@ -458,7 +540,9 @@ def main(argv=None) -> int:
     if bad:
         p.error(f"unknown checks {bad}; of {CHECKS}")
     # the correctness checks share the GPU and the cores at once; the timed one runs alone
-    together = [n for n in names if n != "snapshot_cost"]
+    if "cuda_start" in names:
+        result["checks"]["cuda_start"] = one("cuda_start")
+    together = [n for n in names if n not in TIMED]
     with ThreadPoolExecutor(max(len(together), 1)) as pool:
         result["checks"].update(zip(together, pool.map(one, together)))
     Path(a.results).write_text(json.dumps(result, indent=2, default=str))

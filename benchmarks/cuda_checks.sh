@@ -22,7 +22,7 @@ python3 -c 'import sys, torch.utils.cpp_extension as c; sys.exit(c.CUDA_HOME is 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda)'
 df -h /dev/shm | tail -1
-python3 -m benchmarks.cuda_checks --only "${ONLY:-ranks,megatron_lm,snapshot_cost}" \
+python3 -m benchmarks.cuda_checks --only "${ONLY:-cuda_start,ranks,instances,megatron_lm,snapshot_cost}" \
     --megatron-lm .mlm --work /tmp/cc --results "$OUT/cuda_checks.json"
 rc=$?
 # the jobs' logs and reports (not their tensors) come back for reading
