@@ -67,6 +67,14 @@ def test_faults_recovered_bit_exact(tmp_path, torch_baseline, name):
         together = [f["step"] for f in faults.values()
                     if f["resumed_generation"] == fault["resumed_generation"]]
         assert fault["steps_lost"] == 0 and fault["recovery_point"] == min(together) - 1
+        # a fault in a forward or a backward comes before any survivor's optimizer steps (the
+        # gradients' all-reduce needs the faulty rank): every survivor keeps its live tensors
+        # and restores only the point's meta; the replaced ranks restore their snapshots
+        replaced = {f["rank"] for f in faults.values()
+                    if f["resumed_generation"] == fault["resumed_generation"]}
+        assert not set(fault["ranks_kept_live_state"]) & replaced, fault
+        if len(together) == 1 and fault["phase"] in ("forward", "backward"):
+            assert fault["ranks_kept_live_state"] == sorted({0, 1, 2, 3} - replaced), fault
         assert 0 <= fault["detect_s"] <= fault["recovery_s"]
         assert set(fault["phases"]) >= {"detect", "abort", "rebuild", "restore", "resume"}
         if kind.startswith("hang"):  # blamed after the hang timeout, not before

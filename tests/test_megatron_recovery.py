@@ -112,6 +112,13 @@ def test_faults_and_hangs_anywhere_in_the_step_are_recovered_bit_exact(tmp_path,
         assert set(f["phases"]) >= {"detect", "abort", "rebuild", "restore", "resume"}
         assert f["steps_lost"] == 0 and f["recovery_point"] == f["step"] - 1, f
         assert f["fallback_to_checkpoint"] is False
+        # the ranks replaced restore their snapshots; a survivor whose optimizer has not stepped
+        # since the last commit keeps its live tensors and restores only the meta, as every
+        # survivor of a fault in a forward does (the step's collectives need the faulty rank)
+        replaced = {g["rank"] for g in faults if g["generation"] == f["generation"]}
+        assert not set(f["ranks_kept_live_state"]) & replaced, f
+        if f["phase"] == "forward":
+            assert f["ranks_kept_live_state"] == sorted(set(range(WORLD)) - replaced), f
         if f["kind"] == "hang":  # blamed alone, on the evidence of its waiting peers
             assert f["evidence"][0] == "not_in_collective", f
             for w in f["waits"]:  # each wait is on an operation the hung rank is a member of

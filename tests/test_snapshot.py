@@ -82,6 +82,27 @@ def test_fault_during_the_background_copy_keeps_the_committed_step(tmp_path, gat
     assert all(torch.equal(saved[k], committed[k]) for k in committed)
 
 
+def test_live_state_is_the_commit_until_a_guarded_optimizer_steps(tmp_path):
+    """A recovery to the last commit restores only the meta of a rank whose live tensors are
+    still the commit's (``Recovery._live_state``): that holds from the commit (or a restore)
+    until the next step of an optimizer the transaction guards, and never without one."""
+    integration, tx, step = _job(tmp_path)
+    assert not tx.live_is(0)  # nothing committed yet
+    tx.commit(1, capture(integration, 1))
+    assert tx.live_is(1) and not tx.live_is(0)
+    committed = _copy(integration.capture())
+    step()  # the optimizer steps: the live tensors are the next step's now
+    assert not tx.live_is(1)
+    assert not all(torch.equal(v, committed[k]) for k, v in _copy(integration.capture()).items())
+    tx.settled(1)  # a recovery restored step 1 in place
+    assert tx.live_is(1)
+    tx.close()
+    unguarded = StepTransaction(0, FlashRecoveryConfig(), str(tmp_path / "unguarded"))
+    unguarded.commit(1, capture(integration, 1))  # nothing says when its tensors change
+    assert not unguarded.live_is(1)
+    unguarded.close()
+
+
 def test_snapshot_that_fails_to_seal_is_not_a_step(tmp_path, monkeypatch):
     def broken(*args):
         raise OSError("no room")

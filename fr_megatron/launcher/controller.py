@@ -901,6 +901,8 @@ class Controller:
                        "fallback": any(r.get("fallback") for r in reports),
                        "restored": {int(r["rank"]): r["restored"] for r in reports
                                     if r.get("restored")},
+                       "kept_live_state": sorted(int(r["rank"]) for r in reports
+                                                 if r.get("kept_live_state")),
                        "resumed_generation": resumed}
         after = rec.after or (rec.faults[-1].after if rec.faults else None)
         if after:
@@ -953,6 +955,7 @@ class Controller:
                                   "recovery_point": s["recovery_point"],
                                   "fallback_to_checkpoint": s["fallback"],
                                   **_restored(s["restored"].get(f.rank)),
+                                  "ranks_kept_live_state": s["kept_live_state"],
                                   "resumed_generation": s["resumed_generation"],
                                   "survivor_pids_unchanged": s["survivor_pids_unchanged"]})
                 else:

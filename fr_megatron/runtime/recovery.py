@@ -24,6 +24,7 @@ import torch.distributed as dist
 
 from . import recovery_point, reshard_exchange, transaction, transfer
 from .errors import RecoveryImpossible, RecoveryRequested
+from .integration import RankState
 from .layout import ChecksumError, Layout
 from .state_machine import State
 
@@ -99,8 +100,9 @@ class Recovery:
         s.injector.at_phase(s.step, s.phase_name)
         try:
             old_shards = offers.exchange(point, decision) if offers else None
-            transaction.restore(s.integration, tx.ring.get(point, verify=s.cfg.verify_checksums),
-                                old_shards)
+            kept = not me_lost and old_shards is None and tx.live_is(point)
+            transaction.restore(s.integration, self._live_state(point) if kept else
+                                tx.ring.get(point, verify=s.cfg.verify_checksums), old_shards)
             moved = (tx.ring.slot(point).layout.total, time.perf_counter() - t_move)
         except ChecksumError as e:
             s.link.send("fatal", reason=str(e), step=point, last_good_step=point)
@@ -115,12 +117,26 @@ class Recovery:
             restored = {"from": sources, "bytes": moved[0], "seconds": round(moved[1], 4)}
         # after a re-partition the ring keeps the point in the old partition, as every rank's
         # does, until a step of the new one is durable everywhere (``StepTransaction.commit``)
-        self._settle(point, decision.steps_lost, lost, decision.resend, restored=restored)
+        self._settle(point, decision.steps_lost, lost, decision.resend, restored=restored,
+                     kept_live=kept)
         log.info("rank=%d generation=%d step=%d phase=restore recovered to step %d%s",
                  s.rank, s.generation, point, point,
                  " from its predecessor's snapshot" if decision.sources.get(me, {})
                  .get("unique") == me else "")
         return point + 1
+
+    def _live_state(self, point: int) -> RankState:
+        """What a rank whose live tensors are still those of ``point`` restores (the fault came
+        before its optimizer stepped again, as in a forward or a backward): those tensors, onto
+        themselves (copies that do nothing), with the meta (RNG, counters, scheduler) of the
+        point's snapshot. No read, checksum or copy of its state; the restore's collectives it
+        runs as every rank does. Every other rank restores the snapshot itself."""
+        s = self.s
+        slot = s.tx.ring.slot(point)
+        if s.cfg.verify_checksums:
+            slot.verify(())  # the meta's
+        live = s.integration.capture()
+        return RankState(live.replicated, live.unique, slot.meta())
 
     def _offer_old_shards(self, me_lost: bool, lost: set) -> Optional["_OldShards"]:
         """For a job whose unique state is partitioned by the data-parallel size and can change
@@ -245,7 +261,8 @@ class Recovery:
         return step + 1
 
     def _settle(self, point: int, steps_lost: int, lost: set, resend: dict[int, list[int]],
-                fallback: bool = False, restored: Optional[dict] = None) -> None:
+                fallback: bool = False, restored: Optional[dict] = None,
+                kept_live: bool = False) -> None:
         """Every rank stands at ``point`` now: its counters, its copies, what it will report (a
         lost rank: where its state came from, how many bytes, how long from the decision to
         the state restored in place). Holders that lack a copy of the point (a replaced holder,
@@ -262,7 +279,8 @@ class Recovery:
                      "to holders %s", s.rank, s.generation, point, point, to)
         self.last = {"recovery_point": point, "steps_lost": steps_lost, "lost": sorted(lost),
                      "restored_t": time.monotonic(), **({"fallback": True} if fallback else {}),
-                     **({"restored": restored} if restored else {})}
+                     **({"restored": restored} if restored else {}),
+                     **({"kept_live_state": True} if kept_live else {})}
 
 
 class _OldShards:

@@ -165,8 +165,10 @@ class Slot:
 
     def state(self) -> RankState:
         views = self.layout.views(self.buf)
-        return RankState(views.get("replicated", {}), views.get("unique", {}),
-                         loads_meta(self.header["meta"]))
+        return RankState(views.get("replicated", {}), views.get("unique", {}), self.meta())
+
+    def meta(self) -> dict:
+        return loads_meta(self.header["meta"])
 
     def remove(self) -> None:
         self.invalidate()

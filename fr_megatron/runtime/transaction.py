@@ -86,6 +86,11 @@ class StepTransaction:
         self.replica_of: list[list[int]] = []
         self.shard_replicas_of: list[list[int]] = []
         self.committed = -1
+        # whether the live tensors may have changed since the last commit: the guarded
+        # optimizers' step is the first thing of a step to change them (``guard``); where no
+        # optimizer is guarded, nothing says when they change
+        self.guarded = False
+        self.live_changed = True
         self.durable_step = -1   # the newest step whose snapshot and copies are all in place
         self.commit_blocked_s: list[float] = []  # training-thread seconds per commit
         # a GPU snapshot's device-to-host copy waits until the next step's first forward is
@@ -154,6 +159,7 @@ class StepTransaction:
         if self.copies is not None and self.copies.active:
             self.copies.start(step, self.ring)
         self.committed = step
+        self.live_changed = not self.guarded
         if not self.ring.in_shared_memory:
             self.wait_durable()
         self.commit_blocked_s.append(time.perf_counter() - t0)
@@ -178,6 +184,7 @@ class StepTransaction:
         read (counted as time the training thread spent on that commit). Its checksums, its
         copies and the agreement that the step is durable everywhere run on until the next
         commit."""
+        self.live_changed = True
         if self.commit_blocked_s:
             t0 = time.perf_counter()
             self.ring.wait_read()
@@ -212,6 +219,8 @@ class StepTransaction:
         (the training script may mark its optimizer phase only after the step, or not at all)."""
         # weakly: through the hook, the framework's optimizer must not reach the runtime's own
         # groups (the rebuild's walk would find them stale) nor keep this transaction alive
+        optimizers = list(optimizers)
+        self.guarded = self.guarded or bool(optimizers)
         wait = weakref.WeakMethod(self.before_optimizer)
 
         def before_step(*_):
@@ -233,7 +242,13 @@ class StepTransaction:
     def settled(self, point: int) -> None:
         """The rank stands at ``point`` again, its snapshot of it durable."""
         self.committed = self.durable_step = point
+        self.live_changed = not self.guarded
         self._departed_until = point
+
+    def live_is(self, step: int) -> bool:
+        """Whether the live tensors are still, bit for bit, those of ``step``: it is the last
+        step committed (or restored) and no guarded optimizer has stepped since."""
+        return self.guarded and not self.live_changed and self.committed == step
 
     def resend(self, point: int, to: list[int], wards: list[int]) -> None:
         """Send this rank's copy of ``point`` to ``to`` and take ``wards``' copies, now."""
