@@ -133,6 +133,7 @@ def fault_rows(report: dict) -> list[dict]:
              "kind": f.get("kind"), "recovery_s": f.get("recovery_s"),
              "phases_s": f.get("phases"), "steps_lost": f.get("steps_lost"),
              "replacement": f.get("replacement"), "restored_from": f.get("restored_from"),
+             "ranks_kept_live_state": f.get("ranks_kept_live_state"),
              "restore_gb_s": f.get("restore_gb_s")} for f in report.get("faults", [])]
 
 
