@@ -139,14 +139,18 @@ def fire(inj: Injection) -> None:
 class Injector:
     """A rank's injections: fired at a phase marker, or armed there to fire before the nth
     operation on a group of a kind (``comm_progress``). ``claim(inj)`` is true for the first
-    rank of the job to reach ``inj`` (the controller's store remembers it); ``before_fire``
-    runs first (the rank's report of the fault must name its step and phase);
+    rank of the job to reach ``inj`` (the controller's store remembers it). Before a fault
+    fires, ``ready()`` returns once it may land (the last commit's snapshot sealed, so that the
+    step it names is the one redone whatever the copy's timing), then ``announce()`` tells the
+    agent its step, phase and ``fired_t`` (the rank's report of the fault must name them).
     ``group_kinds()`` maps a kind to the job's groups of it."""
 
-    def __init__(self, rank: int, spec: str, claim, before_fire, group_kinds):
+    def __init__(self, rank: int, spec: str, claim, ready, announce, group_kinds):
         self.rank, self.injections = rank, parse(spec)
-        self.claim, self.before_fire, self.group_kinds = claim, before_fire, group_kinds
-        self.fired_t: float | None = None  # when an injected fault fired (benchmarks measure)
+        self.claim, self.ready, self.announce = claim, ready, announce
+        self.group_kinds = group_kinds
+        # when the last injected fault landed: detection and recovery are timed from it
+        self.fired_t: float | None = None
         self._armed: set[int] = set()
 
     def at_phase(self, step: int, phase: str) -> None:
@@ -159,8 +163,9 @@ class Injector:
                 self._fire(inj)
 
     def _fire(self, inj: Injection) -> None:
+        self.ready()
         self.fired_t = time.time()
-        self.before_fire()
+        self.announce()
         fire(inj)
 
     def _arm(self, inj: Injection, step: int) -> None:

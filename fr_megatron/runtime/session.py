@@ -106,8 +106,11 @@ class Session:
         self.tx = StepTransaction(rank, self.cfg, snapshot_dir, handover_dir)
         self.tx.interrupted = self.superseded  # a fault plan ends a wait for copies in flight
         self.recovery = Recovery(self)
-        self.injector = inject.Injector(rank, injections, self._claim, self._before_injected,
-                                        self._group_kinds)
+        # an injected fault lands once the last commit's snapshot is sealed (a real fault
+        # during the copy costs the step before it too: the recovery point is then the step
+        # before that), and after the heartbeat that names its step and phase
+        self.injector = inject.Injector(rank, injections, self._claim, self.tx.wait_snapshot,
+                                        self.link.beat_now, self._group_kinds)
         self.group = None
         self.comms: Optional[Communicators] = None
         self._notice: Optional[dict] = None
@@ -340,14 +343,6 @@ class Session:
         """The integration's word that this step's first forward is queued on the device: the
         last commit's deferred snapshot copy starts (``StepTransaction.defer_copy``)."""
         self.tx.start_copy()
-
-    def _before_injected(self) -> None:
-        """An injected fault lands once the last commit's snapshot is sealed, so the step it
-        names is the one redone whatever the copy's timing (a real fault during the copy costs
-        the step before it too: the recovery point is then the step before that), and after the
-        heartbeat that names its step and phase."""
-        self.tx.wait_snapshot()
-        self.link.beat_now()
 
     def _claim(self, inj: inject.Injection) -> bool:
         return self.link.claim(keys.injection_fired(inj.index))
