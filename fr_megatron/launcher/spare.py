@@ -2,7 +2,8 @@
 rank.
 
 The agent keeps a few of these per node. Importing torch (and a framework) costs a fresh process
-1-2 s on CPU and 6-8 s with a CUDA context; a spare has paid that before the fault. It imports
+seconds; a spare has paid that before the fault. CUDA it leaves to the script, which starts it
+once the rank, and with it the device, is known (a fraction of a second). It imports
 ``DEFAULT_PRELOAD`` and the ``--preload`` additions at once, then what the job's ranks had
 imported once training started (``protocol.modules``; the agent hands it the list as a file).
 It reads JSON lines from stdin, which only its agent holds: ``{"preload_file": PATH}`` (the
