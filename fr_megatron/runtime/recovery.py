@@ -129,12 +129,13 @@ class Recovery:
         """What a rank whose live tensors are still those of ``point`` restores (the fault came
         before its optimizer stepped again, as in a forward or a backward): those tensors, onto
         themselves (copies that do nothing), with the meta (RNG, counters, scheduler) of the
-        point's snapshot. No read, checksum or copy of its state; the restore's collectives it
-        runs as every rank does. Every other rank restores the snapshot itself."""
+        point's snapshot. The snapshot is still checked, as every rank's is at a recovery: a
+        later fault, or a peer it serves now, may need it. No copy of the state; the restore's
+        collectives it runs as every rank does. Every other rank restores the snapshot itself."""
         s = self.s
         slot = s.tx.ring.slot(point)
         if s.cfg.verify_checksums:
-            slot.verify(())  # the meta's
+            slot.verify(s.tx.ring.parts)
         live = s.integration.capture()
         return RankState(live.replicated, live.unique, slot.meta())
 
