@@ -341,6 +341,40 @@ def test_recovery_finished_but_for_ranks_the_next_fault_took_keeps_its_own_repor
 
 
 @pytest.mark.timeout(60)
+def test_ranks_that_all_finish_while_a_grow_starts_end_the_job_and_abandon_the_grow(tmp_path):
+    """Every rank of the world finishes while the rank of a grow is still starting (a grow
+    decided in the job's last step): the grow's generation never opens, and the job ends,
+    telling the agents so, instead of waiting for the node whose agent waits for the grown
+    rank (found when a shrink after lost state was followed by a grow at the job's end)."""
+    import threading
+
+    from fr_megatron.config import FlashRecoveryConfig
+    from fr_megatron.events import Journal
+    from fr_megatron.launcher.controller import Controller
+    from fr_megatron.protocol import keys
+
+    cfg = FlashRecoveryConfig(wandb={"enabled": False}, journal=str(tmp_path / "j.jsonl"))
+    ctl = Controller(4, 1, 4, "127.0.0.1", 0, b"token", cfg)
+    served = threading.Thread(target=ctl.serve, daemon=True)
+    try:
+        # rank 2's replica left the world; its grow is decided and its process starts
+        ctl.members, ctl.generation = [0, 1, 3], 4
+        ctl.growing = {"generation": 4, "plan": {"grown": [2]}, "standby": set()}
+        served.start()
+        for rank in ctl.members:
+            ctl._on_event({"kind": "finished", "rank": rank, "step": 6, "ts": time.time()})
+        ctl._wake.set()
+        served.join(20)
+        assert not served.is_alive(), "the job waited for a grow that cannot open"
+        events = [e["event"] for e in Journal.read(str(tmp_path / "j.jsonl"))]
+        assert "grow_abandoned" in events and events[-1] == "job_finished", events
+        end = ctl.signer.verify(ctl.store.get(keys.agent_wake(5)))  # where the agents wait
+        assert end["kind"] == "done" and not end["fatal"], end
+    finally:
+        ctl.stop()
+
+
+@pytest.mark.timeout(60)
 def test_a_replacement_not_yet_heard_beating_is_a_survivor_of_the_next_fault_by_its_pid(
         tmp_path):
     """Rank 2's replacement recovers and training goes on; ranks 1 and 3 fail before the

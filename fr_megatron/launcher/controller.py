@@ -268,7 +268,7 @@ class Controller:
                     self._decide()
                 elif self.removed_replicas and not self.pending:
                     self._grow()
-                if self._all_nodes_done() or self.fatal:
+                if self._all_nodes_done() or self._finished_while_growing() or self.fatal:
                     break
         self._finish()
         return self.exit_code
@@ -276,6 +276,12 @@ class Controller:
     def _all_nodes_done(self) -> bool:
         """Every node that hosts a rank of the world has seen all its ranks finish."""
         return {self.node_of[r] for r in self.members} <= self.done_nodes
+
+    def _finished_while_growing(self) -> bool:
+        """Every rank of the world finished while a grow's ranks were still starting: its
+        generation never opens (``_on_standby``), and a node that hosts a grown rank would wait
+        for it for ever. The job ends; its end tells the agents to stop the grown ranks."""
+        return self.growing is not None and set(self.members) <= self.finished_ranks
 
     def _until_next_decision(self, tick: float = 0.05) -> float:
         """How long the serving loop may sleep: until the first pending fault has waited
