@@ -88,7 +88,7 @@ class StepTransaction:
         self.committed = -1
         # whether the live tensors may have changed since the last commit: the guarded
         # optimizers' step is the first thing of a step to change them (``guard``); where no
-        # optimizer is guarded, nothing says when they change
+        # optimizer is guarded, nothing says when they change (``live_is``)
         self.guarded = False
         self.live_changed = True
         self.durable_step = -1   # the newest step whose snapshot and copies are all in place
@@ -159,7 +159,7 @@ class StepTransaction:
         if self.copies is not None and self.copies.active:
             self.copies.start(step, self.ring)
         self.committed = step
-        self.live_changed = not self.guarded
+        self.live_changed = False
         if not self.ring.in_shared_memory:
             self.wait_durable()
         self.commit_blocked_s.append(time.perf_counter() - t0)
@@ -242,7 +242,7 @@ class StepTransaction:
     def settled(self, point: int) -> None:
         """The rank stands at ``point`` again, its snapshot of it durable."""
         self.committed = self.durable_step = point
-        self.live_changed = not self.guarded
+        self.live_changed = False
         self._departed_until = point
 
     def live_is(self, step: int) -> bool:
