@@ -183,8 +183,8 @@ def overhead(on_jobs: list[dict], off_jobs: list[dict], pairs: list[tuple], skip
         res[name] = {"steps": len(pooled), "median_s": statistics.median(pooled),
                      "p25_s": percentile(pooled, 0.25), "p75_s": percentile(pooled, 0.75),
                      "min_s": min(pooled), "max_s": max(pooled),
-                     "cpu_ms_per_rank_step": 1e3 * cpu,
-                     "cpu_thread_ms_per_rank_step": 1e3 * cpu_thread,
+                     "cpu_ms_per_rank_step": None if cpu is None else 1e3 * cpu,
+                     "cpu_thread_ms_per_rank_step": None if cpu is None else 1e3 * cpu_thread,
                      "run_medians_s": medians, "rss_median_MiB": statistics.median(rss)
                      if rss else None, "fr_threads_ms_per_rank_step": statistics.median(fr_ms),
                      "load_1m": [j["load_after"][0] for j in jobs]}
@@ -192,8 +192,8 @@ def overhead(on_jobs: list[dict], off_jobs: list[dict], pairs: list[tuple], skip
     paired = [statistics.median(step_times(on, skip)) / statistics.median(step_times(off, skip)) - 1
               for on, off in pairs]
     res["overhead_pooled"] = pooled
-    res["cpu_overhead"] = (res["on"]["cpu_ms_per_rank_step"] / res["off"]["cpu_ms_per_rank_step"]
-                           - 1)
+    on_cpu, off_cpu = (res[m]["cpu_ms_per_rank_step"] for m in ("on", "off"))
+    res["cpu_overhead"] = on_cpu / off_cpu - 1 if on_cpu and off_cpu else None
     res["overhead_paired"] = paired
     res["overhead_paired_median"] = statistics.median(paired)
     return res
@@ -303,7 +303,8 @@ def main(argv=None) -> int:
               f"{paired} (median {ov['overhead_paired_median'] * 100:+.1f}%); "
               f"target <= {OVERHEAD_TARGET * 100:.0f}%: "
               f"{'met' if ov['overhead_pooled'] <= OVERHEAD_TARGET else 'NOT met'}; "
-              f"CPU per rank-step {ov['cpu_overhead'] * 100:+.1f}%")
+              + (f"CPU per rank-step {ov['cpu_overhead'] * 100:+.1f}%"
+                 if ov["cpu_overhead"] is not None else "no CPU timings"))
         data["overhead"] = {**ov, "rows": rows,
                             "jobs": [{"flash": j["flash"], "wall_s": j["wall_s"],
                                       "load_before": j["load_before"],
