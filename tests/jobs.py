@@ -19,9 +19,25 @@ REPO = Path(__file__).resolve().parents[1]
 TORCH_RECIPE = REPO / "recipes" / "torch_ddp" / "train.py"
 TORCH_STEPS = ["--steps", "8"]  # the fault runs of TORCH_RECIPE and their shared baseline
 MEGATRON_RECIPE = REPO / "recipes" / "megatron" / "pretrain_gpt.py"
-# what a megatron job's workers and spares import before the script runs (the worker template
-# imports it once per node); the tests of spares that learn their imports pass preload=""
+DEEPSPEED_RECIPE = REPO / "recipes" / "deepspeed" / "train_tiny.py"
+# what a job's workers and spares import before the script runs (the worker template imports it
+# once per node, so its workers do not import it each on the same cores); the tests of spares
+# that learn their imports pass preload=""
 MEGATRON_PRELOAD = "fr_megatron.megatron.preload"
+# DeepSpeed, and the module whose import compiles Muon with torch.compile (imported by the first
+# deepspeed.initialize, ~2.6 s); megatron-core's parallel_state as well for ``--mpu megatron``
+DEEPSPEED_PRELOAD = "deepspeed,deepspeed.runtime.zero.muon.muon_optimizer,fr_megatron.deepspeed"
+
+
+def default_preload(script: Path, script_args: list[str]) -> str:
+    """The --preload list of a job of ``script``: what its ranks import anyway."""
+    if Path(script) == MEGATRON_RECIPE:
+        return MEGATRON_PRELOAD
+    if Path(script) == DEEPSPEED_RECIPE:
+        args = list(script_args)
+        mpu = args[args.index("--mpu") + 1] if "--mpu" in args else None
+        return DEEPSPEED_PRELOAD + (",megatron.core.parallel_state" if mpu == "megatron" else "")
+    return ""
 
 
 @dataclass
@@ -65,7 +81,7 @@ def run_job(tmp: Path, script: Path, script_args: list[str], nproc: int = 4, spa
             inject: str | None = None, extra: list[str] = (), timeout: float = 240,
             env: dict | None = None, name: str = "job", wandb_dir: Path | None = None,
             preload: str | None = None) -> Job:
-    """``preload``: the --preload list; by default megatron-core's for the megatron recipe."""
+    """``preload``: the --preload list; by default ``default_preload``'s."""
     out = tmp / f"{name}.pt"
     report = tmp / f"{name}.report.json"
     journal = tmp / f"{name}.journal.jsonl"
@@ -79,8 +95,8 @@ def run_job(tmp: Path, script: Path, script_args: list[str], nproc: int = 4, spa
                                                  "dir": str(wandb_dir), "project": "fr-tests"}})
     if inject:
         cmd += ["--inject", inject]
-    if preload is None and Path(script) == MEGATRON_RECIPE:
-        preload = MEGATRON_PRELOAD
+    if preload is None:
+        preload = default_preload(script, script_args)
     if preload:
         cmd += ["--preload", preload]
     cmd += [str(script), *script_args]
@@ -185,10 +201,11 @@ def node_launcher(tmp: Path, port: int, node_rank: int, script: Path, script_arg
                   env: dict | None = None) -> subprocess.Popen:
     """A launcher of one node on this machine, with the job's controller at ``port`` on node 0,
     which logs to an offline wandb run in tmp."""
+    preload = default_preload(script, script_args)
     cmd = [sys.executable, "-m", "fr_megatron.cli", "run", "--nnodes", "1", "--node-rank",
            str(node_rank), "--nproc-per-node", str(nproc), "--controller", f"127.0.0.1:{port}",
            "--token-file", str(tmp / "token"), "--spares", str(spares), *extra,
-           str(script), *script_args]
+           *(["--preload", preload] if preload else []), str(script), *script_args]
     wandb = {"enabled": node_rank == 0, "mode": "offline", "dir": str(tmp), "project": "fr-tests"}
     return subprocess.Popen(cmd, cwd=REPO, stdout=open(tmp / f"node{node_rank}.log", "w"),
                             stderr=subprocess.STDOUT, start_new_session=True,

@@ -20,16 +20,11 @@ import subprocess
 import pytest
 import torch
 
-from jobs import REPO, run_job
+from jobs import DEEPSPEED_RECIPE as DS_RECIPE, run_job
 
-DS_RECIPE = REPO / "recipes" / "deepspeed" / "train_tiny.py"
 STEPS = 6
 JOB_TIMEOUT = 300  # one job takes 20-40 s on an idle 2-core machine; generous for a shared one
 ENV = {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
-# A warm spare with DeepSpeed imported, and the module whose import compiles Muon with torch.compile
-# (imported by the first deepspeed.initialize, ~2.6 s): a replacement pays neither.
-PRELOAD = ["torch", "torch.distributed", "deepspeed", "deepspeed.runtime.zero.muon.muon_optimizer",
-           "fr_megatron.deepspeed"]
 CONFIGS = {
     "zero1": ["--zero-stage", "1"],
     "zero2": ["--zero-stage", "2"],
@@ -39,12 +34,10 @@ CONFIGS = {
 
 def ds_job(tmp, config: str, inject: str | None = None, spares: int = 1, extra_args=(),
            name: str = "job", launcher_args=()):
-    preload = PRELOAD + (["megatron.core.parallel_state"] if config == "tp2" else [])
     try:
         job = run_job(tmp, DS_RECIPE, ["--steps", str(STEPS), *CONFIGS[config], *extra_args],
                       inject=inject, spares=spares, env=ENV, name=name, timeout=JOB_TIMEOUT,
-                      extra=[*(["--preload", ",".join(preload)] if spares else []),
-                             *launcher_args])
+                      extra=list(launcher_args))
     except subprocess.TimeoutExpired as e:
         out = b"".join(x if isinstance(x, bytes) else x.encode() for x in (e.stdout, e.stderr) if x)
         pytest.fail(f"job {name} ({config}, {inject}) ran past {JOB_TIMEOUT}s; output tail:\n"

@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from fr_megatron.events import Journal
-from jobs import REPO, assert_stuck_survivors_recovered, run_job, shrink_then_grow
+from jobs import DEEPSPEED_RECIPE as RECIPE, assert_stuck_survivors_recovered, run_job, \
+    shrink_then_grow
 
-RECIPE = REPO / "recipes" / "deepspeed" / "train_tiny.py"
 WORLD, STEPS, ROWS = 8, 14, 16  # the config's 4 rows per rank x 4 data-parallel ranks
 ENV = {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
 ARGS = ["--zero-stage", "2", "--mpu", "megatron", "--tp", "2", "--steps", str(STEPS)]
