@@ -1,57 +1,40 @@
 """DeepSpeed integration: state capture/restore, in-place group rebuild, the config section.
 
-The multi-rank tests start 4 real processes (gloo, ``DS_ACCELERATOR=cpu``); each runs the worker at
-the bottom of this file and writes what it saw to a JSON file that the test reads back.
+The multi-rank tests start 4 real processes (gloo, ``DS_ACCELERATOR=cpu``), forked from one that
+imported DeepSpeed (``jobs.fork_ranks``); each runs the worker at the bottom of this file and writes
+what it saw to a JSON file that the test reads back.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-from jobs import free_port
+from jobs import fork_ranks, free_port
 
 HERE = Path(__file__).resolve()
-ROOT = HERE.parent.parent
 
 
 # ---------------------------------------------------------------------------------------------
 # launching
 # ---------------------------------------------------------------------------------------------
 
+# what the worker imports, imported once before its ranks fork
+PRELOAD = ["pytest", "torch.distributed", "deepspeed", "fr_megatron.deepspeed.mpu",
+           "megatron.core.parallel_state"]
+
+
 def launch(tmp_path: Path, world: int, *args: str, timeout: float = 150) -> list[dict]:
     """Run the worker on ``world`` ranks (torchrun-like env) and return each rank's result."""
     port = free_port()
-    procs = []
-    for rank in range(world):
-        env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), DS_ACCELERATOR="cpu",
-                   OMP_NUM_THREADS="1", FR_TEST_OUT=str(tmp_path / f"rank{rank}.json"),
-                   PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        log = open(tmp_path / f"rank{rank}.log", "w")
-        procs.append((subprocess.Popen([sys.executable, str(HERE), *args], env=env, stdout=log,
-                                       stderr=subprocess.STDOUT, cwd=str(ROOT)), log))
-    deadline = time.monotonic() + timeout
-    try:
-        for p, _ in procs:
-            p.wait(timeout=max(deadline - time.monotonic(), 1))
-    except subprocess.TimeoutExpired:
-        pass
-    finally:
-        for p, log in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-            log.close()
-    failed = [r for r, (p, _) in enumerate(procs) if p.returncode != 0]
-    if failed:
-        tail = (tmp_path / f"rank{failed[0]}.log").read_text()[-4000:]
-        raise AssertionError(f"ranks {failed} failed; rank {failed[0]} log tail:\n{tail}")
+    envs = [dict(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                 MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                 FR_TEST_OUT=str(tmp_path / f"rank{rank}.json")) for rank in range(world)]
+    fork_ranks(tmp_path, HERE, list(args), envs, PRELOAD, timeout,
+               env={"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"})
     return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(world)]
 
 

@@ -5,18 +5,18 @@ another, compared with megatron's own per-parameter view of the shards."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from jobs import REPO, free_port
+from jobs import fork_ranks, free_port
 from fr_megatron.runtime.reshard import ReshardError, ShardLayout, Span, assemble, scatter
 
 WORKER = Path(__file__).with_name("reshard_worker.py")
+# what the worker imports, imported once before its ranks fork
+PRELOAD = ["torch.distributed", "megatron.core.parallel_state", "fr_megatron.megatron.integration",
+           "fr_megatron.megatron.model"]
 
 
 def _layouts(numel: int, size: int) -> list[ShardLayout]:
@@ -72,21 +72,11 @@ def test_a_tensor_without_a_layout_is_refused():
         _layouts(4, 2)[0].check_covers(["param_shard", "exp_avg", "optim0/extra"])
 
 
-def _launch(world: int, *args: str, timeout: float = 200) -> None:
-    port = free_port()
-    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-               WORLD_SIZE=str(world), DS_ACCELERATOR="cpu",
-               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
-    procs = [subprocess.Popen([sys.executable, str(WORKER), *args], env=dict(env, RANK=str(r)),
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for r in range(world)]
-    try:
-        outs = [p.communicate(timeout=timeout)[0] for p in procs]
-    finally:
-        for p in procs:
-            p.kill()
-    failed = [(r, p.returncode) for r, p in enumerate(procs) if p.returncode]
-    assert not failed, f"ranks failed {failed}:\n" + "\n".join(o[-3000:] for o in outs)
+def _launch(tmp: Path, world: int, *args: str, timeout: float = 200) -> None:
+    env = dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE=str(world))
+    fork_ranks(tmp / f"{args[0]}_logs", WORKER, list(args),
+               [dict(env, RANK=str(r)) for r in range(world)], PRELOAD, timeout,
+               env={"DS_ACCELERATOR": "cpu"})
 
 
 @pytest.mark.timeout(420)
@@ -96,8 +86,8 @@ def _launch(world: int, *args: str, timeout: float = 200) -> None:
 def test_a_megatron_job_restores_its_shards_at_another_data_parallel_size(
         tmp_path, tp, bf16, old_world, new_world):
     flags = ["--dir", str(tmp_path), "--tp", str(tp), *(["--bf16"] if bf16 else [])]
-    _launch(old_world, "save", *flags)
-    _launch(new_world, "load", *flags)
+    _launch(tmp_path, old_world, "save", *flags)
+    _launch(tmp_path, new_world, "load", *flags)
     olds = [torch.load(p, weights_only=False) for p in sorted(tmp_path.glob("old*.pt"))]
     news = [torch.load(p, weights_only=False) for p in sorted(tmp_path.glob("new*.pt"))]
     assert {n["dp"] for n in news} == {new_world // tp}
