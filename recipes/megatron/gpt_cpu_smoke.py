@@ -3,14 +3,15 @@
     python recipes/megatron/gpt_cpu_smoke.py --world 8 --tp 2 --pp 2 --steps 6 --rebuild-at 3
 
 launches ``--world`` ranks on this machine, forked from one process that imported megatron-core,
-around one TCPStore (the launcher holds it, so it outlives every rank). Each rank trains ``--steps`` steps of megatron-core's GPTModel with DDP and
-the DistributedOptimizer. Before each step listed in ``--rebuild-at`` every rank rebuilds in place:
-megatron's groups are torn down, the world is destroyed and re-created on the store prefix
-``gen<g>/`` (one generation per listed step), megatron's groups are rebuilt and every cached
-reference is rebound. ``--baseline`` first trains the same steps without interruption in the same
-processes; ``--restore-check-at k`` captures the state before step k, trains it, restores and
-trains it again, then restores into a freshly built job and trains it once more. Each rank
-writes a JSON report to ``--out``; the launcher checks them and exits non-zero on any mismatch.
+around one TCPStore (the launcher holds it, so it outlives every rank). Each rank trains ``--steps``
+steps of megatron-core's GPTModel with DDP and the DistributedOptimizer. Before each step listed in
+``--rebuild-at`` every rank rebuilds in place: megatron's groups are torn down, the world is
+destroyed and re-created on the store prefix ``gen<g>/`` (one generation per listed step),
+megatron's groups are rebuilt and every cached reference is rebound. ``--baseline`` first trains the
+same steps without interruption in the same processes; ``--restore-check-at k`` captures the state
+before step k, trains it, restores and trains it again, then restores into a freshly built job and
+trains it once more. Each rank writes a JSON report to ``--out``; the launcher checks them and exits
+non-zero on any mismatch.
 """
 
 from __future__ import annotations
@@ -107,17 +108,15 @@ def launch(args) -> int:
 
 
 def _rank_process(argv: list[str], env: dict, log: str) -> None:
-    """One rank, forked from the launcher's fork server: its log as stdout and stderr."""
+    """One rank, forked from the launcher's fork server: its log as stdout and stderr. Its exit
+    code is ``main``'s; multiprocessing flushes the streams and ends the process without the
+    interpreter's teardown."""
     fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     os.dup2(fd, 1)
     os.dup2(fd, 2)
     os.close(fd)
     os.environ.update(env)
-    rc = main(argv)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    gc.freeze()  # as at the end of a rank started by itself (below)
-    sys.exit(rc)
+    sys.exit(main(argv))
 
 
 def _worker_argv(args, out: Path) -> list[str]:
