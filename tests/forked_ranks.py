@@ -3,11 +3,11 @@
     python tests/forked_ranks.py SPEC.json
 
 SPEC: ``preload`` (module names, imported in order), ``script`` and ``argv``, and per rank its
-``env`` (added to this process's) and ``log`` (its stdout and stderr). Each rank runs the script
-as ``__main__``, as ``python script argv`` would, but starts with the preloaded modules in place:
-ranks that each import megatron-core or DeepSpeed on the same two cores take seconds longer to
-start. Exits 0 when every rank exited 0, else 1, after printing each rank's exit code. Killing
-this process's session stops the ranks with it.
+``env`` (added to this process's) and ``log`` (its stdout and stderr). Each rank runs the script as
+``__main__`` (``launcher.template.run_script``, as the worker template runs a job's script), but
+starts with the preloaded modules in place: ranks that each import megatron-core or DeepSpeed on the
+same two cores take seconds longer to start. Exits 0 when every rank exited 0, else 1, after
+printing each rank's exit code. Killing this process's session stops the ranks with it.
 """
 
 from __future__ import annotations
@@ -16,9 +16,10 @@ import atexit
 import importlib
 import json
 import os
-import runpy
 import sys
 import traceback
+
+from fr_megatron.launcher.template import run_script
 
 
 def _run_rank(script: str, argv: list[str], env: dict, log: str) -> int:
@@ -27,10 +28,8 @@ def _run_rank(script: str, argv: list[str], env: dict, log: str) -> int:
     os.dup2(fd, 2)
     os.close(fd)
     os.environ.update(env)
-    sys.argv = [script, *argv]
-    sys.path[0] = os.path.dirname(os.path.abspath(script))
     try:
-        runpy.run_path(script, run_name="__main__")
+        run_script([script, *argv])
         return 0
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)

@@ -41,11 +41,12 @@ def default_preload(script: Path, script_args: list[str]) -> str:
 
 
 def fork_ranks(tmp: Path, script: Path, argv: list[str], envs: list[dict], preload: list[str],
-               timeout: float, env: dict | None = None) -> list[str]:
+               timeout: float, env: dict | None = None) -> None:
     """Run one rank of ``script`` per entry of ``envs``, forked from a process that imported
     ``preload`` (``tests/forked_ranks.py``) with ``env`` added to its environment (what the
-    imports read, such as ``DS_ACCELERATOR`` or ``OMP_NUM_THREADS``); returns the ranks' logs.
-    Fails the test with the first failed rank's log when one did not exit 0 within ``timeout``."""
+    imports read, such as ``DS_ACCELERATOR`` or ``OMP_NUM_THREADS``), each logging to
+    ``tmp/rank<r>.log``. Fails the test with the first failed rank's log when one did not exit
+    0 within ``timeout``."""
     tmp.mkdir(parents=True, exist_ok=True)
     logs = [tmp / f"rank{r}.log" for r in range(len(envs))]
     spec = tmp / "ranks.json"
@@ -62,16 +63,15 @@ def fork_ranks(tmp: Path, script: Path, argv: list[str], envs: list[dict], prelo
         os.killpg(proc.pid, signal.SIGKILL)
         out, _ = proc.communicate()
         out += f"\n[tests/jobs.py] ranks killed after their {timeout:.0f} s timeout"
-    texts = [log.read_text() if log.exists() else "" for log in logs]
     if proc.returncode != 0:
         try:
             codes = json.loads(out.strip().splitlines()[-1])
         except (IndexError, ValueError):
             codes = []  # the forking process itself failed, or ran past the timeout
         failed = next((r for r, c in enumerate(codes) if c != 0), 0)
+        log = logs[failed].read_text()[-4000:] if logs[failed].exists() else ""
         raise AssertionError(f"ranks exited with {codes or '?'}: {out[-2000:]}\n"
-                             f"rank {failed}'s log:\n{texts[failed][-4000:]}")
-    return texts
+                             f"rank {failed}'s log:\n{log}")
 
 
 @dataclass

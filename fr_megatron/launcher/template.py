@@ -146,10 +146,16 @@ def _become(sock: socket.socket, msg: dict, fds: list[int]) -> None:
 
         spare_main()
     else:
-        sys.argv = list(msg["argv"])
-        sys.path[0] = os.path.dirname(os.path.abspath(sys.argv[0]))
-        runpy.run_path(sys.argv[0], run_name="__main__")
+        run_script(msg["argv"])
     sys.exit(0)
+
+
+def run_script(argv: list[str]) -> None:
+    """Run the script ``argv[0]`` as ``__main__`` with ``argv``, as ``python -u script`` would
+    (its directory first on the path), in this already started process."""
+    sys.argv = list(argv)
+    sys.path[0] = os.path.dirname(os.path.abspath(sys.argv[0]))
+    runpy.run_path(sys.argv[0], run_name="__main__")
 
 
 def main() -> None:
